@@ -1,0 +1,120 @@
+// concatenate_to_cache on the CPU: one pass copying K|V rows, one pass
+// building the mask, both split across threads with at::parallel_for.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../mask_rule.h"
+#include "../validation.h"
+
+namespace lightning_cache {
+namespace {
+
+// Strided view of one [B, q, H, D] input, read element by element.
+template <typename T>
+struct Strided4d {
+  const T* data;
+  int64_t s0, s1, s2, s3;
+  explicit Strided4d(const at::Tensor& t)
+      : data(t.const_data_ptr<T>()), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)), s3(t.stride(3)) {}
+  const T* row(int64_t b, int64_t t, int64_t h) const { return data + b * s0 + t * s1 + h * s2; }
+};
+
+template <typename cache_t, typename in_t>
+void copy_head_rows(cache_t* out, const Strided4d<in_t>& src, int64_t b, int64_t t, int64_t h, int64_t dim) {
+  const in_t* row = src.row(b, t, h);
+  if constexpr (std::is_same_v<cache_t, in_t>) {
+    if (src.s3 == 1) {
+      std::copy(row, row + dim, out);
+      return;
+    }
+  }
+  if (src.s3 == 1) {
+    for (int64_t e = 0; e < dim; ++e) out[e] = static_cast<cache_t>(static_cast<float>(row[e]));
+  } else {
+    for (int64_t e = 0; e < dim; ++e) out[e] = static_cast<cache_t>(static_cast<float>(row[e * src.s3]));
+  }
+}
+
+template <typename cache_t, typename in_t>
+void write_tokens(at::Tensor& key_value, const at::Tensor& key, const at::Tensor& value, const int64_t* start,
+                  const KVCacheDims& d, bool ring) {
+  cache_t* kv = key_value.data_ptr<cache_t>();
+  const Strided4d<in_t> k(key), v(value);
+  const int64_t width = d.key_dim + d.value_dim;
+  const int64_t grain = std::max<int64_t>(1, 16384 / (width * d.heads));
+  at::parallel_for(0, d.batch * d.new_tokens, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const int64_t b = bt / d.new_tokens, t = bt % d.new_tokens;
+      if (!row_writable(start[b], d.new_tokens, d.capacity, ring)) continue;
+      const int64_t column = position_column(start[b] + t, d.capacity, ring);
+      cache_t* token = kv + (b * d.capacity + column) * d.heads * width;
+      for (int64_t h = 0; h < d.heads; ++h) {
+        copy_head_rows(token + h * width, k, b, t, h, d.key_dim);
+        copy_head_rows(token + h * width + d.key_dim, v, b, t, h, d.value_dim);
+      }
+    }
+  });
+}
+
+at::Tensor concatenate_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key,
+                                    const at::Tensor& value, const std::optional<at::Tensor>& attention_mask,
+                                    const std::optional<at::Tensor>& causal_mask,
+                                    const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring,
+                                    bool check_bounds) {
+  const KVCacheDims d =
+      check_concatenate_args(key_value, index, key, value, attention_mask, causal_mask, token_type_ids, is_causal, ring);
+  TORCH_CHECK(index.is_contiguous(), "index must be contiguous");
+  if (check_bounds) check_positions(index, d, ring, causal_mask);
+
+  // Positions before this call; the rule and the copy both read these.
+  const std::vector<int64_t> start(index.const_data_ptr<int64_t>(), index.const_data_ptr<int64_t>() + d.batch);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key_value.scalar_type(), "concatenate_to_cache_cpu", [&] {
+    using cache_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "concatenate_to_cache_cpu_key", [&] {
+      write_tokens<cache_t, scalar_t>(key_value, key, value, start.data(), d, ring);
+    });
+  });
+
+  at::Tensor mask = at::empty({d.batch, 1, d.new_tokens, d.capacity}, key_value.options().dtype(at::kBool));
+  bool* out = mask.data_ptr<bool>();
+  const MaskInputs in = make_mask_inputs(d, attention_mask, causal_mask, token_type_ids, is_causal, ring);
+  at::parallel_for(0, d.batch * d.new_tokens, std::max<int64_t>(1, 65536 / d.capacity), [&](int64_t begin, int64_t end) {
+    for (int64_t bi = begin; bi < end; ++bi) {
+      const int64_t b = bi / d.new_tokens, i = bi % d.new_tokens;
+      bool* row = out + bi * d.capacity;
+      if (!row_writable(start[b], d.new_tokens, d.capacity, ring)) {
+        std::fill(row, row + d.capacity, false);
+        continue;
+      }
+      const int64_t limit = prefix_limit(in, i, start[b]);
+      if (limit < 0) {
+        for (int64_t j = 0; j < d.capacity; ++j) row[j] = mask_value(in, b, i, j, start[b]);
+        continue;
+      }
+      // Prefix-shaped row: skip the per-column rule (the common decode case).
+      if (in.attn == nullptr) {
+        std::fill(row, row + limit, true);
+      } else {
+        for (int64_t j = 0; j < limit; ++j) row[j] = attention_allows(in, b, i, j);
+      }
+      std::fill(row + limit, row + d.capacity, false);
+    }
+  });
+
+  int64_t* position = index.data_ptr<int64_t>();
+  for (int64_t b = 0; b < d.batch; ++b) {
+    if (row_writable(start[b], d.new_tokens, d.capacity, ring)) position[b] = start[b] + d.new_tokens;
+  }
+  return mask;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lightning_cache, CPU, m) {
+  m.impl("concatenate_to_cache", &concatenate_to_cache_cpu);
+}
+
+}  // namespace lightning_cache

@@ -1,0 +1,24 @@
+// Kernel entry points shared between translation units. Schemas live in ops.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <optional>
+
+#include "validation.h"
+
+namespace lightning_cache {
+
+// Writes float32 `rows` [B, H, Dk, Dv] back into `state` at `slot_ids`
+// (row b -> state[slot_ids[b]]; rows whose slot is -1 or out of range are
+// skipped). One implementation per backend.
+using ScatterStateRows = void (*)(at::Tensor& state, const at::Tensor& rows, const std::optional<at::Tensor>& slot_ids);
+
+// Chunked prefill shared by both backends: ATen batched matmuls over all rows
+// and heads at once, one loop iteration per block of `block_size` tokens.
+at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query, const at::Tensor& key,
+                                     const at::Tensor& value, const at::Tensor& slopes,
+                                     const std::optional<at::Tensor>& attention_mask,
+                                     const std::optional<at::Tensor>& slot_ids, const LightningDims& dims,
+                                     int64_t block_size, double scale, ScatterStateRows scatter);
+
+}  // namespace lightning_cache

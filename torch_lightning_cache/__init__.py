@@ -1,0 +1,28 @@
+"""Cache operators for Lightning-attention (MiniMax-style hybrid) models.
+
+Operators live under ``torch.ops.lightning_cache``; this package adds thin
+wrappers and the cache classes of EasyDeL's Lightning cache.
+"""
+
+from .ops import (
+    build_info,
+    concatenate_to_cache,
+    init_kv_cache,
+    init_state,
+    lightning_decode,
+    lightning_prefill,
+    lightning_slopes,
+    split_key_value,
+)
+
+__all__ = [
+    "build_info",
+    "concatenate_to_cache",
+    "init_kv_cache",
+    "init_state",
+    "lightning_decode",
+    "lightning_prefill",
+    "lightning_slopes",
+    "split_key_value",
+]
+__version__ = "0.1.0"
