@@ -26,10 +26,10 @@ def want_cuda():
 
 
 def extension():
-    cxx_flags = ["-O3", "-std=c++17", *(["-fopenmp"] if torch.backends.openmp.is_available() else [])]
+    cxx_flags = ["-O3", "-std=c++20", *(["-fopenmp"] if torch.backends.openmp.is_available() else [])]
     srcs = sources("*.cpp") + sources("cpu/*.cpp")
     if want_cuda():
-        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DLIGHTNING_CACHE_WITH_CUDA"]
+        nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-DLIGHTNING_CACHE_WITH_CUDA"]
         return cpp_extension.CUDAExtension(
             "torch_lightning_cache._C",
             srcs + sources("cuda/*.cu"),

@@ -4,6 +4,14 @@ Operators live under ``torch.ops.lightning_cache``; this package adds thin
 wrappers and the cache classes of EasyDeL's Lightning cache.
 """
 
+from .cache import (
+    LAYER_KINDS,
+    LightningCache,
+    LightningCacheMetaData,
+    LightningCacheView,
+    LightningMetadata,
+    minimax_layer_kinds,
+)
 from .ops import (
     build_info,
     concatenate_to_cache,
@@ -16,6 +24,12 @@ from .ops import (
 )
 
 __all__ = [
+    "LAYER_KINDS",
+    "LightningCache",
+    "LightningCacheMetaData",
+    "LightningCacheView",
+    "LightningMetadata",
+    "minimax_layer_kinds",
     "build_info",
     "concatenate_to_cache",
     "init_kv_cache",

@@ -1,0 +1,321 @@
+"""The cache classes of EasyDeL's Lightning cache, working, over the operators.
+
+A Lightning-attention model mixes two kinds of layers and this cache serves both:
+
+* ``"attention"`` layers keep a sequence cache: one unified buffer
+  ``key_value [B, L, H, Dk + Dv]`` (each head's key followed by its value) and
+  per-row positions ``index [B]``;
+* ``"lightning"`` layers keep a recurrent state ``[B, H, Dk, Dv]`` per row and
+  head, stored in the same ``key_value`` field (as EasyDeL's only real
+  Lightning model used it).
+
+Names and signatures follow the seed (``LightningCacheMetaData.create``,
+``LightningCacheView.init`` / ``concatenate_to_cache``,
+``LightningCache.init_cache`` / ``init_empty``, ``LightningMetadata``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing as tp
+
+import torch
+
+from . import ops
+
+ATTENTION = "attention"
+LIGHTNING = "lightning"
+LAYER_KINDS = (ATTENTION, LIGHTNING)
+
+
+def _check_positive(name: str, value: tp.Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LightningCacheMetaData:
+    """Static configuration of a Lightning cache (see :meth:`create`)."""
+
+    partition_axis: tp.Any
+    batch_size: int | None
+    num_heads: int | None
+    head_dim: int | None
+    key_heads: int
+    value_heads: int
+    key_dim: int
+    value_dim: int
+    max_length: int | None = None
+    dtype: torch.dtype | None = None
+    device: torch.device | None = None
+    ring: bool = False
+    state_dtype: torch.dtype = torch.float32
+    block_size: int = 256
+
+    @classmethod
+    def create(
+        cls,
+        partition_axis: tp.Any = None,
+        batch_size: int | None = None,
+        num_heads: int | None = None,
+        head_dim: int | None = None,
+        key_heads: int | None = None,
+        value_heads: int | None = None,
+        key_dim: int | None = None,
+        value_dim: int | None = None,
+        max_length: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        ring: bool = False,
+        state_dtype: torch.dtype = torch.float32,
+        block_size: int = 256,
+    ) -> LightningCacheMetaData:
+        """Validates and fills in defaults, as EasyDeL's transformer cache does.
+
+        ``key_heads``/``value_heads`` fall back to ``num_heads`` and
+        ``key_dim``/``value_dim`` to ``head_dim``. ``batch_size`` and
+        ``max_length`` may stay ``None``: they are then taken from the first
+        update (the batch from the key, the capacity from the attention mask's
+        last dimension). The fields after ``value_dim`` are this package's:
+        ``max_length`` (capacity L of attention layers), ``dtype`` (cache dtype;
+        default: the first key's), ``device``, ``ring`` (sliding window: write
+        positions wrap modulo L), ``state_dtype`` (float32 or bfloat16 for
+        lightning layers) and ``block_size`` (chunk length of the prefill).
+
+        Raises ``ValueError`` naming the field for zero, negative, missing or
+        inconsistent values.
+        """
+        for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("head_dim", head_dim),
+                            ("key_heads", key_heads), ("value_heads", value_heads), ("key_dim", key_dim),
+                            ("value_dim", value_dim), ("max_length", max_length), ("block_size", block_size)):
+            _check_positive(name, value)
+        key_heads = key_heads if key_heads is not None else num_heads
+        value_heads = value_heads if value_heads is not None else num_heads
+        key_dim = key_dim if key_dim is not None else head_dim
+        value_dim = value_dim if value_dim is not None else head_dim
+        for name, value, fallback in (("key_heads", key_heads, "num_heads"), ("value_heads", value_heads, "num_heads"),
+                                      ("key_dim", key_dim, "head_dim"), ("value_dim", value_dim, "head_dim")):
+            if value is None:
+                raise ValueError(f"{name} is missing and {fallback} gives no fallback: pass {name} or {fallback}")
+        if key_heads != value_heads:
+            raise ValueError(f"key_heads ({key_heads}) must equal value_heads ({value_heads}): the unified "
+                             "key_value layout stores each head's key and value side by side")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype!r}")
+        return cls(partition_axis=partition_axis, batch_size=batch_size, num_heads=num_heads, head_dim=head_dim,
+                   key_heads=key_heads, value_heads=value_heads, key_dim=key_dim, value_dim=value_dim,
+                   max_length=max_length, dtype=dtype, device=torch.device(device) if device is not None else None,
+                   ring=bool(ring), state_dtype=state_dtype, block_size=block_size)
+
+
+class LightningCacheView:
+    """One layer's cache: a sequence cache (attention) or a recurrent state (lightning).
+
+    ``key_value`` is ``None`` until the first update allocates it from the
+    first tensors seen, unless the metadata gives every size, the dtype and the
+    device, in which case :meth:`init` allocates it at once.
+    """
+
+    def __init__(self, metadata: LightningCacheMetaData, layer_index: int | None = None,
+                 layer_kind: str = ATTENTION, num_layers: int | None = None):
+        if layer_kind not in LAYER_KINDS:
+            raise ValueError(f"layer_kind must be one of {LAYER_KINDS}, got {layer_kind!r}")
+        self.metadata = metadata
+        self.layer_index = layer_index
+        self.layer_kind = layer_kind
+        self.num_layers = num_layers
+        self.key_value: torch.Tensor | None = None  # [B, L, H, Dk+Dv] or, for lightning, state [B, H, Dk, Dv]
+        self.index: torch.Tensor | None = None  # [B] int64 positions (attention layers)
+        self.slopes: torch.Tensor | None = None  # [H] decay rates (lightning layers)
+
+    @classmethod
+    def init(cls, metadata: LightningCacheMetaData, layer_index: int | None = None, layer_kind: str = ATTENTION,
+             num_layers: int | None = None) -> LightningCacheView:
+        view = cls(metadata, layer_index, layer_kind, num_layers)
+        m = metadata
+        sizes_known = m.batch_size is not None and (layer_kind == LIGHTNING or m.max_length is not None)
+        if sizes_known and m.device is not None and (layer_kind == LIGHTNING or m.dtype is not None):
+            view._allocate(m.batch_size, m.max_length, m.dtype, m.device)
+        return view
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def is_allocated(self) -> bool:
+        return self.key_value is not None
+
+    def _allocate(self, batch_size: int, max_length: int | None, dtype: torch.dtype | None,
+                  device: torch.device) -> None:
+        m = self.metadata
+        if self.layer_kind == ATTENTION:
+            self.key_value, self.index = ops.init_kv_cache(batch_size, max_length, m.key_heads, m.key_dim,
+                                                           m.value_dim, dtype=dtype, device=device)
+        else:
+            self.key_value = ops.init_state(batch_size, m.key_heads, m.key_dim, m.value_dim, dtype=m.state_dtype,
+                                            device=device)
+
+    def _require(self, kind: str, operation: str) -> None:
+        if self.layer_kind != kind:
+            raise TypeError(f"{operation} is for {kind} layers, but layer {self.layer_index} is a "
+                            f"{self.layer_kind} layer")
+
+    def reset(self) -> None:
+        """Forgets every token (positions and states back to zero), keeping the buffers."""
+        if self.key_value is not None:
+            self.key_value.zero_()
+        if self.index is not None:
+            self.index.zero_()
+
+    @property
+    def key_cache(self) -> torch.Tensor | None:
+        """``[B, L, H, Dk]`` view of the unified buffer (attention layers)."""
+        self._require(ATTENTION, "key_cache")
+        return None if self.key_value is None else ops.split_key_value(self.key_value, self.metadata.key_dim)[0]
+
+    @property
+    def value_cache(self) -> torch.Tensor | None:
+        """``[B, L, H, Dv]`` view of the unified buffer (attention layers)."""
+        self._require(ATTENTION, "value_cache")
+        return None if self.key_value is None else ops.split_key_value(self.key_value, self.metadata.key_dim)[1]
+
+    # ---------------------------------------------------------- attention path
+
+    def concatenate_to_cache(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, kv_sharding: tp.Any = None,
+                             quantizer: tp.Any = None, causal_mask: torch.Tensor | bool | None = None,
+                             token_type_ids: torch.Tensor | None = None):
+        """Writes the new keys/values at each row's position; returns ``(key_cache, value_cache, mask)``.
+
+        ``causal_mask`` may be a ``[T, T]`` / ``[1, 1, T, T]`` tensor, ``True``
+        (causal mask generated on the fly, the fast path) or ``None``/``False``
+        (no causal term, as in the seed). ``kv_sharding`` is accepted for the
+        seed's signature: each rank works on its local shard as given.
+        ``quantizer`` must be ``None`` (quantized storage is not implemented).
+        """
+        self._require(ATTENTION, "concatenate_to_cache")
+        if quantizer is not None:
+            raise NotImplementedError("quantized cache storage is not implemented; pass quantizer=None")
+        if self.key_value is None:
+            max_length = self.metadata.max_length
+            if max_length is None:
+                if attention_mask is None:
+                    raise ValueError("max_length is unknown: give LightningCacheMetaData.create(max_length=...) "
+                                     "or an attention_mask whose last dimension is the capacity")
+                max_length = attention_mask.shape[-1]
+            batch = self.metadata.batch_size or key.shape[0]
+            self._allocate(batch, max_length, self.metadata.dtype or key.dtype, key.device)
+        is_causal = causal_mask is True
+        causal_tensor = causal_mask if isinstance(causal_mask, torch.Tensor) else None
+        return ops.concatenate_to_cache(self.key_value, self.index, key, value, attention_mask=attention_mask,
+                                        causal_mask=causal_tensor, token_type_ids=token_type_ids,
+                                        is_causal=is_causal, ring=self.metadata.ring)
+
+    # ---------------------------------------------------------- lightning path
+
+    def layer_slopes(self, device: torch.device | None = None) -> torch.Tensor:
+        """MiniMax slopes for this layer (from its index and the model's layer count)."""
+        if self.slopes is None or (device is not None and self.slopes.device != device):
+            layer = self.layer_index or 0
+            self.slopes = ops.lightning_slopes(self.metadata.key_heads, layer, max(self.num_layers or 1, layer + 1),
+                                               device=device)
+        return self.slopes
+
+    def recurrent_update(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None = None, slot_ids: torch.Tensor | None = None,
+                         slopes: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+        """Runs the lightning recurrence over ``[B, n, H, D]`` inputs from the current state; returns ``[B, n, H, Dv]``.
+
+        One token uses the decode kernel, several the chunked prefill (same
+        results). ``slot_ids [B]`` pick state rows (-1: skip the row);
+        ``attention_mask [B, n]`` zeros drop a token's ``k^T v`` but keep the decay.
+        """
+        self._require(LIGHTNING, "recurrent_update")
+        if self.key_value is None:
+            if slot_ids is not None and self.metadata.batch_size is None:
+                raise ValueError("with slot_ids, the state pool size must be given as batch_size in the metadata")
+            self._allocate(self.metadata.batch_size or query.shape[0], None, None, query.device)
+        slopes = slopes if slopes is not None else self.layer_slopes(query.device)
+        if query.shape[1] == 1 and attention_mask is None:
+            return ops.lightning_decode(self.key_value, query, key, value, slopes, slot_ids=slot_ids, scale=scale)
+        return ops.lightning_prefill(self.key_value, query, key, value, slopes, attention_mask=attention_mask,
+                                     slot_ids=slot_ids, block_size=self.metadata.block_size, scale=scale)
+
+    def __repr__(self) -> str:
+        if self.key_value is None:
+            storage = "key_value=None"
+        elif self.layer_kind == ATTENTION:
+            storage = (f"key_value={tuple(self.key_value.shape)}, dtype={self.key_value.dtype}, "
+                       f"device={self.key_value.device}, positions={self.index.tolist()}")
+        else:
+            storage = (f"state={tuple(self.key_value.shape)}, dtype={self.key_value.dtype}, "
+                       f"device={self.key_value.device}")
+        return f"{self.__class__.__name__}(kind={self.layer_kind}, layer_index={self.layer_index}, {storage})"
+
+    __str__ = __repr__
+
+
+class LightningCache:
+    """All layers' views; ``cache[i]`` is layer ``i``'s :class:`LightningCacheView` (or ``None``)."""
+
+    def __init__(self, views: list[LightningCacheView | None]):
+        self.views = views
+
+    @classmethod
+    def init_cache(cls, num_hidden_layers: int, metadata: LightningCacheMetaData,
+                   layer_kinds: tp.Sequence[str] | None = None) -> LightningCache:
+        """One view per layer. ``layer_kinds`` (``"attention"``/``"lightning"`` per layer) defaults to all
+        attention layers, as the seed builds it; see :func:`minimax_layer_kinds` for a hybrid."""
+        _check_positive("num_hidden_layers", num_hidden_layers)
+        kinds = list(layer_kinds) if layer_kinds is not None else [ATTENTION] * num_hidden_layers
+        if len(kinds) != num_hidden_layers:
+            raise ValueError(f"layer_kinds has {len(kinds)} entries but num_hidden_layers is {num_hidden_layers}")
+        return cls([LightningCacheView.init(metadata, layer_index=i, layer_kind=kind, num_layers=num_hidden_layers)
+                    for i, kind in enumerate(kinds)])
+
+    @classmethod
+    def init_empty(cls, num_hidden_layers: int) -> LightningCache:
+        """``num_hidden_layers`` empty slots (``None``), to be filled later."""
+        _check_positive("num_hidden_layers", num_hidden_layers)
+        return cls([None] * num_hidden_layers)
+
+    def __getitem__(self, index: int) -> LightningCacheView | None:
+        return self.views[index]
+
+    def __setitem__(self, index: int, view: LightningCacheView | None) -> None:
+        self.views[index] = view
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __iter__(self) -> tp.Iterator[LightningCacheView | None]:
+        return iter(self.views)
+
+    def reset(self) -> None:
+        for view in self.views:
+            if view is not None:
+                view.reset()
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(\n  " + "\n  ".join(str(view) for view in self.views) + "\n)"
+
+    __str__ = __repr__
+
+
+def minimax_layer_kinds(num_hidden_layers: int, attention_every: int = 8) -> list[str]:
+    """MiniMax-Text-01's pattern: every ``attention_every``-th layer is softmax attention, the rest lightning."""
+    _check_positive("num_hidden_layers", num_hidden_layers)
+    _check_positive("attention_every", attention_every)
+    return [ATTENTION if (i + 1) % attention_every == 0 else LIGHTNING for i in range(num_hidden_layers)]
+
+
+class LightningMetadata:
+    """Runtime metadata of the Lightning cache. Empty: positions live in the views' ``index`` tensors."""
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}()"
