@@ -26,8 +26,7 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
   if (slot_ids.has_value()) {
     row_valid = slot_ids->ge(0).logical_and_(slot_ids->lt(d.slots));
     const at::Tensor gather_at = at::where(*row_valid, *slot_ids, at::zeros({}, slot_ids->options()));
-    rows = state.index_select(0, gather_at).to(at::kFloat);
-    rows.mul_(row_valid->view({d.batch, 1, 1, 1}));
+    rows = state.index_select(0, gather_at).to(at::kFloat);  // skipped rows compute on a stand-in, never stored
   } else {
     rows = state.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
   }
@@ -67,7 +66,8 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
   }
 
   if (scale != 1.0) out.mul_(scale);
-  if (row_valid.has_value()) out.mul_(row_valid->view({d.batch, 1, 1, 1}));
+  // masked_fill, not a multiply: a skipped row's output is zero even if its inputs are not finite.
+  if (row_valid.has_value()) out.masked_fill_(row_valid->logical_not().view({d.batch, 1, 1, 1}), 0.0f);
   scatter(state, rows, slot_ids);
   return out.transpose(1, 2).to(query.scalar_type()).contiguous();
 }

@@ -101,7 +101,7 @@ C10_HOST_DEVICE inline bool mask_value(const MaskInputs& in, int64_t b, int64_t 
   if (in.is_causal) {
     visible = held <= position;
   } else if (in.causal != nullptr) {
-    visible = position < in.causal_size &&
+    visible = position < in.causal_size && held < in.causal_size &&
               nonzero_at(in.causal, in.causal_type, position * in.causal_stride_p + held * in.causal_stride_j);
   }
   if (!visible && in.token_types != nullptr && held >= start) {

@@ -29,6 +29,16 @@ def build_info() -> dict:
 # --------------------------------------------------------------------------- fake kernels
 
 
+def _check_one_device(op: str, **tensors) -> None:
+    # The real kernels reject mixed devices; a meta tensor among real ones would
+    # otherwise route the call here and silently skip the write.
+    given = {name: t.device for name, t in tensors.items() if t is not None}
+    first_name, first = next(iter(given.items()))
+    for name, device in given.items():
+        torch._check_value(device == first,
+                           lambda: f"{op}: {name} must be on the same device as {first_name} ({first}), got {device}")
+
+
 @torch.library.register_fake("lightning_cache::init_kv_cache")
 def _init_kv_cache_fake(batch_size, max_length, num_heads, key_dim, value_dim, dtype=None, device=None):
     dtype = dtype or torch.get_default_dtype()
@@ -44,24 +54,28 @@ def _init_state_fake(batch_size, num_heads, key_dim, value_dim, dtype=None, devi
 @torch.library.register_fake("lightning_cache::concatenate_to_cache")
 def _concatenate_to_cache_fake(key_value, index, key, value, attention_mask=None, causal_mask=None,
                                token_type_ids=None, is_causal=False, ring=False, check_bounds=True):
+    _check_one_device("concatenate_to_cache", key_value=key_value, index=index, key=key, value=value,
+                      attention_mask=attention_mask, causal_mask=causal_mask, token_type_ids=token_type_ids)
     torch._check(key_value.dim() == 4 and key.dim() == 4, lambda: "key_value and key must be 4-D")
     return key_value.new_empty((key_value.shape[0], 1, key.shape[1], key_value.shape[1]), dtype=torch.bool)
 
 
-def _lightning_fake(state, query, key, value):
+def _lightning_fake(op, state, query, key, value, slopes, attention_mask=None, slot_ids=None):
+    _check_one_device(op, state=state, query=query, key=key, value=value, slopes=slopes,
+                      attention_mask=attention_mask, slot_ids=slot_ids)
     torch._check(state.dim() == 4 and query.dim() == 4, lambda: "state and query must be 4-D")
     return query.new_empty((query.shape[0], query.shape[1], query.shape[2], state.shape[3]))
 
 
 @torch.library.register_fake("lightning_cache::lightning_decode")
 def _lightning_decode_fake(state, query, key, value, slopes, slot_ids=None, scale=1.0, check_bounds=True):
-    return _lightning_fake(state, query, key, value)
+    return _lightning_fake("lightning_decode", state, query, key, value, slopes, slot_ids=slot_ids)
 
 
 @torch.library.register_fake("lightning_cache::lightning_prefill")
 def _lightning_prefill_fake(state, query, key, value, slopes, attention_mask=None, slot_ids=None, block_size=256,
                             scale=1.0, check_bounds=True):
-    return _lightning_fake(state, query, key, value)
+    return _lightning_fake("lightning_prefill", state, query, key, value, slopes, attention_mask, slot_ids)
 
 
 # --------------------------------------------------------------------------- wrappers

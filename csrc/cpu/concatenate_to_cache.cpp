@@ -24,14 +24,12 @@ struct Strided4d {
 template <typename cache_t, typename in_t>
 void copy_head_rows(cache_t* out, const Strided4d<in_t>& src, int64_t b, int64_t t, int64_t h, int64_t dim) {
   const in_t* row = src.row(b, t, h);
-  if constexpr (std::is_same_v<cache_t, in_t>) {
+  if constexpr (std::is_same_v<cache_t, in_t>) {  // exact copy (float64 must not pass through float32)
     if (src.s3 == 1) {
       std::copy(row, row + dim, out);
-      return;
+    } else {
+      for (int64_t e = 0; e < dim; ++e) out[e] = row[e * src.s3];
     }
-  }
-  if (src.s3 == 1) {
-    for (int64_t e = 0; e < dim; ++e) out[e] = static_cast<cache_t>(static_cast<float>(row[e]));
   } else {
     for (int64_t e = 0; e < dim; ++e) out[e] = static_cast<cache_t>(static_cast<float>(row[e * src.s3]));
   }

@@ -49,7 +49,13 @@ __device__ __forceinline__ void copy_vector(cache_t* __restrict__ kv, const in_t
   const int64_t src_step = is_key ? s.key_stride[3] : s.value_stride[3];
   struct alignas(sizeof(cache_t) * VEC) Pack { cache_t v[VEC]; } out;
 #pragma unroll
-  for (int u = 0; u < VEC; ++u) out.v[u] = static_cast<cache_t>(static_cast<float>(src[u * src_step]));
+  for (int u = 0; u < VEC; ++u) {
+    if constexpr (std::is_same_v<cache_t, in_t>) {
+      out.v[u] = src[u * src_step];  // exact (float64 must not pass through float32)
+    } else {
+      out.v[u] = static_cast<cache_t>(static_cast<float>(src[u * src_step]));
+    }
+  }
   *reinterpret_cast<Pack*>(kv + ((b * s.capacity + column) * s.heads + h) * width + e) = out;
 }
 

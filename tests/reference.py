@@ -1,0 +1,232 @@
+"""Pure-PyTorch reference implementations (the test oracle).
+
+Everything here is written for obviousness, not speed: explicit Python loops
+over rows, tokens and cache columns, straight from the wording of
+``/work/shared/SPEC.md`` (sections 2 and 3) and of the seed
+(``/work/shared/seed/easydel_lightning_cache.txt``). Nothing here calls the
+package under test, and no function mutates its inputs.
+
+* ``ref_concatenate_to_cache``   - SPEC section 2, per-row positions, ring mode.
+* ``seed_concatenate_to_cache``  - literal transcription of the seed's JAX code
+  (``index[0]`` for every row, ``dynamic_slice`` of the causal mask, the
+  token-type logic on absolute columns, the pad mask).
+* ``ref_lightning``              - float64 sequential lightning recurrence.
+* ``ref_lightning_slopes``       - MiniMax slopes (SPEC section 3), float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "held_position",
+    "ref_concatenate_to_cache",
+    "seed_concatenate_to_cache",
+    "ref_lightning",
+    "ref_lightning_slopes",
+]
+
+
+# --------------------------------------------------------------------------- sequence cache
+
+
+def held_position(j: int, end: int, capacity: int, ring: bool) -> int | None:
+    """Absolute position of the token cache column ``j`` holds once positions ``[0, end)`` are written.
+
+    Without a ring column ``j`` holds position ``j`` (if written). With a ring it
+    holds the newest position ``a < end`` with ``a % capacity == j``. ``None``
+    means the column is still empty.
+    """
+    if not ring:
+        return j if j < end else None
+    candidates = [a for a in range(max(0, end - capacity), end) if a % capacity == j]
+    return max(candidates) if candidates else None
+
+
+def _nonzero(x: torch.Tensor) -> bool:
+    return bool((x != 0).item())
+
+
+def ref_concatenate_to_cache(key_value, index, key, value, attention_mask=None, causal_mask=None,
+                             token_type_ids=None, is_causal=False, ring=False, check_bounds=True):
+    """SPEC section 2 on a unified cache ``key_value [B, L, H, Dk + Dv]``.
+
+    Returns ``(new_key_value, new_index, mask)`` with ``mask [B, 1, q, L]`` bool.
+    For row ``b``, query ``i`` (absolute position ``p = index[b] + i``) and
+    column ``j`` holding absolute position ``held``:
+
+        mask = held is not None AND attn(b, i, j) AND (causal(p, held) OR same_type(i, held))
+
+    With ``check_bounds=True`` invalid positions raise (as eager mode must);
+    with ``check_bounds=False`` they follow the documented fallback: a row
+    whose write would overflow (no ring) or whose position is negative is
+    skipped whole (nothing written, index kept, mask row all false), and an
+    explicit causal-mask entry outside ``[T, T]`` (row ``p >= T``, or a ring
+    column holding a position ``>= T``) reads as false.
+    """
+    B, L, H, W = key_value.shape
+    q = key.shape[1]
+    Dk = key.shape[3]
+    assert Dk + value.shape[3] == W
+    new_kv = key_value.clone()
+    new_index = index.clone()
+    mask = torch.zeros(B, 1, q, L, dtype=torch.bool)
+
+    causal = None
+    if causal_mask is not None:
+        causal = causal_mask[0, 0] if causal_mask.dim() == 4 else causal_mask
+        causal = causal.cpu()
+    T = causal.shape[0] if causal is not None else None
+    attn = attention_mask.cpu() if attention_mask is not None else None
+    types = token_type_ids.cpu() if token_type_ids is not None else None
+    use_types = types is not None and q > 1 and (is_causal or causal is not None)
+    key_c = key.cpu()
+    value_c = value.cpu()
+
+    for b in range(B):
+        start = int(index[b])
+        end = start + q
+        writable = start >= 0 and (ring or end <= L)
+        if check_bounds:
+            if start < 0:
+                raise IndexError(f"index[{b}] = {start} is negative")
+            if not writable:
+                raise IndexError(f"cache overflow in row {b}")
+            if T is not None and end > T:
+                raise IndexError(f"causal_mask too short for row {b}")
+        if not writable:
+            continue  # row skipped whole: mask row stays all false, index kept
+
+        # The write: new token t goes to column (start + t) (mod L with a ring).
+        for t in range(q):
+            column = (start + t) % L if ring else start + t
+            new_kv[b, column, :, :Dk] = key_c[b, t].to(key_value.dtype)
+            new_kv[b, column, :, Dk:] = value_c[b, t].to(key_value.dtype)
+        new_index[b] = end
+
+        # The mask.
+        for i in range(q):
+            p = start + i
+            for j in range(L):
+                held = held_position(j, end, L, ring)
+                if held is None:
+                    continue
+                if attn is not None:
+                    allowed = _nonzero(attn[b, j]) if attn.dim() == 2 else _nonzero(attn[b, 0, i, j])
+                    if not allowed:
+                        continue
+                if is_causal:
+                    visible = held <= p
+                elif causal is not None:
+                    # Outside the [T, T] mask (only reachable with check_bounds=False) reads as false.
+                    visible = p < T and held < T and _nonzero(causal[p, held])
+                else:
+                    visible = True  # the seed applies no causal term without a causal mask
+                if not visible and use_types and held >= start:
+                    type_i = int(types[b, i])
+                    type_j = int(types[b, held - start])  # new token held - start, relative to the block
+                    visible = type_i != 0 and type_i == type_j
+                mask[b, 0, i, j] = visible
+    return new_kv, new_index, mask.to(key_value.device)
+
+
+def seed_concatenate_to_cache(key_cache, value_cache, index, key, value, attention_mask,
+                              causal_mask=None, token_type_ids=None):
+    """Line-by-line PyTorch transcription of the seed's JAX ``concatenate_to_cache``.
+
+    Works on separate caches ``key_cache [B, L, H, Dk]`` / ``value_cache [B, L, H, Dv]``
+    (what the seed's ``self.key`` / ``self.value`` would have been) and returns
+    ``(new_key_cache, new_value_cache, mask, new_index)``. As in the seed:
+    ``end_index = index[0]`` for every row; ``jax.lax.dynamic_slice`` and
+    ``dynamic_update_slice`` clamp their start so the slice fits; the token-type
+    mask compares absolute columns ``0..q-1``; without a causal mask there is
+    no causal term; the quantizer is the identity.
+    """
+    num_updated_cache_vectors = key.shape[1]  # query.shape[1]
+    end_index = int(index[0])
+    *batch_dims, max_length, _num_heads, _depth_per_head = value_cache.shape
+    attention_mask = attention_mask != 0  # jnp.logical_and treats nonzero as True
+    if attention_mask.dim() == 2:
+        attention_mask = attention_mask[:, None, None, :]  # jnp.expand_dims(axis=(-3, -2))
+
+    if token_type_ids is not None and num_updated_cache_vectors != 1 and causal_mask is None:
+        raise ValueError("the seed's token-type branch indexes causal_mask, which must be given")
+    if causal_mask is not None:
+        causal_mask = causal_mask != 0
+        # jax.lax.dynamic_slice(causal_mask, (0, 0, end_index, 0), (1, 1, q, max_length)), start clamped.
+        row0 = min(max(end_index, 0), causal_mask.shape[2] - num_updated_cache_vectors)
+        causal_mask = causal_mask[0:1, 0:1, row0:row0 + num_updated_cache_vectors, 0:max_length]
+        if token_type_ids is not None and num_updated_cache_vectors != 1:
+            token_type_mask = token_type_ids.unsqueeze(2) == token_type_ids.unsqueeze(1)
+            token_type_mask = torch.where(token_type_ids == 0, False, token_type_mask)
+            token_type_mask = token_type_mask.unsqueeze(1)
+            sequence_length = token_type_ids.shape[1]
+            masked_portion = torch.logical_or(
+                token_type_mask[:, :, :num_updated_cache_vectors, :],
+                causal_mask[:, :, :, :sequence_length],
+            )
+            causal_mask = causal_mask.clone()
+            causal_mask[:, :, :, :sequence_length] = masked_portion  # .at[...].set(...)
+        causal_mask = causal_mask.expand(key.shape[0], *causal_mask.shape[1:])
+        attention_mask = attention_mask.expand(causal_mask.shape)
+        attention_mask = torch.logical_and(attention_mask, causal_mask)
+
+    # jax.lax.dynamic_update_slice(cache, new, (0, end_index % L, 0, 0)), start clamped.
+    column0 = min(max(end_index % value_cache.shape[1], 0), value_cache.shape[1] - num_updated_cache_vectors)
+    new_value_cache = value_cache.clone()
+    new_value_cache[:, column0:column0 + num_updated_cache_vectors] = value.to(value_cache.dtype)
+    new_key_cache = key_cache.clone()
+    new_key_cache[:, column0:column0 + num_updated_cache_vectors] = key.to(key_cache.dtype)
+
+    pad_mask = (torch.arange(max_length, device=key_cache.device) < end_index + num_updated_cache_vectors).expand(
+        *batch_dims, 1, num_updated_cache_vectors, max_length)
+    attention_mask = torch.logical_and(pad_mask, attention_mask)
+    new_index = index + num_updated_cache_vectors
+    return new_key_cache, new_value_cache, attention_mask, new_index
+
+
+# --------------------------------------------------------------------------- lightning recurrence
+
+
+def ref_lightning(state, q, k, v, slopes, attention_mask=None, slot_ids=None, scale=1.0):
+    """Sequential lightning recurrence in float64.
+
+    ``state [slots, H, Dk, Dv]``; ``q, k [B, n, H, Dk]``; ``v [B, n, H, Dv]``;
+    ``slopes [H]``. Batch row ``b`` uses state row ``slot_ids[b]`` (or ``b``);
+    a slot outside ``[0, slots)`` (``-1``) skips the row: state untouched,
+    output zero. For each token in order, per head with ``lam = exp(-slope)``:
+
+        S = lam * S + k^T v      (k taken as zero where attention_mask == 0)
+        o = scale * q S
+
+    Returns ``(new_state, output)``, both float64 (``output [B, n, H, Dv]``).
+    """
+    S = state.detach().cpu().to(torch.float64).clone()
+    qd = q.detach().cpu().to(torch.float64)
+    kd = k.detach().cpu().to(torch.float64)
+    vd = v.detach().cpu().to(torch.float64)
+    lam = torch.exp(-slopes.detach().cpu().to(torch.float64))
+    B, n, H, _ = qd.shape
+    slots = S.shape[0]
+    out = torch.zeros(B, n, H, vd.shape[3], dtype=torch.float64)
+    for b in range(B):
+        row = int(slot_ids[b]) if slot_ids is not None else b
+        if not 0 <= row < slots:
+            continue
+        for t in range(n):
+            k_t = kd[b, t]
+            if attention_mask is not None and not bool(attention_mask[b, t] != 0):
+                k_t = torch.zeros_like(k_t)
+            # All heads at once: S[h] = lam[h] S[h] + outer(k[h], v[h]); o[h] = scale * q[h] S[h].
+            S[row] = lam.view(H, 1, 1) * S[row] + k_t.unsqueeze(-1) * vd[b, t].unsqueeze(-2)
+            out[b, t] = scale * (qd[b, t].unsqueeze(-1) * S[row]).sum(dim=-2)
+    return S, out
+
+
+def ref_lightning_slopes(num_heads: int, layer_index: int = 0, num_layers: int = 1) -> torch.Tensor:
+    """``s_h = base^(h+1) * (1 - l/(N-1+1e-5) + 1e-5)``, ``base = 2^(-8/H)``, float64 ``[H]``."""
+    base = 2.0 ** (-8.0 / num_heads)
+    factor = 1.0 - layer_index / (num_layers - 1 + 1e-5) + 1e-5
+    return torch.tensor([math.pow(base, h + 1) * factor for h in range(num_heads)], dtype=torch.float64)

@@ -1,0 +1,438 @@
+"""``python -m torch_lightning_cache bench``: the ops against pure PyTorch, eager and compiled.
+
+Cases (``--cases`` picks a subset by name or prefix: ``cache``, ``decode``, ``prefill-...``):
+
+- ``cache-1tok``: ``concatenate_to_cache`` of 1 new token per row (a decode step),
+  with a 2-D attention mask and the on-the-fly causal term;
+- ``cache-<T>tok``: the same with a block of ``--tokens`` new tokens (a prefill chunk);
+- ``decode-b<N>``: ``lightning_decode`` of 1 token at each batch size of ``--decode-batches``;
+- ``prefill-<n>tok``: ``lightning_prefill`` of ``--prefill-tokens`` tokens from a non-zero state.
+
+Contenders: the op through ``torch.ops.lightning_cache`` with ``check_bounds=True``
+(the default; on CUDA the check reads the positions on the host) and with
+``check_bounds=False``; the pure-PyTorch baseline of ``baselines.py`` run eagerly;
+and that baseline under ``torch.compile(fullgraph=True, dynamic=False)`` (plus
+``mode="reduce-overhead"`` on CUDA). Every contender first runs once from the same
+inputs and must agree with the op (bit-for-bit for the cache, within a tolerance
+for the lightning ops) before it is timed.
+
+Timing: each sample runs ``inner`` back-to-back calls between two device
+synchronizations; the figure is the median over ``--repeats`` samples of the
+time per call, after warmup samples. Between samples, outside the timed region
+and identically for every contender, the cache's positions are restored with a
+``copy_`` so that every sample writes the same columns (the start position
+leaves room for ``inner`` calls). Lightning states are not restored: with
+decays below 1 they stay bounded.
+
+Effective GB/s counts bytes written for the cache (the new K/V and the mask),
+the state read and written for decode, and the state read and written plus
+q/k/v read and the output written for prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import baselines
+from .ops import init_kv_cache, lightning_slopes
+
+_ops = torch.ops.lightning_cache
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Sizes by device: the CUDA defaults are the reference configuration; the CPU
+# ones are scaled so that the whole run takes a minute or two on two cores.
+_DEFAULTS = {
+    "cuda": dict(batch=8, heads=8, head_dim=128, capacity=8192, tokens=2048, decode_heads=64,
+                 decode_batches="1,8,64", prefill_tokens=4096, repeats=50, warmup=5, target_ms=2.0),
+    "cpu": dict(batch=8, heads=8, head_dim=128, capacity=2048, tokens=256, decode_heads=16,
+                decode_batches="1,8,64", prefill_tokens=512, repeats=15, warmup=2, target_ms=2.0),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES),
+                        help="cache and q/k/v dtype (lightning states are float32)")
+    parser.add_argument("--batch", type=int, default=None, help="cache rows (default 8)")
+    parser.add_argument("--heads", type=int, default=None, help="cache heads (default 8)")
+    parser.add_argument("--head-dim", type=int, default=None, help="key and value dim, cache and lightning (128)")
+    parser.add_argument("--capacity", type=int, default=None, help="cache max_length (CUDA 8192, CPU 2048)")
+    parser.add_argument("--tokens", type=int, default=None, help="new tokens of the long cache write (CUDA 2048, CPU 256)")
+    parser.add_argument("--decode-heads", type=int, default=None, help="lightning heads (CUDA 64, CPU 16)")
+    parser.add_argument("--decode-batches", default=None, help="comma-separated decode batch sizes (1,8,64)")
+    parser.add_argument("--prefill-tokens", type=int, default=None, help="prefill length (CUDA 4096, CPU 512)")
+    parser.add_argument("--prefill-batch", type=int, default=1, help="prefill rows (1)")
+    parser.add_argument("--block-size", type=int, default=256, help="prefill block size (256)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed samples per contender (CUDA 50, CPU 15)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed samples per contender (CUDA 5, CPU 2)")
+    parser.add_argument("--cases", default=None,
+                        help="comma-separated case names or prefixes (cache, decode, prefill); default all")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")
+    parser.add_argument("--csv", default=None, help="results CSV (default bench_results/bench_<device>.csv)")
+    parser.add_argument("--plot", default=None, help="PNG bar chart of the times (needs matplotlib)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+# --------------------------------------------------------------------------- cases
+
+
+@dataclass
+class Case:
+    """One benchmark case: live tensors, how each kind of contender calls into them, how results compare."""
+
+    name: str
+    kind: str  # "cache" or "lightning"
+    describe: str
+    nbytes: int  # bytes for the effective GB/s
+    mutables: list[torch.Tensor]  # tensors the calls write (snapshotted for the agreement check)
+    call_op: Callable[[bool], torch.Tensor]  # check_bounds -> output
+    call_baseline: Callable[[Callable], torch.Tensor]  # baseline function (eager or compiled) -> output
+    baseline: Callable  # the eager baseline, to compile
+    max_inner: int = 1 << 30  # calls a sample may make (cache positions)
+    reset: Callable[[int], None] = field(default=lambda inner: None)  # restores state before a sample of `inner` calls
+
+
+def _cache_case(name, device, dtype, batch, heads, head_dim, capacity, new_tokens, gen) -> Case:
+    key_value, index = init_kv_cache(batch, capacity, heads, head_dim, head_dim, dtype=dtype, device=device)
+    key = torch.randn(batch, new_tokens, heads, head_dim, generator=gen).to(device, dtype)
+    value = torch.randn(batch, new_tokens, heads, head_dim, generator=gen).to(device, dtype)
+    attention_mask = torch.ones(batch, capacity, dtype=torch.bool, device=device)
+    # Every sample starts at the same position, leaving room for its calls in the upper half of the cache.
+    max_inner = max(1, capacity // (2 * new_tokens))
+    start = torch.empty_like(index)
+
+    def reset(inner: int) -> None:
+        index.copy_(start.fill_(capacity - inner * new_tokens))
+
+    reset(1)
+    written = batch * new_tokens * heads * 2 * head_dim * key_value.element_size() + batch * new_tokens * capacity
+    return Case(
+        name=name, kind="cache",
+        describe=f"concatenate_to_cache B={batch} H={heads} D={head_dim} L={capacity} q={new_tokens} "
+                 f"{str(dtype).removeprefix('torch.')}, 2-D mask, is_causal",
+        nbytes=written, mutables=[key_value, index],
+        call_op=lambda check: _ops.concatenate_to_cache(key_value, index, key, value, attention_mask, None, None,
+                                                        True, False, check),
+        call_baseline=lambda fn: fn(key_value, index, key, value, attention_mask, None, None, True, False),
+        baseline=baselines.concatenate_to_cache_eager, max_inner=max_inner, reset=reset)
+
+
+def _lightning_inputs(device, dtype, batch, tokens, heads, head_dim, gen):
+    state = (0.1 * torch.randn(batch, heads, head_dim, head_dim, generator=gen)).to(device)  # history, float32
+    q, k, v = (torch.randn(batch, tokens, heads, head_dim, generator=gen).to(device, dtype) for _ in range(3))
+    return state, q, k, v, lightning_slopes(heads, device=device)
+
+
+def _decode_case(device, dtype, batch, heads, head_dim, gen) -> Case:
+    state, q, k, v, slopes = _lightning_inputs(device, dtype, batch, 1, heads, head_dim, gen)
+    return Case(
+        name=f"decode-b{batch}", kind="lightning",
+        describe=f"lightning_decode B={batch} H={heads} D={head_dim} n=1 {str(dtype).removeprefix('torch.')} "
+                 f"inputs, float32 state",
+        nbytes=2 * state.numel() * state.element_size(), mutables=[state],
+        call_op=lambda check: _ops.lightning_decode(state, q, k, v, slopes, None, 1.0, check),
+        call_baseline=lambda fn: fn(state, q, k, v, slopes),
+        baseline=baselines.lightning_decode_eager)
+
+
+def _prefill_case(device, dtype, batch, tokens, heads, head_dim, block_size, gen) -> Case:
+    state, q, k, v, slopes = _lightning_inputs(device, dtype, batch, tokens, heads, head_dim, gen)
+    moved = 2 * state.numel() * state.element_size() + 4 * q.numel() * q.element_size()
+    return Case(
+        name=f"prefill-{tokens}tok", kind="lightning",
+        describe=f"lightning_prefill B={batch} H={heads} D={head_dim} n={tokens} block={block_size} "
+                 f"{str(dtype).removeprefix('torch.')} inputs, float32 state with history",
+        nbytes=moved, mutables=[state],
+        call_op=lambda check: _ops.lightning_prefill(state, q, k, v, slopes, None, None, block_size, 1.0, check),
+        call_baseline=lambda fn: fn(state, q, k, v, slopes, None, block_size),
+        baseline=baselines.lightning_prefill_chunked_eager)
+
+
+def _case_builders(args, device, dtype, sizes):
+    """(name, builder) pairs in run order; builders allocate only when the case is selected."""
+    gen = torch.Generator().manual_seed(args.seed)
+    out = []
+    for new_tokens in (1, sizes["tokens"]):
+        out.append((f"cache-{new_tokens}tok", lambda q=new_tokens: _cache_case(
+            f"cache-{q}tok", device, dtype, sizes["batch"], sizes["heads"], sizes["head_dim"], sizes["capacity"], q,
+            gen)))
+    for batch in (int(b) for b in str(sizes["decode_batches"]).split(",") if b.strip()):
+        out.append((f"decode-b{batch}", lambda b=batch: _decode_case(
+            device, dtype, b, sizes["decode_heads"], sizes["head_dim"], gen)))
+    tokens = sizes["prefill_tokens"]
+    out.append((f"prefill-{tokens}tok", lambda: _prefill_case(
+        device, dtype, args.prefill_batch, tokens, sizes["decode_heads"], sizes["head_dim"], args.block_size, gen)))
+    return out
+
+
+def _selected(name: str, selectors: list[str] | None) -> bool:
+    return selectors is None or any(name == s or name.split("-")[0] == s for s in selectors)
+
+
+# --------------------------------------------------------------------------- contenders
+
+
+_COMPILED: dict[tuple[str, str], Callable] = {}
+
+
+def _compiled(fn: Callable, mode: str) -> Callable:
+    """One torch.compile wrapper per (baseline, mode); dynamo specializes it per case's shapes."""
+    key = (fn.__name__, mode)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, fullgraph=True, dynamic=False,
+                                       mode=None if mode == "default" else mode)
+    return _COMPILED[key]
+
+
+def _contenders(case: Case, compile_modes: list[str]) -> list[tuple[str, Callable]]:
+    out = [("op", lambda: case.call_op(True)),
+           ("op check_bounds=False", lambda: case.call_op(False)),
+           ("eager baseline", lambda: case.call_baseline(case.baseline))]
+    for mode in compile_modes:
+        fn = _compiled(case.baseline, mode)
+        if mode == "reduce-overhead":
+            def call(fn=fn):
+                torch.compiler.cudagraph_mark_step_begin()
+                return case.call_baseline(fn)
+        else:
+            def call(fn=fn):
+                return case.call_baseline(fn)
+        out.append((f"compile {mode}", call))
+    return out
+
+
+def _agree(case: Case, got: list[torch.Tensor], want: list[torch.Tensor]) -> str | None:
+    """None when `got` matches `want`, else what differs."""
+    for i, (g, w) in enumerate(zip(got, want)):
+        label = "output" if i == 0 else f"written tensor {i}"
+        if g.shape != w.shape or g.dtype != w.dtype:
+            return f"{label}: shape/dtype {tuple(g.shape)} {g.dtype} vs {tuple(w.shape)} {w.dtype}"
+        if case.kind == "cache":
+            if not torch.equal(g, w):
+                return f"{label}: not bit-for-bit equal ({int((g != w).sum())} elements differ)"
+        else:
+            tol = 1e-4 if w.dtype == torch.float32 else 2e-2
+            err = (g.float() - w.float()).abs().max().item()
+            bound = tol * max(1.0, w.float().abs().max().item())
+            if not err <= bound:
+                return f"{label}: max abs error {err:.3g} > {bound:.3g}"
+    return None
+
+
+def _timed(fn: Callable, case: Case, sync: Callable, inner: int, warmup: int, repeats: int) -> float:
+    """Median seconds per call over `repeats` samples of `inner` calls each."""
+    samples = []
+    for sample in range(warmup + repeats):
+        case.reset(inner)
+        sync()
+        begin = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        sync()
+        if sample >= warmup:
+            samples.append((time.perf_counter() - begin) / inner)
+    return statistics.median(samples)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench: CUDA is not available")
+        return 2
+    sizes = dict(_DEFAULTS["cuda" if device.type == "cuda" else "cpu"])
+    for key in sizes:
+        if getattr(args, key, None) is not None:
+            sizes[key] = getattr(args, key)
+    dtype = _DTYPES[args.dtype]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    compile_modes = [] if args.no_compile else (["default", "reduce-overhead"] if device.type == "cuda"
+                                               else ["default"])
+    selectors = [s.strip() for s in args.cases.split(",") if s.strip()] if args.cases else None
+    builders = [(n, b) for n, b in _case_builders(args, device, dtype, sizes) if _selected(n, selectors)]
+    if not builders:
+        print(f"bench: --cases {args.cases!r} selects nothing; cases are "
+              f"{', '.join(n for n, _ in _case_builders(args, device, dtype, sizes))}")
+        return 2
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    _report_load("start")
+    print(f"torch {torch.__version__}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+             f" ({torch.get_num_threads()} threads)")
+          + f", dtype {args.dtype}, repeats {sizes['repeats']}, warmup {sizes['warmup']}")
+    rows, failures = [], 0
+    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=512):
+        for name, build in builders:
+            case = build()
+            print(f"\n[{case.name}] {case.describe}")
+            case_rows, case_failures = _run_case(case, compile_modes, sync, sizes)
+            rows.extend(case_rows)
+            failures += case_failures
+            del case
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    _print_table(rows)
+    _report_load("end")
+    path = args.csv or os.path.join("bench_results", f"bench_{device.type}.csv")
+    _write_csv(path, rows, device, args.dtype)
+    print(f"\nwrote {path}")
+    if args.plot:
+        _plot(args.plot, rows, device)
+    return 1 if failures else 0
+
+
+def _run_case(case: Case, compile_modes: list[str], sync: Callable, sizes: dict) -> tuple[list[dict], int]:
+    """Checks every contender against the reference, then times those that agree: (table rows, failures)."""
+    contenders = _contenders(case, compile_modes)
+    if "reduce-overhead" in compile_modes:
+        # As a static KV cache does (Hugging Face's StaticCache): the written tensors keep their
+        # addresses, so CUDA graphs may mutate them instead of being skipped for mutated inputs.
+        for t in case.mutables:
+            torch._dynamo.mark_static_address(t)
+    snapshot = [t.clone() for t in case.mutables]
+
+    def restore():
+        for t, s in zip(case.mutables, snapshot):
+            t.copy_(s)
+
+    # Agreement: every contender runs once from the same inputs; the op (or, when it
+    # has no kernel for this device, the eager baseline) is the reference.
+    reference, usable, notes, failures = None, [], {}, 0
+    for label, fn in contenders:
+        restore()
+        begin = time.perf_counter()
+        try:
+            result = [fn().clone()] + [t.clone() for t in case.mutables]
+        except NotImplementedError as error:
+            notes[label] = f"n/a: {str(error).splitlines()[0][:80]}"
+            continue
+        except Exception as error:  # a contender that crashes is reported, the others still run
+            notes[label] = f"error: {type(error).__name__}: {str(error).splitlines()[0][:100]}"
+            failures += 1
+            continue
+        sync()
+        first_call = time.perf_counter() - begin
+        if reference is None:
+            reference = result
+            notes[label] = "reference"
+        else:
+            diff = _agree(case, result, reference)
+            if diff is not None:
+                notes[label] = f"MISMATCH: {diff}"
+                failures += 1
+                continue
+            notes[label] = "agrees"
+        if label.startswith("compile"):
+            notes[label] += f" (first call {first_call:.1f} s)"
+        usable.append((label, fn))
+    restore()
+    del snapshot
+
+    # Calls per sample: enough for ~target_ms per sample, capped by the cache's free positions.
+    inner = 1
+    if usable:
+        probe = usable[0][1]
+        probe_time = _timed(probe, case, sync, 1, 1, 3)
+        inner = int(min(case.max_inner, max(1, round(sizes["target_ms"] * 1e-3 / max(probe_time, 1e-7)))))
+
+    times = {}
+    for label, fn in usable:
+        times[label] = _timed(fn, case, sync, inner, sizes["warmup"], sizes["repeats"])
+        print(f"  {label:<28} {times[label] * 1e6:12.1f} us   {notes[label]}")
+    for label, _ in contenders:
+        if label not in times:
+            print(f"  {label:<28} {'-':>12}      {notes[label]}")
+
+    op_time = times.get("op")
+    rows = []
+    for label, _ in contenders:
+        t = times.get(label)
+        rows.append(dict(case=case.name, contender=label, us_per_call=None if t is None else t * 1e6,
+                         ratio_to_op=None if t is None or op_time is None else t / op_time,
+                         gbps=None if t is None else case.nbytes / t / 1e9,
+                         inner=inner, check=notes[label], describe=case.describe))
+    return rows, failures
+
+
+def _report_load(when: str) -> None:
+    """CPU timings mean little on a busy machine: say how busy it was."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return
+    cores = os.cpu_count() or 1
+    busy = "  (busier than its cores: CPU timings are unreliable)" if load > 0.75 * cores else ""
+    print(f"load average at {when}: {load:.2f} on {cores} cores{busy}")
+
+
+def _print_table(rows) -> None:
+    print(f"\n{'case':<16} {'contender':<28} {'us/call':>12} {'x op':>8} {'GB/s':>9}  check")
+    last = None
+    for r in rows:
+        if last is not None and r["case"] != last:
+            print()
+        last = r["case"]
+        print(f"{r['case']:<16} {r['contender']:<28} {_fmt(r['us_per_call'], '12.1f'):>12} "
+              f"{_fmt(r['ratio_to_op'], '8.2f'):>8} {_fmt(r['gbps'], '9.2f'):>9}  {r['check']}")
+    print("\nx op: contender time / op time (check_bounds=True); above 1 means the op is faster.")
+
+
+def _write_csv(path: str, rows, device, dtype: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fields = ["device", "dtype", "case", "contender", "us_per_call", "ratio_to_op", "gbps", "inner", "check",
+              "describe"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({"device": str(device), "dtype": dtype, **{k: ("" if r[k] is None else r[k])
+                                                                      for k in fields[2:]}})
+
+
+def _plot(path: str, rows, device) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; skipping --plot")
+        return
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    labels = list(dict.fromkeys(r["contender"] for r in rows))
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4.5))
+    for n, label in enumerate(labels):
+        values = [next((r["us_per_call"] for r in rows if r["case"] == c and r["contender"] == label), None)
+                  for c in cases]
+        xs = [i + n * width for i, v in enumerate(values) if v is not None]
+        ax.bar(xs, [v for v in values if v is not None], width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], cases, rotation=20)
+    ax.set_yscale("log")
+    ax.set_ylabel("microseconds per call (log)")
+    ax.set_title(f"torch_lightning_cache ops vs pure PyTorch on {device}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
