@@ -33,9 +33,10 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
 
   // [B, H, n, D] float32 views of the inputs; masked tokens get k = 0 so they
   // add nothing to the state while the decay still runs.
-  const at::Tensor q = query.transpose(1, 2).to(at::kFloat);
-  at::Tensor k = key.transpose(1, 2).to(at::kFloat);
-  const at::Tensor v = value.transpose(1, 2).to(at::kFloat);
+  // Contiguous once, so every block's matmuls read dense memory.
+  const at::Tensor q = query.transpose(1, 2).to(at::kFloat).contiguous();
+  at::Tensor k = key.transpose(1, 2).to(at::kFloat).contiguous();
+  const at::Tensor v = value.transpose(1, 2).to(at::kFloat).contiguous();
   if (attention_mask.has_value()) {
     k = k * attention_mask->ne(0).to(at::kFloat).view({d.batch, 1, d.tokens, 1});
   }

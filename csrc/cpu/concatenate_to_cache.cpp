@@ -56,6 +56,37 @@ void write_tokens(at::Tensor& key_value, const at::Tensor& key, const at::Tensor
   });
 }
 
+// row[j] = attention_allows(in, b, i, j) for j < limit, with the element type
+// resolved once per row so the loop vectorizes (the rule reads it per element).
+void fill_attention_prefix(bool* row, const MaskInputs& in, int64_t b, int64_t i, int64_t limit) {
+  if (in.attn == nullptr) {
+    std::fill(row, row + limit, true);
+    return;
+  }
+  const int64_t base = b * in.attn_stride_b + i * in.attn_stride_i, step = in.attn_stride_j;
+  auto fill = [&](auto typed) {
+    using T = decltype(typed);
+    const T* src = static_cast<const T*>(in.attn) + base;
+    if (step == 1) {
+      for (int64_t j = 0; j < limit; ++j) row[j] = src[j] != T(0);
+    } else {
+      for (int64_t j = 0; j < limit; ++j) row[j] = src[j * step] != T(0);
+    }
+  };
+  switch (in.attn_type) {
+    case ElemType::Bool:
+    case ElemType::UInt8:
+    case ElemType::Int8: return fill(uint8_t{});
+    case ElemType::Int16: return fill(int16_t{});
+    case ElemType::Int32: return fill(int32_t{});
+    case ElemType::Int64: return fill(int64_t{});
+    case ElemType::Float32: return fill(float{});
+    case ElemType::Float64: return fill(double{});
+    default:  // 16-bit floats: the rule's bit test
+      for (int64_t j = 0; j < limit; ++j) row[j] = attention_allows(in, b, i, j);
+  }
+}
+
 at::Tensor concatenate_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key,
                                     const at::Tensor& value, const std::optional<at::Tensor>& attention_mask,
                                     const std::optional<at::Tensor>& causal_mask,
@@ -93,11 +124,7 @@ at::Tensor concatenate_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, co
         continue;
       }
       // Prefix-shaped row: skip the per-column rule (the common decode case).
-      if (in.attn == nullptr) {
-        std::fill(row, row + limit, true);
-      } else {
-        for (int64_t j = 0; j < limit; ++j) row[j] = attention_allows(in, b, i, j);
-      }
+      fill_attention_prefix(row, in, b, i, limit);
       std::fill(row + limit, row + d.capacity, false);
     }
   });
