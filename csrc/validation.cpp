@@ -85,6 +85,7 @@ KVCacheDims check_concatenate_args(
   TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == d.batch, "index must be [batch] = [", d.batch, "], got shape ",
               shape_of(index));
   TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, "index must be int64, got ", index.scalar_type());
+  TORCH_CHECK_VALUE(index.is_contiguous(), "index must be contiguous (as init_kv_cache makes it)");
   check_same_device(index, "index", key_value, "key_value");
   check_same_device(key, "key", key_value, "key_value");
   check_same_device(value, "value", key_value, "key_value");
@@ -123,9 +124,10 @@ KVCacheDims check_concatenate_args(
   return d;
 }
 
-void check_positions(const at::Tensor& index_cpu, const KVCacheDims& d, bool ring,
+void check_positions(const at::Tensor& index, const KVCacheDims& d, bool ring,
                      const std::optional<at::Tensor>& causal_mask) {
-  const int64_t* start = index_cpu.data_ptr<int64_t>();
+  const at::Tensor index_cpu = index.cpu();
+  const int64_t* start = index_cpu.const_data_ptr<int64_t>();
   const int64_t horizon = causal_mask.has_value() ? causal_mask->size(-1) : -1;
   for (int64_t b = 0; b < d.batch; ++b) {
     TORCH_CHECK_INDEX(start[b] >= 0, "index[", b, "] = ", start[b], " is negative; positions start at 0");
@@ -234,8 +236,13 @@ LightningDims check_lightning_args(const char* op, const at::Tensor& state, cons
   return d;
 }
 
-void check_slot_ids(const at::Tensor& slot_ids_cpu, const LightningDims& d) {
-  const int64_t* slot = slot_ids_cpu.data_ptr<int64_t>();
+std::optional<at::Tensor> prepare_slot_ids(const std::optional<at::Tensor>& slot_ids, const LightningDims& d,
+                                           bool host_checks) {
+  if (!slot_ids.has_value()) return std::nullopt;
+  at::Tensor slots = slot_ids->contiguous();
+  if (!host_checks) return slots;
+  const at::Tensor slots_cpu = slots.cpu();
+  const int64_t* slot = slots_cpu.const_data_ptr<int64_t>();
   std::set<int64_t> seen;
   for (int64_t b = 0; b < d.batch; ++b) {
     TORCH_CHECK_INDEX(slot[b] >= -1 && slot[b] < d.slots, "slot_ids[", b, "] = ", slot[b], " is out of range [-1, ",
@@ -245,6 +252,7 @@ void check_slot_ids(const at::Tensor& slot_ids_cpu, const LightningDims& d) {
                   " repeats an earlier row's slot; each state row may be updated by one batch row per call");
     }
   }
+  return slots;
 }
 
 void check_init_sizes(const char* op, std::initializer_list<std::pair<const char*, int64_t>> sizes) {

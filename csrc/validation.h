@@ -24,9 +24,9 @@ KVCacheDims check_concatenate_args(
     const std::optional<at::Tensor>& attention_mask, const std::optional<at::Tensor>& causal_mask,
     const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring);
 
-// Value checks on the positions, which live on the device: `index_cpu` is a
-// host copy of `index`. Called only where a host sync is allowed.
-void check_positions(const at::Tensor& index_cpu, const KVCacheDims& dims, bool ring,
+// Value checks on the positions. They live on the device, so on CUDA this
+// copies them to the host (a sync): call only where that is allowed.
+void check_positions(const at::Tensor& index, const KVCacheDims& dims, bool ring,
                      const std::optional<at::Tensor>& causal_mask);
 
 // The mask rule's inputs as raw pointers and strides (see mask_rule.h).
@@ -50,8 +50,10 @@ LightningDims check_lightning_args(const char* op, const at::Tensor& state, cons
                                    const std::optional<at::Tensor>& attention_mask,
                                    const std::optional<at::Tensor>& slot_ids, int64_t block_size);
 
-// Value checks on slot ids (range, no duplicates); `slot_ids_cpu` is a host copy.
-void check_slot_ids(const at::Tensor& slot_ids_cpu, const LightningDims& dims);
+// Contiguous slot ids for the kernels, value-checked (range, no duplicates)
+// when `host_checks` is true, which on CUDA costs a sync.
+std::optional<at::Tensor> prepare_slot_ids(const std::optional<at::Tensor>& slot_ids, const LightningDims& dims,
+                                           bool host_checks);
 
 // Shape/dtype checks of the two factory ops.
 void check_init_sizes(const char* op, std::initializer_list<std::pair<const char*, int64_t>> sizes);

@@ -32,9 +32,9 @@ class DemoError(Exception):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model and cache dtype")
-    parser.add_argument("--tokens", type=int, default=48, help="tokens to generate per row (default: 48)")
-    parser.add_argument("--prompt-length", type=int, default=32, help="prompt tokens per row (default: 32)")
-    parser.add_argument("--batch", type=int, default=2, help="rows generated together (default: 2)")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens to generate per row (default: 64)")
+    parser.add_argument("--prompt-length", type=int, default=48, help="prompt tokens per row (default: 48)")
+    parser.add_argument("--batch", type=int, default=4, help="rows generated together (default: 4)")
     parser.add_argument("--ragged", action="store_true",
                         help="give row b a prompt shorter by b * prompt_length / (2 * batch) tokens; rows are "
                              "prefilled one by one and decoded together, each at its own position")

@@ -94,7 +94,6 @@ at::Tensor concatenate_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, co
                                     bool check_bounds) {
   const KVCacheDims d =
       check_concatenate_args(key_value, index, key, value, attention_mask, causal_mask, token_type_ids, is_causal, ring);
-  TORCH_CHECK(index.is_contiguous(), "index must be contiguous");
   if (check_bounds) check_positions(index, d, ring, causal_mask);
 
   // Positions before this call; the rule and the copy both read these.

@@ -101,20 +101,12 @@ void decode_rows(at::Tensor& state, at::Tensor& out, const at::Tensor& query, co
   });
 }
 
-std::optional<at::Tensor> checked_slots(const std::optional<at::Tensor>& slot_ids, const LightningDims& d,
-                                        bool check_bounds) {
-  if (!slot_ids.has_value()) return std::nullopt;
-  at::Tensor slots = slot_ids->contiguous();
-  if (check_bounds) check_slot_ids(slots, d);
-  return slots;
-}
-
 at::Tensor lightning_decode_cpu(at::Tensor& state, const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& slopes,
                                 const std::optional<at::Tensor>& slot_ids, double scale, bool check_bounds) {
   const LightningDims d =
       check_lightning_args("lightning_decode", state, query, key, value, slopes, std::nullopt, slot_ids, 1);
-  const std::optional<at::Tensor> slots = checked_slots(slot_ids, d, check_bounds);
+  const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, check_bounds);
   at::Tensor out = at::empty({d.batch, d.tokens, d.heads, d.value_dim}, query.options());
   AT_DISPATCH_SWITCH(state.scalar_type(), "lightning_decode_cpu",
     AT_DISPATCH_CASE(at::kFloat, [&] {
@@ -153,7 +145,7 @@ at::Tensor lightning_prefill_cpu(at::Tensor& state, const at::Tensor& query, con
                                  bool check_bounds) {
   const LightningDims d = check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask,
                                                slot_ids, block_size);
-  const std::optional<at::Tensor> slots = checked_slots(slot_ids, d, check_bounds);
+  const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, check_bounds);
   return lightning_prefill_chunked(state, query, key, value, slopes, attention_mask, slots, d, block_size, scale,
                                    &scatter_state_rows_cpu);
 }

@@ -6,11 +6,11 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <torch/library.h>
 
 #include "../mask_rule.h"
 #include "../validation.h"
+#include "host_checks.cuh"
 
 namespace lightning_cache {
 namespace {
@@ -155,13 +155,8 @@ at::Tensor concatenate_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, c
                                      bool check_bounds) {
   const KVCacheDims d =
       check_concatenate_args(key_value, index, key, value, attention_mask, causal_mask, token_type_ids, is_causal, ring);
-  TORCH_CHECK_VALUE(index.is_contiguous(), "index must be contiguous");
   const c10::cuda::CUDAGuard guard(key_value.device());
-  // The position check needs the positions on the host: a sync, impossible
-  // while a CUDA graph is being captured. Captured calls rely on the kernel,
-  // which skips rows that would not fit (row_writable) instead.
-  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-  if (check_bounds && !capturing) check_positions(index.cpu(), d, ring, causal_mask);
+  if (host_checks_allowed(check_bounds)) check_positions(index, d, ring, causal_mask);
 
   at::Tensor mask = at::empty({d.batch, 1, d.new_tokens, d.capacity}, key_value.options().dtype(at::kBool));
   const MaskInputs mask_in = make_mask_inputs(d, attention_mask, causal_mask, token_type_ids, is_causal, ring);

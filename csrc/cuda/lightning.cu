@@ -13,10 +13,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <torch/library.h>
 
 #include "../ops.h"
+#include "host_checks.cuh"
 
 namespace lightning_cache {
 namespace {
@@ -144,26 +144,13 @@ void scatter_state_rows_cuda(at::Tensor& state, const at::Tensor& rows, const st
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-bool host_checks_allowed(bool check_bounds) {
-  return check_bounds && c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
-}
-
-std::optional<at::Tensor> checked_slots(const std::optional<at::Tensor>& slot_ids, const LightningDims& d,
-                                        bool check_bounds) {
-  if (!slot_ids.has_value()) return std::nullopt;
-  at::Tensor slots = slot_ids->contiguous();
-  // Slot values live on the device: checking them syncs, so not while capturing.
-  if (host_checks_allowed(check_bounds)) check_slot_ids(slots.cpu(), d);
-  return slots;
-}
-
 at::Tensor lightning_decode_cuda(at::Tensor& state, const at::Tensor& query, const at::Tensor& key,
                                  const at::Tensor& value, const at::Tensor& slopes,
                                  const std::optional<at::Tensor>& slot_ids, double scale, bool check_bounds) {
   const LightningDims d =
       check_lightning_args("lightning_decode", state, query, key, value, slopes, std::nullopt, slot_ids, 1);
   const c10::cuda::CUDAGuard guard(state.device());
-  const std::optional<at::Tensor> slots = checked_slots(slot_ids, d, check_bounds);
+  const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, host_checks_allowed(check_bounds));
   const at::Tensor slopes_f = slopes.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({d.batch, d.tokens, d.heads, d.value_dim}, query.options());
 
@@ -213,7 +200,7 @@ at::Tensor lightning_prefill_cuda(at::Tensor& state, const at::Tensor& query, co
   const LightningDims d = check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask,
                                                slot_ids, block_size);
   const c10::cuda::CUDAGuard guard(state.device());
-  const std::optional<at::Tensor> slots = checked_slots(slot_ids, d, check_bounds);
+  const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, host_checks_allowed(check_bounds));
   return lightning_prefill_chunked(state, query, key, value, slopes, attention_mask, slots, d, block_size, scale,
                                    &scatter_state_rows_cuda);
 }
