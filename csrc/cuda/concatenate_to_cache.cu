@@ -8,6 +8,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <type_traits>
+
 #include "../mask_rule.h"
 #include "../validation.h"
 #include "host_checks.cuh"
@@ -48,13 +51,16 @@ __device__ __forceinline__ void copy_vector(cache_t* __restrict__ kv, const in_t
                                  (e - s.key_dim) * s.value_stride[3];
   const int64_t src_step = is_key ? s.key_stride[3] : s.value_stride[3];
   struct alignas(sizeof(cache_t) * VEC) Pack { cache_t v[VEC]; } out;
-#pragma unroll
-  for (int u = 0; u < VEC; ++u) {
-    if constexpr (std::is_same_v<cache_t, in_t>) {
-      out.v[u] = src[u * src_step];  // exact (float64 must not pass through float32)
+  if constexpr (std::is_same_v<cache_t, in_t>) {
+    if (src_step == 1 && reinterpret_cast<uintptr_t>(src) % sizeof(Pack) == 0) {
+      out = *reinterpret_cast<const Pack*>(src);  // one wide load (dense, aligned source)
     } else {
-      out.v[u] = static_cast<cache_t>(static_cast<float>(src[u * src_step]));
+#pragma unroll
+      for (int u = 0; u < VEC; ++u) out.v[u] = src[u * src_step];  // exact: no float32 round trip
     }
+  } else {
+#pragma unroll
+    for (int u = 0; u < VEC; ++u) out.v[u] = static_cast<cache_t>(static_cast<float>(src[u * src_step]));
   }
   *reinterpret_cast<Pack*>(kv + ((b * s.capacity + column) * s.heads + h) * width + e) = out;
 }

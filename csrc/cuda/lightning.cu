@@ -1,11 +1,13 @@
 // Lightning recurrent state on CUDA.
 //
 // Decode: one block per (row, head, 32 value columns). Thread (x, y) owns
-// column j = tile * 32 + x and rows i = y, y + 8, ...; for each token it
-// streams its part of S once (read, decay + k^T v, write), accumulating
-// q . S[:, j] on the way, and the 8 partial sums meet in shared memory. A warp
-// touches 32 consecutive elements of one state row, so every access is
-// coalesced, and each state element is read and written once per token.
+// column j = tile * 32 + x and rows i = y, y + 8, ... of the state. It loads
+// its elements into registers once, applies every token of the call there
+// (decay + k^T v, accumulating q . S[:, j]), and stores them once, so each
+// state element is read and written once per call whatever the token count,
+// and a bfloat16 state is rounded once per call, as on the CPU. A warp touches
+// 32 consecutive elements of one state row: every access is coalesced. The 8
+// partial sums of a column meet in shared memory.
 // Prefill: the shared chunked implementation (cuBLAS batched matmuls), with a
 // kernel here to write the updated rows back to their slots.
 #include <ATen/ATen.h>
@@ -15,6 +17,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "../ops.h"
 #include "host_checks.cuh"
 
@@ -23,7 +27,6 @@ namespace {
 
 constexpr int kTileColumns = 32;
 constexpr int kRowGroups = 8;
-constexpr int kUnroll = 4;
 
 struct DecodeShape {
   int64_t batch, tokens, heads, key_dim, value_dim, slots;
@@ -35,7 +38,8 @@ __device__ __forceinline__ int64_t state_row(const int64_t* slots, int64_t b, in
   return slot >= 0 && slot < num_slots ? slot : -1;
 }
 
-template <typename state_t, typename in_t>
+// ROWS: state rows per thread, so key_dim <= ROWS * kRowGroups.
+template <typename state_t, typename in_t, int ROWS>
 __global__ void decode_kernel(state_t* __restrict__ state, in_t* __restrict__ out, const in_t* __restrict__ query,
                               const in_t* __restrict__ key, const in_t* __restrict__ value,
                               const float* __restrict__ slopes, const int64_t* __restrict__ slots, DecodeShape s,
@@ -54,7 +58,7 @@ __global__ void decode_kernel(state_t* __restrict__ state, in_t* __restrict__ ou
   const bool column_ok = j < s.value_dim;
   const int64_t row = state_row(slots, b, s.slots);
 
-  if (row < 0) {  // skipped row: output zeros, state untouched
+  if (row < 0) {  // skipped row: output zeros, state untouched (uniform over the block)
     if (ty == 0 && column_ok) {
       for (int64_t n = 0; n < s.tokens; ++n) out[((b * s.tokens + n) * s.heads + h) * s.value_dim + j] = in_t(0);
     }
@@ -62,6 +66,14 @@ __global__ void decode_kernel(state_t* __restrict__ state, in_t* __restrict__ ou
   }
   state_t* S = state + (row * s.heads + h) * s.key_dim * s.value_dim;
   const float decay = __expf(-slopes[h]);
+
+  // All loads issued together: ROWS independent requests in flight per thread.
+  float cell[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const int64_t i = ty + int64_t(r) * kRowGroups;
+    cell[r] = column_ok && i < s.key_dim ? static_cast<float>(S[i * s.value_dim + j]) : 0.0f;
+  }
 
   for (int64_t n = 0; n < s.tokens; ++n) {
     const in_t* q = query + b * s.q_stride[0] + n * s.q_stride[1] + h * s.q_stride[2];
@@ -74,26 +86,14 @@ __global__ void decode_kernel(state_t* __restrict__ state, in_t* __restrict__ ou
     if (ty == 0) v_sh[tx] = column_ok ? static_cast<float>(v[j * s.v_stride[3]]) : 0.0f;
     __syncthreads();
 
+    const float v_j = v_sh[tx];
     float acc = 0.0f;
-    if (column_ok) {
-      const float v_j = v_sh[tx];
-      // Batches of kUnroll independent loads keep several requests in flight.
-      for (int64_t i0 = ty; i0 < s.key_dim; i0 += kRowGroups * kUnroll) {
-        float cur[kUnroll];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t i = i0 + int64_t(u) * kRowGroups;
-          cur[u] = i < s.key_dim ? static_cast<float>(S[i * s.value_dim + j]) : 0.0f;
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t i = i0 + int64_t(u) * kRowGroups;
-          if (i < s.key_dim) {
-            const float updated = decay * cur[u] + k_sh[i] * v_j;
-            S[i * s.value_dim + j] = static_cast<state_t>(updated);
-            acc += q_sh[i] * updated;
-          }
-        }
+    for (int r = 0; r < ROWS; ++r) {
+      const int64_t i = ty + int64_t(r) * kRowGroups;
+      if (i < s.key_dim) {
+        cell[r] = decay * cell[r] + k_sh[i] * v_j;
+        acc += q_sh[i] * cell[r];
       }
     }
     partial[ty * kTileColumns + tx] = acc;
@@ -105,6 +105,12 @@ __global__ void decode_kernel(state_t* __restrict__ state, in_t* __restrict__ ou
       out[((b * s.tokens + n) * s.heads + h) * s.value_dim + j] = static_cast<in_t>(total * scale);
     }
     __syncthreads();  // shared q/k/v and partial sums are reused by the next token
+  }
+
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const int64_t i = ty + int64_t(r) * kRowGroups;
+    if (column_ok && i < s.key_dim) S[i * s.value_dim + j] = static_cast<state_t>(cell[r]);
   }
 }
 
@@ -149,6 +155,8 @@ at::Tensor lightning_decode_cuda(at::Tensor& state, const at::Tensor& query, con
                                  const std::optional<at::Tensor>& slot_ids, double scale, bool check_bounds) {
   const LightningDims d =
       check_lightning_args("lightning_decode", state, query, key, value, slopes, std::nullopt, slot_ids, 1);
+  TORCH_CHECK_VALUE(d.key_dim <= 64 * kRowGroups, "lightning_decode: key_dim ", d.key_dim,
+                    " is larger than the CUDA kernel supports (512)");
   const c10::cuda::CUDAGuard guard(state.device());
   const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, host_checks_allowed(check_bounds));
   const at::Tensor slopes_f = slopes.to(at::kFloat).contiguous();
@@ -164,30 +172,41 @@ at::Tensor lightning_decode_cuda(at::Tensor& state, const at::Tensor& query, con
                   static_cast<unsigned>((d.value_dim + kTileColumns - 1) / kTileColumns));
   const dim3 block(kTileColumns, kRowGroups);
   const size_t shared_bytes = sizeof(float) * (2 * d.key_dim + kTileColumns + kRowGroups * kTileColumns);
-  TORCH_CHECK_VALUE(shared_bytes <= 48 * 1024, "lightning_decode: key_dim ", d.key_dim, " is too large for the CUDA kernel");
   TORCH_CHECK(d.batch * d.heads < (int64_t(1) << 31), "lightning_decode: batch * heads too large for one launch");
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t* slot_ptr = slots ? slots->const_data_ptr<int64_t>() : nullptr;
 
-  AT_DISPATCH_SWITCH(state.scalar_type(), "lightning_decode_cuda",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      using state_t = float;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "lightning_decode_cuda_in", [&] {
-        decode_kernel<state_t, scalar_t><<<grid, block, shared_bytes, stream>>>(
-            state.data_ptr<state_t>(), out.data_ptr<scalar_t>(), query.const_data_ptr<scalar_t>(),
-            key.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(), slopes_f.const_data_ptr<float>(),
-            slot_ptr, s, static_cast<float>(scale));
-      });
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      using state_t = at::BFloat16;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "lightning_decode_cuda_in", [&] {
-        decode_kernel<state_t, scalar_t><<<grid, block, shared_bytes, stream>>>(
-            state.data_ptr<state_t>(), out.data_ptr<scalar_t>(), query.const_data_ptr<scalar_t>(),
-            key.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(), slopes_f.const_data_ptr<float>(),
-            slot_ptr, s, static_cast<float>(scale));
-      });
-    }));
+  auto launch = [&](auto state_tag, auto in_tag, auto rows_tag) {
+    using state_t = decltype(state_tag);
+    using in_t = decltype(in_tag);
+    decode_kernel<state_t, in_t, decltype(rows_tag)::value><<<grid, block, shared_bytes, stream>>>(
+        state.data_ptr<state_t>(), out.data_ptr<in_t>(), query.const_data_ptr<in_t>(), key.const_data_ptr<in_t>(),
+        value.const_data_ptr<in_t>(), slopes_f.const_data_ptr<float>(), slot_ptr, s, static_cast<float>(scale));
+  };
+  // Registers per thread follow key_dim: 8 rows (Dk <= 64), 16 (<= 128), 32 (<= 256), 64 (<= 512).
+  auto with_rows = [&](auto state_tag, auto in_tag) {
+    if (d.key_dim <= 8 * kRowGroups) {
+      launch(state_tag, in_tag, std::integral_constant<int, 8>{});
+    } else if (d.key_dim <= 16 * kRowGroups) {
+      launch(state_tag, in_tag, std::integral_constant<int, 16>{});
+    } else if (d.key_dim <= 32 * kRowGroups) {
+      launch(state_tag, in_tag, std::integral_constant<int, 32>{});
+    } else {
+      launch(state_tag, in_tag, std::integral_constant<int, 64>{});
+    }
+  };
+  auto with_state = [&](auto in_tag) {
+    if (state.scalar_type() == at::kFloat) {
+      with_rows(float{}, in_tag);
+    } else {
+      with_rows(at::BFloat16{}, in_tag);
+    }
+  };
+  switch (query.scalar_type()) {  // validated: float32, float16 or bfloat16
+    case at::kFloat: with_state(float{}); break;
+    case at::kHalf: with_state(at::Half{}); break;
+    default: with_state(at::BFloat16{}); break;
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
