@@ -215,6 +215,10 @@ def test_bench_runs_tiny(tmp_path):
     assert cases == {"cache-1tok", "cache-4tok", "decode-b1", "decode-b2", "prefill-24tok"}
     assert all(r["check"] in ("reference", "agrees") for r in rows)
     assert all(float(r["us_per_call"]) > 0 for r in rows)
+    # The plot goes beside the CSV (matplotlib is a test dependency: .ci/run installs it).
+    pytest.importorskip("matplotlib")
+    png = path.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_case_selection(tmp_path):
@@ -230,12 +234,9 @@ def test_bench_case_selection(tmp_path):
 
 
 def test_bench_cli(tmp_path):
-    import importlib.util
     import subprocess
     import sys
 
-    if importlib.util.find_spec("torch_lightning_cache.demo") is None:
-        pytest.skip("torch_lightning_cache.demo (imported by __main__) is not written yet")
     path = tmp_path / "cli.csv"
     result = subprocess.run([sys.executable, "-m", "torch_lightning_cache", "bench", "--device", "cpu",
                              "--capacity", "16", "--tokens", "4", "--batch", "1", "--heads", "1", "--head-dim", "4",

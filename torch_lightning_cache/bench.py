@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated case names or prefixes (cache, decode, prefill); default all")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")
     parser.add_argument("--csv", default=None, help="results CSV (default bench_results/bench_<device>.csv)")
-    parser.add_argument("--plot", default=None, help="PNG bar chart of the times (needs matplotlib)")
+    parser.add_argument("--plot", default=None,
+                        help="PNG bar chart of the times (default: the CSV path with .png; needs matplotlib)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -295,8 +296,7 @@ def run(args: argparse.Namespace) -> int:
     path = args.csv or os.path.join("bench_results", f"bench_{device.type}.csv")
     _write_csv(path, rows, device, args.dtype)
     print(f"\nwrote {path}")
-    if args.plot:
-        _plot(args.plot, rows, device)
+    _plot(args.plot or os.path.splitext(path)[0] + ".png", rows, device)
     return 1 if failures else 0
 
 
@@ -415,7 +415,7 @@ def _plot(path: str, rows, device) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed; skipping --plot")
+        print("matplotlib is not installed; no plot written (pip install matplotlib)")
         return
     cases = list(dict.fromkeys(r["case"] for r in rows))
     labels = list(dict.fromkeys(r["contender"] for r in rows))
