@@ -31,42 +31,45 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
     rows = state.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
   }
 
-  // [B, H, n, D] float32 views of the inputs; masked tokens get k = 0 so they
-  // add nothing to the state while the decay still runs.
-  // Contiguous once, so every block's matmuls read dense memory.
-  const at::Tensor q = query.transpose(1, 2).to(at::kFloat).contiguous();
-  at::Tensor k = key.transpose(1, 2).to(at::kFloat).contiguous();
-  const at::Tensor v = value.transpose(1, 2).to(at::kFloat).contiguous();
-  if (attention_mask.has_value()) {
-    k = k * attention_mask->ne(0).to(at::kFloat).view({d.batch, 1, d.tokens, 1});
-  }
+  // [B*H, n, D] float32 copies of the inputs, dense, so every block's batched
+  // matmuls read contiguous memory. Masked tokens get k = 0: they add nothing
+  // to the state while the decay still runs.
+  const int64_t bh = d.batch * d.heads;
+  auto dense = [&](const at::Tensor& t) { return t.transpose(1, 2).to(at::kFloat).contiguous(); };
+  const at::Tensor q = dense(query).view({bh, d.tokens, d.key_dim});
+  at::Tensor k = dense(key);
+  if (attention_mask.has_value()) k.mul_(attention_mask->ne(0).to(at::kFloat).view({d.batch, 1, d.tokens, 1}));
+  k = k.view({bh, d.tokens, d.key_dim});
+  const at::Tensor v = dense(value).view({bh, d.tokens, d.value_dim});
+  at::Tensor state_rows = rows.view({bh, d.key_dim, d.value_dim});
 
+  // Decay factors per (row, head), for one full block; `scale` is folded into
+  // the two factors that multiply queries, so it costs no extra pass.
   const int64_t block = std::min(block_size, d.tokens);
-  const at::Tensor s = slopes.to(f32).view({d.heads, 1});                  // [H, 1]
-  const at::Tensor pos = at::arange(block, f32);                           // [c]
-  const at::Tensor distance = (pos.view({block, 1}) - pos.view({1, block})).clamp_min(0);
-  const at::Tensor intra_decay =                                           // [H, c, c], lower triangular
-      at::exp(-s.view({d.heads, 1, 1}) * distance).tril();
-  const at::Tensor query_decay = at::exp(-s * (pos + 1)).unsqueeze(-1);    // [H, c, 1]
-  const at::Tensor key_decay = at::exp(-s * (block - 1 - pos)).unsqueeze(-1);  // [H, c, 1]
+  const at::Tensor s = slopes.to(f32).view({d.heads, 1, 1}).repeat({d.batch, 1, 1});  // [BH, 1, 1]
+  const at::Tensor pos = at::arange(block, f32);                                        // [c]
+  const at::Tensor distance = pos.view({block, 1}) - pos.view({1, block});              // j - i
+  const at::Tensor intra_decay =                                                        // [BH, c, c]
+      at::where(distance.ge(0), at::exp(-s * distance.clamp_min(0)), at::zeros({}, f32)).mul_(scale);
+  const at::Tensor query_decay = at::exp(-s * (pos + 1).view({block, 1})).mul_(scale);  // [BH, c, 1]
+  const at::Tensor key_decay = at::exp(-s * (block - 1 - pos).view({block, 1}));        // [BH, c, 1]
 
-  at::Tensor out = at::empty({d.batch, d.heads, d.tokens, d.value_dim}, f32);
+  at::Tensor out = at::empty({bh, d.tokens, d.value_dim}, f32);
   for (int64_t start = 0; start < d.tokens; start += block) {
     const int64_t c = std::min(block, d.tokens - start);
-    const at::Tensor qb = q.narrow(2, start, c);
-    const at::Tensor kb = k.narrow(2, start, c);
-    const at::Tensor vb = v.narrow(2, start, c);
-    const at::Tensor scores = at::matmul(qb, kb.transpose(-1, -2)).mul_(intra_decay.narrow(1, 0, c).narrow(2, 0, c));
-    at::Tensor ob = at::matmul(scores, vb);
-    ob.add_(at::matmul(qb * query_decay.narrow(1, 0, c), rows));
-    out.narrow(2, start, c).copy_(ob);
-    // A partial last block uses the tail of the key decays: lam^(c-1-i).
-    const at::Tensor kd = key_decay.narrow(1, block - c, c);
-    rows.mul_(at::exp(-s * static_cast<double>(c)).view({d.heads, 1, 1}))
-        .add_(at::matmul((kb * kd).transpose(-1, -2), vb));
+    const at::Tensor qb = q.narrow(1, start, c);
+    const at::Tensor kb = k.narrow(1, start, c);
+    const at::Tensor vb = v.narrow(1, start, c);
+    const at::Tensor scores = at::bmm(qb, kb.transpose(1, 2)).mul_(intra_decay.narrow(1, 0, c).narrow(2, 0, c));
+    // o = (q * lam^(j+1)) S + scores v, the second product accumulated in place.
+    at::Tensor ob = at::bmm(qb * query_decay.narrow(1, 0, c), state_rows).baddbmm_(scores, vb);
+    out.narrow(1, start, c).copy_(ob);
+    // S = lam^c S + (k * lam^(c-1-i))^T v; a partial last block uses the tail of the key decays.
+    const at::Tensor kd = kb * key_decay.narrow(1, block - c, c);
+    state_rows.mul_(at::exp(-s * static_cast<double>(c))).baddbmm_(kd.transpose(1, 2), vb);
   }
 
-  if (scale != 1.0) out.mul_(scale);
+  out = out.view({d.batch, d.heads, d.tokens, d.value_dim});
   // masked_fill, not a multiply: a skipped row's output is zero even if its inputs are not finite.
   if (row_valid.has_value()) out.masked_fill_(row_valid->logical_not().view({d.batch, 1, 1, 1}), 0.0f);
   scatter(state, rows, slot_ids);
