@@ -47,9 +47,9 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
   // the two factors that multiply queries, so it costs no extra pass.
   const int64_t block = std::min(block_size, d.tokens);
   const at::Tensor s = slopes.to(f32).view({d.heads, 1, 1}).repeat({d.batch, 1, 1});  // [BH, 1, 1]
-  const at::Tensor pos = at::arange(block, f32);                                        // [c]
-  const at::Tensor distance = pos.view({block, 1}) - pos.view({1, block});              // j - i
-  const at::Tensor intra_decay =                                                        // [BH, c, c]
+  const at::Tensor pos = at::arange(block, f32);                                      // [c]
+  const at::Tensor distance = pos.view({block, 1}) - pos.view({1, block});            // j - i
+  const at::Tensor intra_decay =                                                      // [BH, c, c]
       at::where(distance.ge(0), at::exp(-s * distance.clamp_min(0)), at::zeros({}, f32)).mul_(scale);
   const at::Tensor query_decay = at::exp(-s * (pos + 1).view({block, 1})).mul_(scale);  // [BH, c, 1]
   const at::Tensor key_decay = at::exp(-s * (block - 1 - pos).view({block, 1}));        // [BH, c, 1]

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <c10/macros/Macros.h>
+
 #include <cstdint>
 
 namespace lightning_cache {
@@ -17,9 +18,7 @@ namespace lightning_cache {
 // Element types a mask-like input may have. Masks are read as "nonzero means
 // true", so one switch covers bool, integer and floating masks without
 // instantiating the kernels once per mask dtype.
-enum class ElemType : int8_t {
-  Bool, UInt8, Int8, Int16, Int32, Int64, Float16, BFloat16, Float32, Float64
-};
+enum class ElemType : int8_t { Bool, UInt8, Int8, Int16, Int32, Int64, Float16, BFloat16, Float32, Float64 };
 
 C10_HOST_DEVICE inline bool nonzero_at(const void* base, ElemType type, int64_t offset) {
   switch (type) {
@@ -107,8 +106,8 @@ C10_HOST_DEVICE inline bool mask_value(const MaskInputs& in, int64_t b, int64_t 
   if (!visible && in.token_types != nullptr && held >= start) {
     // held - start is the new token i' this column holds; positions are
     // relative to the new block, per row.
-    const int64_t type_i = integer_at(in.token_types, in.token_type_type,
-                                      b * in.token_type_stride_b + i * in.token_type_stride_i);
+    const int64_t type_i =
+        integer_at(in.token_types, in.token_type_type, b * in.token_type_stride_b + i * in.token_type_stride_i);
     const int64_t type_j = integer_at(in.token_types, in.token_type_type,
                                       b * in.token_type_stride_b + (held - start) * in.token_type_stride_i);
     visible = type_i != 0 && type_i == type_j;

@@ -12,8 +12,11 @@ std::tuple<at::Tensor, at::Tensor> init_kv_cache(int64_t batch_size, int64_t max
                                                  int64_t key_dim, int64_t value_dim,
                                                  std::optional<at::ScalarType> dtype,
                                                  std::optional<at::Device> device) {
-  check_init_sizes("init_kv_cache", {{"batch_size", batch_size}, {"max_length", max_length},
-                                     {"num_heads", num_heads}, {"key_dim", key_dim}, {"value_dim", value_dim}});
+  check_init_sizes("init_kv_cache", {{"batch_size", batch_size},
+                                     {"max_length", max_length},
+                                     {"num_heads", num_heads},
+                                     {"key_dim", key_dim},
+                                     {"value_dim", value_dim}});
   const at::ScalarType cache_dtype = dtype.value_or(c10::typeMetaToScalarType(c10::get_default_dtype()));
   check_cache_dtype(cache_dtype);
   const auto where = at::TensorOptions().device(device.value_or(at::kCPU));
@@ -24,8 +27,9 @@ std::tuple<at::Tensor, at::Tensor> init_kv_cache(int64_t batch_size, int64_t max
 
 at::Tensor init_state(int64_t batch_size, int64_t num_heads, int64_t key_dim, int64_t value_dim,
                       std::optional<at::ScalarType> dtype, std::optional<at::Device> device) {
-  check_init_sizes("init_state", {{"batch_size", batch_size}, {"num_heads", num_heads}, {"key_dim", key_dim},
-                                  {"value_dim", value_dim}});
+  check_init_sizes(
+      "init_state",
+      {{"batch_size", batch_size}, {"num_heads", num_heads}, {"key_dim", key_dim}, {"value_dim", value_dim}});
   const at::ScalarType state_dtype = dtype.value_or(at::kFloat);
   check_state_dtype(state_dtype);
   return at::zeros({batch_size, num_heads, key_dim, value_dim},
@@ -35,18 +39,23 @@ at::Tensor init_state(int64_t batch_size, int64_t num_heads, int64_t key_dim, in
 }  // namespace
 
 TORCH_LIBRARY(lightning_cache, m) {
-  m.def("init_kv_cache(int batch_size, int max_length, int num_heads, int key_dim, int value_dim, "
-        "ScalarType? dtype=None, Device? device=None) -> (Tensor key_value, Tensor index)");
-  m.def("concatenate_to_cache(Tensor(a!) key_value, Tensor(b!) index, Tensor key, Tensor value, "
-        "Tensor? attention_mask=None, Tensor? causal_mask=None, Tensor? token_type_ids=None, "
-        "bool is_causal=False, bool ring=False, bool check_bounds=True) -> Tensor mask");
-  m.def("init_state(int batch_size, int num_heads, int key_dim, int value_dim, "
-        "ScalarType? dtype=None, Device? device=None) -> Tensor");
-  m.def("lightning_decode(Tensor(a!) state, Tensor query, Tensor key, Tensor value, Tensor slopes, "
-        "Tensor? slot_ids=None, float scale=1.0, bool check_bounds=True) -> Tensor output");
-  m.def("lightning_prefill(Tensor(a!) state, Tensor query, Tensor key, Tensor value, Tensor slopes, "
-        "Tensor? attention_mask=None, Tensor? slot_ids=None, int block_size=256, float scale=1.0, "
-        "bool check_bounds=True) -> Tensor output");
+  m.def(
+      "init_kv_cache(int batch_size, int max_length, int num_heads, int key_dim, int value_dim, "
+      "ScalarType? dtype=None, Device? device=None) -> (Tensor key_value, Tensor index)");
+  m.def(
+      "concatenate_to_cache(Tensor(a!) key_value, Tensor(b!) index, Tensor key, Tensor value, "
+      "Tensor? attention_mask=None, Tensor? causal_mask=None, Tensor? token_type_ids=None, "
+      "bool is_causal=False, bool ring=False, bool check_bounds=True) -> Tensor mask");
+  m.def(
+      "init_state(int batch_size, int num_heads, int key_dim, int value_dim, "
+      "ScalarType? dtype=None, Device? device=None) -> Tensor");
+  m.def(
+      "lightning_decode(Tensor(a!) state, Tensor query, Tensor key, Tensor value, Tensor slopes, "
+      "Tensor? slot_ids=None, float scale=1.0, bool check_bounds=True) -> Tensor output");
+  m.def(
+      "lightning_prefill(Tensor(a!) state, Tensor query, Tensor key, Tensor value, Tensor slopes, "
+      "Tensor? attention_mask=None, Tensor? slot_ids=None, int block_size=256, float scale=1.0, "
+      "bool check_bounds=True) -> Tensor output");
 }
 
 // Factory ops take no tensors, so they are registered for every backend at once.

@@ -31,14 +31,13 @@ ElemType elem_type(const at::Tensor& t, const char* name) {
     case at::kBFloat16: return ElemType::BFloat16;
     case at::kFloat: return ElemType::Float32;
     case at::kDouble: return ElemType::Float64;
-    default:
-      TORCH_CHECK_TYPE(false, name, " must be bool, integer or floating point, got ", t.scalar_type());
+    default: TORCH_CHECK_TYPE(false, name, " must be bool, integer or floating point, got ", t.scalar_type());
   }
 }
 
 void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (",
-              ref.device(), "), got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (", ref.device(),
+                    "), got ", t.device());
 }
 
 // The explicit causal mask as its [T, T] view (it may come as [1, 1, T, T]).
@@ -48,14 +47,15 @@ at::Tensor causal_matrix(const at::Tensor& causal_mask) {
 
 }  // namespace
 
-KVCacheDims check_concatenate_args(
-    const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attention_mask, const std::optional<at::Tensor>& causal_mask,
-    const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring) {
-  TORCH_CHECK_VALUE(key_value.dim() == 4, "key_value must be [batch, max_length, heads, key_dim + value_dim], got shape ",
-              shape_of(key_value));
+KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
+                                   const at::Tensor& value, const std::optional<at::Tensor>& attention_mask,
+                                   const std::optional<at::Tensor>& causal_mask,
+                                   const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring) {
+  TORCH_CHECK_VALUE(key_value.dim() == 4,
+                    "key_value must be [batch, max_length, heads, key_dim + value_dim], got shape ",
+                    shape_of(key_value));
   TORCH_CHECK_TYPE(is_float_type(key_value.scalar_type()),
-              "key_value must be float32, float16, bfloat16 or float64, got ", key_value.scalar_type());
+                   "key_value must be float32, float16, bfloat16 or float64, got ", key_value.scalar_type());
   TORCH_CHECK_VALUE(key_value.is_contiguous(), "key_value must be contiguous (as init_kv_cache makes it)");
   KVCacheDims d;
   d.batch = key_value.size(0);
@@ -64,26 +64,28 @@ KVCacheDims check_concatenate_args(
   TORCH_CHECK_VALUE(d.capacity > 0, "key_value must have max_length > 0");
 
   TORCH_CHECK_VALUE(key.dim() == 4, "key must be [batch, new_tokens, heads, key_dim], got shape ", shape_of(key));
-  TORCH_CHECK_VALUE(value.dim() == 4, "value must be [batch, new_tokens, heads, value_dim], got shape ", shape_of(value));
+  TORCH_CHECK_VALUE(value.dim() == 4, "value must be [batch, new_tokens, heads, value_dim], got shape ",
+                    shape_of(value));
   d.new_tokens = key.size(1);
   d.key_dim = key.size(3);
   d.value_dim = value.size(3);
   TORCH_CHECK_VALUE(key.size(0) == d.batch, "key has batch ", key.size(0), " but key_value has batch ", d.batch);
   TORCH_CHECK_VALUE(value.size(0) == d.batch, "value has batch ", value.size(0), " but key_value has batch ", d.batch);
-  TORCH_CHECK_VALUE(value.size(1) == d.new_tokens, "value has ", value.size(1), " new tokens but key has ", d.new_tokens);
+  TORCH_CHECK_VALUE(value.size(1) == d.new_tokens, "value has ", value.size(1), " new tokens but key has ",
+                    d.new_tokens);
   TORCH_CHECK_VALUE(key.size(2) == d.heads, "key has ", key.size(2), " heads but key_value has ", d.heads);
   TORCH_CHECK_VALUE(value.size(2) == d.heads, "value has ", value.size(2), " heads but key_value has ", d.heads);
-  TORCH_CHECK_VALUE(d.key_dim + d.value_dim == key_value.size(3), "key_dim + value_dim (", d.key_dim, " + ", d.value_dim,
-              ") must equal the last dimension of key_value (", key_value.size(3), ")");
+  TORCH_CHECK_VALUE(d.key_dim + d.value_dim == key_value.size(3), "key_dim + value_dim (", d.key_dim, " + ",
+                    d.value_dim, ") must equal the last dimension of key_value (", key_value.size(3), ")");
   TORCH_CHECK_VALUE(d.new_tokens > 0, "key must hold at least one new token, got shape ", shape_of(key));
   TORCH_CHECK_TYPE(is_float_type(key.scalar_type()), "key must be floating point, got ", key.scalar_type());
-  TORCH_CHECK_TYPE(value.scalar_type() == key.scalar_type(), "value must have key's dtype (", key.scalar_type(), "), got ",
-              value.scalar_type());
+  TORCH_CHECK_TYPE(value.scalar_type() == key.scalar_type(), "value must have key's dtype (", key.scalar_type(),
+                   "), got ", value.scalar_type());
   TORCH_CHECK_VALUE(!ring || d.new_tokens <= d.capacity, "with ring=True at most max_length (", d.capacity,
-              ") tokens can be written per call, got ", d.new_tokens);
+                    ") tokens can be written per call, got ", d.new_tokens);
 
   TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == d.batch, "index must be [batch] = [", d.batch, "], got shape ",
-              shape_of(index));
+                    shape_of(index));
   TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, "index must be int64, got ", index.scalar_type());
   TORCH_CHECK_VALUE(index.is_contiguous(), "index must be contiguous (as init_kv_cache makes it)");
   check_same_device(index, "index", key_value, "key_value");
@@ -95,11 +97,11 @@ KVCacheDims check_concatenate_args(
     check_same_device(m, "attention_mask", key_value, "key_value");
     elem_type(m, "attention_mask");
     const bool two_d = m.dim() == 2 && m.size(0) == d.batch && m.size(1) == d.capacity;
-    const bool four_d = m.dim() == 4 && m.size(0) == d.batch && m.size(1) == 1 && m.size(2) == d.new_tokens &&
-                        m.size(3) == d.capacity;
+    const bool four_d =
+        m.dim() == 4 && m.size(0) == d.batch && m.size(1) == 1 && m.size(2) == d.new_tokens && m.size(3) == d.capacity;
     TORCH_CHECK_VALUE(two_d || four_d, "attention_mask must be [batch, max_length] = [", d.batch, ", ", d.capacity,
-                "] or [batch, 1, new_tokens, max_length] = [", d.batch, ", 1, ", d.new_tokens, ", ", d.capacity,
-                "], got shape ", shape_of(m));
+                      "] or [batch, 1, new_tokens, max_length] = [", d.batch, ", 1, ", d.new_tokens, ", ", d.capacity,
+                      "], got shape ", shape_of(m));
   }
   if (causal_mask.has_value()) {
     const at::Tensor& c = *causal_mask;
@@ -110,16 +112,16 @@ KVCacheDims check_concatenate_args(
                         (c.dim() == 4 && c.size(0) == 1 && c.size(1) == 1 && c.size(2) == c.size(3));
     TORCH_CHECK_VALUE(square, "causal_mask must be [T, T] or [1, 1, T, T], got shape ", shape_of(c));
     TORCH_CHECK_VALUE(c.size(-1) >= d.capacity, "causal_mask covers T = ", c.size(-1),
-                " positions but the cache holds max_length = ", d.capacity, "; T must be at least max_length");
+                      " positions but the cache holds max_length = ", d.capacity, "; T must be at least max_length");
   }
   if (token_type_ids.has_value()) {
     const at::Tensor& t = *token_type_ids;
     check_same_device(t, "token_type_ids", key_value, "key_value");
     TORCH_CHECK_TYPE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt,
-                "token_type_ids must be int64 or int32, got ", t.scalar_type());
+                     "token_type_ids must be int64 or int32, got ", t.scalar_type());
     TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == d.batch && t.size(1) == d.new_tokens,
-                "token_type_ids must be [batch, new_tokens] = [", d.batch, ", ", d.new_tokens, "], got shape ",
-                shape_of(t));
+                      "token_type_ids must be [batch, new_tokens] = [", d.batch, ", ", d.new_tokens, "], got shape ",
+                      shape_of(t));
   }
   return d;
 }
@@ -131,11 +133,11 @@ void check_positions(const at::Tensor& index, const KVCacheDims& d, bool ring,
   const int64_t horizon = causal_mask.has_value() ? causal_mask->size(-1) : -1;
   for (int64_t b = 0; b < d.batch; ++b) {
     TORCH_CHECK_INDEX(start[b] >= 0, "index[", b, "] = ", start[b], " is negative; positions start at 0");
-    TORCH_CHECK_INDEX(ring || start[b] + d.new_tokens <= d.capacity, "cache overflow in row ", b, ": position ", start[b],
-                " + ", d.new_tokens, " new tokens exceeds max_length ", d.capacity,
-                " (nothing was written; use a larger max_length or ring=True)");
+    TORCH_CHECK_INDEX(ring || start[b] + d.new_tokens <= d.capacity, "cache overflow in row ", b, ": position ",
+                      start[b], " + ", d.new_tokens, " new tokens exceeds max_length ", d.capacity,
+                      " (nothing was written; use a larger max_length or ring=True)");
     TORCH_CHECK_INDEX(horizon < 0 || start[b] + d.new_tokens <= horizon, "causal_mask covers T = ", horizon,
-                " positions but row ", b, " needs positions up to ", start[b] + d.new_tokens - 1);
+                      " positions but row ", b, " needs positions up to ", start[b] + d.new_tokens - 1);
   }
 }
 
@@ -180,7 +182,7 @@ LightningDims check_lightning_args(const char* op, const at::Tensor& state, cons
                                    const std::optional<at::Tensor>& attention_mask,
                                    const std::optional<at::Tensor>& slot_ids, int64_t block_size) {
   TORCH_CHECK_VALUE(state.dim() == 4, op, ": state must be [slots, heads, key_dim, value_dim], got shape ",
-              shape_of(state));
+                    shape_of(state));
   check_state_dtype(state.scalar_type());
   TORCH_CHECK_VALUE(state.is_contiguous(), op, ": state must be contiguous (as init_state makes it)");
   LightningDims d;
@@ -188,49 +190,54 @@ LightningDims check_lightning_args(const char* op, const at::Tensor& state, cons
   d.heads = state.size(1);
   d.key_dim = state.size(2);
   d.value_dim = state.size(3);
-  const struct { const at::Tensor* t; const char* name; int64_t last; const char* last_name; } inputs[] = {
-      {&query, "query", d.key_dim, "key_dim"},
-      {&key, "key", d.key_dim, "key_dim"},
-      {&value, "value", d.value_dim, "value_dim"}};
-  TORCH_CHECK_VALUE(query.dim() == 4, op, ": query must be [batch, tokens, heads, key_dim], got shape ", shape_of(query));
+  const struct {
+    const at::Tensor* t;
+    const char* name;
+    int64_t last;
+    const char* last_name;
+  } inputs[] = {{&query, "query", d.key_dim, "key_dim"},
+                {&key, "key", d.key_dim, "key_dim"},
+                {&value, "value", d.value_dim, "value_dim"}};
+  TORCH_CHECK_VALUE(query.dim() == 4, op, ": query must be [batch, tokens, heads, key_dim], got shape ",
+                    shape_of(query));
   d.batch = query.size(0);
   d.tokens = query.size(1);
   for (const auto& in : inputs) {
     const at::Tensor& t = *in.t;
-    TORCH_CHECK_VALUE(t.dim() == 4 && t.size(0) == d.batch && t.size(1) == d.tokens && t.size(2) == d.heads &&
-                    t.size(3) == in.last,
-                op, ": ", in.name, " must be [batch, tokens, heads, ", in.last_name, "] = [", d.batch, ", ", d.tokens,
-                ", ", d.heads, ", ", in.last, "] to match query and state, got shape ", shape_of(t));
+    TORCH_CHECK_VALUE(
+        t.dim() == 4 && t.size(0) == d.batch && t.size(1) == d.tokens && t.size(2) == d.heads && t.size(3) == in.last,
+        op, ": ", in.name, " must be [batch, tokens, heads, ", in.last_name, "] = [", d.batch, ", ", d.tokens, ", ",
+        d.heads, ", ", in.last, "] to match query and state, got shape ", shape_of(t));
     TORCH_CHECK_TYPE(is_float_type(t.scalar_type()) && t.scalar_type() != at::kDouble, op, ": ", in.name,
-                " must be float32, float16 or bfloat16, got ", t.scalar_type());
+                     " must be float32, float16 or bfloat16, got ", t.scalar_type());
     check_same_device(t, in.name, state, "state");
   }
   TORCH_CHECK_TYPE(key.scalar_type() == query.scalar_type() && value.scalar_type() == query.scalar_type(), op,
-              ": query, key and value must share one dtype, got ", query.scalar_type(), ", ", key.scalar_type(),
-              " and ", value.scalar_type());
+                   ": query, key and value must share one dtype, got ", query.scalar_type(), ", ", key.scalar_type(),
+                   " and ", value.scalar_type());
   TORCH_CHECK_VALUE(d.tokens > 0, op, ": query must hold at least one token, got shape ", shape_of(query));
   TORCH_CHECK_VALUE(slopes.dim() == 1 && slopes.size(0) == d.heads, op, ": slopes must be [heads] = [", d.heads,
-              "], got shape ", shape_of(slopes));
+                    "], got shape ", shape_of(slopes));
   TORCH_CHECK_TYPE(is_float_type(slopes.scalar_type()), op, ": slopes must be floating point, got ",
-              slopes.scalar_type());
+                   slopes.scalar_type());
   check_same_device(slopes, "slopes", state, "state");
   if (attention_mask.has_value()) {
     const at::Tensor& m = *attention_mask;
     TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == d.batch && m.size(1) == d.tokens, op,
-                ": attention_mask must be [batch, tokens] = [", d.batch, ", ", d.tokens, "], got shape ",
-                shape_of(m));
+                      ": attention_mask must be [batch, tokens] = [", d.batch, ", ", d.tokens, "], got shape ",
+                      shape_of(m));
     elem_type(m, "attention_mask");
     check_same_device(m, "attention_mask", state, "state");
   }
   if (slot_ids.has_value()) {
     const at::Tensor& s = *slot_ids;
     TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == d.batch, op, ": slot_ids must be [batch] = [", d.batch,
-                "], got shape ", shape_of(s));
+                      "], got shape ", shape_of(s));
     TORCH_CHECK_TYPE(s.scalar_type() == at::kLong, op, ": slot_ids must be int64, got ", s.scalar_type());
     check_same_device(s, "slot_ids", state, "state");
   } else {
     TORCH_CHECK_VALUE(d.batch == d.slots, op, ": without slot_ids the batch (", d.batch,
-                ") must equal the number of state rows (", d.slots, ")");
+                      ") must equal the number of state rows (", d.slots, ")");
   }
   TORCH_CHECK_VALUE(block_size >= 1, op, ": block_size must be at least 1, got ", block_size);
   return d;
@@ -246,10 +253,10 @@ std::optional<at::Tensor> prepare_slot_ids(const std::optional<at::Tensor>& slot
   std::set<int64_t> seen;
   for (int64_t b = 0; b < d.batch; ++b) {
     TORCH_CHECK_INDEX(slot[b] >= -1 && slot[b] < d.slots, "slot_ids[", b, "] = ", slot[b], " is out of range [-1, ",
-                d.slots, ") for a state with ", d.slots, " rows");
+                      d.slots, ") for a state with ", d.slots, " rows");
     if (slot[b] >= 0) {
       TORCH_CHECK_VALUE(seen.insert(slot[b]).second, "slot_ids[", b, "] = ", slot[b],
-                  " repeats an earlier row's slot; each state row may be updated by one batch row per call");
+                        " repeats an earlier row's slot; each state row may be updated by one batch row per call");
     }
   }
   return slots;
@@ -262,7 +269,8 @@ void check_init_sizes(const char* op, std::initializer_list<std::pair<const char
 }
 
 void check_state_dtype(at::ScalarType dtype) {
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16, "state dtype must be float32 or bfloat16, got ", dtype);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16, "state dtype must be float32 or bfloat16, got ",
+                   dtype);
 }
 
 void check_cache_dtype(at::ScalarType dtype) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+
 #include <optional>
 
 #include "mask_rule.h"
@@ -19,10 +20,10 @@ struct KVCacheDims {
 };
 
 // Shapes, dtypes and devices of every concatenate_to_cache argument.
-KVCacheDims check_concatenate_args(
-    const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attention_mask, const std::optional<at::Tensor>& causal_mask,
-    const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring);
+KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
+                                   const at::Tensor& value, const std::optional<at::Tensor>& attention_mask,
+                                   const std::optional<at::Tensor>& causal_mask,
+                                   const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring);
 
 // Value checks on the positions. They live on the device, so on CUDA this
 // copies them to the host (a sync): call only where that is allowed.

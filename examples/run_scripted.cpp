@@ -13,10 +13,9 @@
 //
 // Both files use torch.save's zip format: torch::pickle_load reads what
 // torch.save writes, and torch::pickle_save writes what torch.load reads.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/script.h>
 #include <torch/serialize.h>
-
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <fstream>
 #include <iostream>

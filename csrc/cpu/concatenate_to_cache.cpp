@@ -92,8 +92,8 @@ at::Tensor concatenate_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, co
                                     const std::optional<at::Tensor>& causal_mask,
                                     const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring,
                                     bool check_bounds) {
-  const KVCacheDims d =
-      check_concatenate_args(key_value, index, key, value, attention_mask, causal_mask, token_type_ids, is_causal, ring);
+  const KVCacheDims d = check_concatenate_args(key_value, index, key, value, attention_mask, causal_mask,
+                                               token_type_ids, is_causal, ring);
   if (check_bounds) check_positions(index, d, ring, causal_mask);
 
   // Positions before this call; the rule and the copy both read these.
@@ -109,24 +109,25 @@ at::Tensor concatenate_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, co
   at::Tensor mask = at::empty({d.batch, 1, d.new_tokens, d.capacity}, key_value.options().dtype(at::kBool));
   bool* out = mask.data_ptr<bool>();
   const MaskInputs in = make_mask_inputs(d, attention_mask, causal_mask, token_type_ids, is_causal, ring);
-  at::parallel_for(0, d.batch * d.new_tokens, std::max<int64_t>(1, 65536 / d.capacity), [&](int64_t begin, int64_t end) {
-    for (int64_t bi = begin; bi < end; ++bi) {
-      const int64_t b = bi / d.new_tokens, i = bi % d.new_tokens;
-      bool* row = out + bi * d.capacity;
-      if (!row_writable(start[b], d.new_tokens, d.capacity, ring)) {
-        std::fill(row, row + d.capacity, false);
-        continue;
-      }
-      const int64_t limit = prefix_limit(in, i, start[b]);
-      if (limit < 0) {
-        for (int64_t j = 0; j < d.capacity; ++j) row[j] = mask_value(in, b, i, j, start[b]);
-        continue;
-      }
-      // Prefix-shaped row: skip the per-column rule (the common decode case).
-      fill_attention_prefix(row, in, b, i, limit);
-      std::fill(row + limit, row + d.capacity, false);
-    }
-  });
+  at::parallel_for(0, d.batch * d.new_tokens, std::max<int64_t>(1, 65536 / d.capacity),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t bi = begin; bi < end; ++bi) {
+                       const int64_t b = bi / d.new_tokens, i = bi % d.new_tokens;
+                       bool* row = out + bi * d.capacity;
+                       if (!row_writable(start[b], d.new_tokens, d.capacity, ring)) {
+                         std::fill(row, row + d.capacity, false);
+                         continue;
+                       }
+                       const int64_t limit = prefix_limit(in, i, start[b]);
+                       if (limit < 0) {
+                         for (int64_t j = 0; j < d.capacity; ++j) row[j] = mask_value(in, b, i, j, start[b]);
+                         continue;
+                       }
+                       // Prefix-shaped row: skip the per-column rule (the common decode case).
+                       fill_attention_prefix(row, in, b, i, limit);
+                       std::fill(row + limit, row + d.capacity, false);
+                     }
+                   });
 
   int64_t* position = index.data_ptr<int64_t>();
   for (int64_t b = 0; b < d.batch; ++b) {

@@ -108,21 +108,18 @@ at::Tensor lightning_decode_cpu(at::Tensor& state, const at::Tensor& query, cons
       check_lightning_args("lightning_decode", state, query, key, value, slopes, std::nullopt, slot_ids, 1);
   const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, check_bounds);
   at::Tensor out = at::empty({d.batch, d.tokens, d.heads, d.value_dim}, query.options());
-  AT_DISPATCH_SWITCH(state.scalar_type(), "lightning_decode_cpu",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      using state_t = float;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "lightning_decode_cpu_in", [&] {
-        decode_rows<state_t, scalar_t>(state, out, query, key, value, slopes,
-                                       slots ? slots->const_data_ptr<int64_t>() : nullptr, d, float(scale));
-      });
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      using state_t = at::BFloat16;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "lightning_decode_cpu_in", [&] {
-        decode_rows<state_t, scalar_t>(state, out, query, key, value, slopes,
-                                       slots ? slots->const_data_ptr<int64_t>() : nullptr, d, float(scale));
-      });
-    }));
+  const int64_t* slot_ptr = slots ? slots->const_data_ptr<int64_t>() : nullptr;
+  auto run = [&](auto state_tag) {  // state: float32 or bfloat16 (validated)
+    using state_t = decltype(state_tag);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "lightning_decode_cpu", [&] {
+      decode_rows<state_t, scalar_t>(state, out, query, key, value, slopes, slot_ptr, d, float(scale));
+    });
+  };
+  if (state.scalar_type() == at::kFloat) {
+    run(float{});
+  } else {
+    run(at::BFloat16{});
+  }
   return out;
 }
 
@@ -143,8 +140,8 @@ at::Tensor lightning_prefill_cpu(at::Tensor& state, const at::Tensor& query, con
                                  const std::optional<at::Tensor>& attention_mask,
                                  const std::optional<at::Tensor>& slot_ids, int64_t block_size, double scale,
                                  bool check_bounds) {
-  const LightningDims d = check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask,
-                                               slot_ids, block_size);
+  const LightningDims d =
+      check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask, slot_ids, block_size);
   const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, check_bounds);
   return lightning_prefill_chunked(state, query, key, value, slopes, attention_mask, slots, d, block_size, scale,
                                    &scatter_state_rows_cpu);

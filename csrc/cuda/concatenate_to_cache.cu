@@ -50,7 +50,9 @@ __device__ __forceinline__ void copy_vector(cache_t* __restrict__ kv, const in_t
                            : value + b * s.value_stride[0] + t * s.value_stride[1] + h * s.value_stride[2] +
                                  (e - s.key_dim) * s.value_stride[3];
   const int64_t src_step = is_key ? s.key_stride[3] : s.value_stride[3];
-  struct alignas(sizeof(cache_t) * VEC) Pack { cache_t v[VEC]; } out;
+  struct alignas(sizeof(cache_t) * VEC) Pack {
+    cache_t v[VEC];
+  } out;
   if constexpr (std::is_same_v<cache_t, in_t>) {
     if (src_step == 1 && reinterpret_cast<uintptr_t>(src) % sizeof(Pack) == 0) {
       out = *reinterpret_cast<const Pack*>(src);  // one wide load (dense, aligned source)
@@ -90,7 +92,10 @@ __global__ void concatenate_kernel(cache_t* __restrict__ kv, const in_t* __restr
   bool* row = mask + bi * shape.capacity;
   if (j0 + kMaskBytesPerThread <= shape.capacity && shape.capacity % kMaskBytesPerThread == 0) {
     // Whole, aligned 16-byte chunk: one wide store.
-    union { uint4 word; bool bytes[kMaskBytesPerThread]; } out;
+    union {
+      uint4 word;
+      bool bytes[kMaskBytesPerThread];
+    } out;
 #pragma unroll
     for (int u = 0; u < kMaskBytesPerThread; ++u) out.bytes[u] = writable && mask_value(mask_in, b, i, j0 + u, start);
     *reinterpret_cast<uint4*>(row + j0) = out.word;
@@ -127,7 +132,8 @@ void launch(at::Tensor& key_value, const at::Tensor& index, const at::Tensor& ke
   // Widest store (up to 16 bytes) that divides both head dims.
   constexpr int kWide = 16 / sizeof(cache_t) > 0 ? 16 / sizeof(cache_t) : 1;
   const bool wide_ok = d.key_dim % kWide == 0 && d.value_dim % kWide == 0 && aligned(kv, 16);
-  const int vec = wide_ok ? kWide : (d.key_dim % 2 == 0 && d.value_dim % 2 == 0 && aligned(kv, 2 * sizeof(cache_t)) ? 2 : 1);
+  const int vec =
+      wide_ok ? kWide : (d.key_dim % 2 == 0 && d.value_dim % 2 == 0 && aligned(kv, 2 * sizeof(cache_t)) ? 2 : 1);
   const int64_t copy_vectors = d.batch * d.new_tokens * d.heads * width / vec;
   int sm_count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, key_value.get_device()));
@@ -140,7 +146,7 @@ void launch(at::Tensor& key_value, const at::Tensor& index, const at::Tensor& ke
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t* positions = index.const_data_ptr<int64_t>();
   bool* mask_ptr = mask.data_ptr<bool>();
-#define LIGHTNING_CACHE_LAUNCH(VEC)                                                                    \
+#define LIGHTNING_CACHE_LAUNCH(VEC)                                                               \
   concatenate_kernel<cache_t, in_t, VEC><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>( \
       kv, k_ptr, v_ptr, s, positions, mask_in, mask_ptr, copy_vectors, copy_blocks)
   if (vec == kWide) {
@@ -159,8 +165,8 @@ at::Tensor concatenate_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, c
                                      const std::optional<at::Tensor>& causal_mask,
                                      const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring,
                                      bool check_bounds) {
-  const KVCacheDims d =
-      check_concatenate_args(key_value, index, key, value, attention_mask, causal_mask, token_type_ids, is_causal, ring);
+  const KVCacheDims d = check_concatenate_args(key_value, index, key, value, attention_mask, causal_mask,
+                                               token_type_ids, is_causal, ring);
   const c10::cuda::CUDAGuard guard(key_value.device());
   if (host_checks_allowed(check_bounds)) check_positions(index, d, ring, causal_mask);
 
@@ -168,14 +174,13 @@ at::Tensor concatenate_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, c
   const MaskInputs mask_in = make_mask_inputs(d, attention_mask, causal_mask, token_type_ids, is_causal, ring);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key_value.scalar_type(), "concatenate_to_cache_cuda", [&] {
     using cache_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "concatenate_to_cache_cuda_in", [&] {
-      launch<cache_t, scalar_t>(key_value, index, key, value, d, mask_in, mask);
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "concatenate_to_cache_cuda_in",
+                                    [&] { launch<cache_t, scalar_t>(key_value, index, key, value, d, mask_in, mask); });
   });
   const int threads = 128;
   advance_positions_kernel<<<static_cast<unsigned>((d.batch + threads - 1) / threads), threads, 0,
                              c10::cuda::getCurrentCUDAStream()>>>(index.data_ptr<int64_t>(), d.batch, d.new_tokens,
-                                                                 d.capacity, ring);
+                                                                  d.capacity, ring);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return mask;
 }

@@ -45,10 +45,10 @@ __global__ void decode_kernel(state_t* __restrict__ state, in_t* __restrict__ ou
                               const float* __restrict__ slopes, const int64_t* __restrict__ slots, DecodeShape s,
                               float scale) {
   extern __shared__ float shared[];
-  float* q_sh = shared;                       // [Dk]
-  float* k_sh = q_sh + s.key_dim;             // [Dk]
-  float* v_sh = k_sh + s.key_dim;             // [32]
-  float* partial = v_sh + kTileColumns;       // [8][32]
+  float* q_sh = shared;                  // [Dk]
+  float* k_sh = q_sh + s.key_dim;        // [Dk]
+  float* v_sh = k_sh + s.key_dim;        // [32]
+  float* partial = v_sh + kTileColumns;  // [8][32]
 
   const int64_t bh = blockIdx.x;
   const int64_t b = bh / s.heads, h = bh % s.heads;
@@ -65,7 +65,7 @@ __global__ void decode_kernel(state_t* __restrict__ state, in_t* __restrict__ ou
     return;
   }
   state_t* S = state + (row * s.heads + h) * s.key_dim * s.value_dim;
-  const float decay = __expf(-slopes[h]);
+  const float decay = expf(-slopes[h]);  // accurate expf, as the CPU uses: errors would compound over tokens
 
   // All loads issued together: ROWS independent requests in flight per thread.
   float cell[ROWS];
@@ -136,17 +136,17 @@ void scatter_state_rows_cuda(at::Tensor& state, const at::Tensor& rows, const st
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((batch * row_elems + threads - 1) / threads, 65535);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_SWITCH(state.scalar_type(), "scatter_state_rows_cuda",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      scatter_rows_kernel<float><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-          state.data_ptr<float>(), src.const_data_ptr<float>(), slot_ids->const_data_ptr<int64_t>(), batch,
-          row_elems, state.size(0));
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      scatter_rows_kernel<at::BFloat16><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-          state.data_ptr<at::BFloat16>(), src.const_data_ptr<float>(), slot_ids->const_data_ptr<int64_t>(), batch,
-          row_elems, state.size(0));
-    }));
+  auto launch = [&](auto state_tag) {  // state: float32 or bfloat16 (validated)
+    using state_t = decltype(state_tag);
+    scatter_rows_kernel<state_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+        state.data_ptr<state_t>(), src.const_data_ptr<float>(), slot_ids->const_data_ptr<int64_t>(), batch, row_elems,
+        state.size(0));
+  };
+  if (state.scalar_type() == at::kFloat) {
+    launch(float{});
+  } else {
+    launch(at::BFloat16{});
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -216,8 +216,8 @@ at::Tensor lightning_prefill_cuda(at::Tensor& state, const at::Tensor& query, co
                                   const std::optional<at::Tensor>& attention_mask,
                                   const std::optional<at::Tensor>& slot_ids, int64_t block_size, double scale,
                                   bool check_bounds) {
-  const LightningDims d = check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask,
-                                               slot_ids, block_size);
+  const LightningDims d =
+      check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask, slot_ids, block_size);
   const c10::cuda::CUDAGuard guard(state.device());
   const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, host_checks_allowed(check_bounds));
   return lightning_prefill_chunked(state, query, key, value, slopes, attention_mask, slots, d, block_size, scale,
