@@ -19,9 +19,10 @@ import torch
 from .model import HybridConfig, HybridLM
 
 # Largest allowed |cached - recomputed| logit difference, by model dtype.
-# float32 paths differ only in summation order (observed ~1e-6 on logits of
-# size ~3); half precision rounds every activation.
-TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.05}
+# float32 paths differ only in summation order (observed ~1.4e-6 on logits of
+# size ~3); half precision rounds every activation (observed on the default
+# model, CPU: bfloat16 8e-3 to 1.6e-2, float16 2e-3).
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.02}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
