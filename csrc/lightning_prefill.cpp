@@ -43,16 +43,23 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
   const at::Tensor v = dense(value).view({bh, d.tokens, d.value_dim});
   at::Tensor state_rows = rows.view({bh, d.key_dim, d.value_dim});
 
-  // Decay factors per (row, head), for one full block; `scale` is folded into
-  // the two factors that multiply queries, so it costs no extra pass.
+  // Decay factors per head, for one full block, broadcast over the batch rows
+  // (never materialized per row: [H, c, c] stays small for any batch).
+  // `scale` is folded into the two factors that multiply queries.
   const int64_t block = std::min(block_size, d.tokens);
-  const at::Tensor s = slopes.to(f32).view({d.heads, 1, 1}).repeat({d.batch, 1, 1});  // [BH, 1, 1]
-  const at::Tensor pos = at::arange(block, f32);                                      // [c]
-  const at::Tensor distance = pos.view({block, 1}) - pos.view({1, block});            // j - i
-  const at::Tensor intra_decay =                                                      // [BH, c, c]
+  const at::Tensor s = slopes.to(f32).view({d.heads, 1, 1});                // [H, 1, 1]
+  const at::Tensor pos = at::arange(block, f32);                            // [c]
+  const at::Tensor distance = pos.view({block, 1}) - pos.view({1, block});  // j - i
+  const at::Tensor intra_decay =                                            // [H, c, c]
       at::where(distance.ge(0), at::exp(-s * distance.clamp_min(0)), at::zeros({}, f32)).mul_(scale);
-  const at::Tensor query_decay = at::exp(-s * (pos + 1).view({block, 1})).mul_(scale);  // [BH, c, 1]
-  const at::Tensor key_decay = at::exp(-s * (block - 1 - pos).view({block, 1}));        // [BH, c, 1]
+  const at::Tensor query_decay = at::exp(-s * (pos + 1).view({block, 1})).mul_(scale);  // [H, c, 1]
+  const at::Tensor key_decay = at::exp(-s * (block - 1 - pos).view({block, 1}));        // [H, c, 1]
+  const at::Tensor full_block_decay = at::exp(-s * static_cast<double>(block));         // [H, 1, 1]
+  // [B*H, c, D] block of a dense input, times a per-head [H, c, 1] factor.
+  auto times_head_factor = [&](const at::Tensor& x, const at::Tensor& factor) {
+    const int64_t c = x.size(1);
+    return (x.view({d.batch, d.heads, c, x.size(2)}) * factor).view({bh, c, x.size(2)});
+  };
 
   at::Tensor out = at::empty({bh, d.tokens, d.value_dim}, f32);
   for (int64_t start = 0; start < d.tokens; start += block) {
@@ -60,13 +67,15 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
     const at::Tensor qb = q.narrow(1, start, c);
     const at::Tensor kb = k.narrow(1, start, c);
     const at::Tensor vb = v.narrow(1, start, c);
-    const at::Tensor scores = at::bmm(qb, kb.transpose(1, 2)).mul_(intra_decay.narrow(1, 0, c).narrow(2, 0, c));
+    at::Tensor scores = at::bmm(qb, kb.transpose(1, 2));
+    scores.view({d.batch, d.heads, c, c}).mul_(intra_decay.narrow(1, 0, c).narrow(2, 0, c));
     // o = (q * lam^(j+1)) S + scores v, the second product accumulated in place.
-    at::Tensor ob = at::bmm(qb * query_decay.narrow(1, 0, c), state_rows).baddbmm_(scores, vb);
+    at::Tensor ob = at::bmm(times_head_factor(qb, query_decay.narrow(1, 0, c)), state_rows).baddbmm_(scores, vb);
     out.narrow(1, start, c).copy_(ob);
     // S = lam^c S + (k * lam^(c-1-i))^T v; a partial last block uses the tail of the key decays.
-    const at::Tensor kd = kb * key_decay.narrow(1, block - c, c);
-    state_rows.mul_(at::exp(-s * static_cast<double>(c))).baddbmm_(kd.transpose(1, 2), vb);
+    const at::Tensor kd = times_head_factor(kb, key_decay.narrow(1, block - c, c));
+    rows.mul_(c == block ? full_block_decay : at::exp(-s * static_cast<double>(c)));
+    state_rows.baddbmm_(kd.transpose(1, 2), vb);
   }
 
   out = out.view({d.batch, d.heads, d.tokens, d.value_dim});
