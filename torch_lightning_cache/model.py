@@ -211,14 +211,15 @@ class HybridLM(nn.Module):
             x = layer.forward_uncached(x)
         return self.lm_head(self.final_norm(x)).float()
 
+    @staticmethod
+    def _layer_cache(layer: DecoderLayer) -> list[torch.Tensor]:
+        mixer = layer.mixer
+        return [mixer.key_value, mixer.index] if layer.kind == ATTENTION else [mixer.state]
+
     @torch.jit.unused
     def cache_buffers(self) -> list[torch.Tensor]:
         """Every cache tensor (K|V buffers, positions, states), in layer order."""
-        out = []
-        for layer in self.layers:
-            mixer = layer.mixer
-            out += [mixer.key_value, mixer.index] if layer.kind == ATTENTION else [mixer.state]
-        return out
+        return [t for layer in self.layers for t in self._layer_cache(layer)]
 
     @torch.jit.unused
     def reset_cache(self) -> None:
@@ -240,9 +241,5 @@ class HybridLM(nn.Module):
     @torch.jit.unused
     def cache_bytes(self) -> dict[str, int]:
         """Cache memory per layer, by layer kind."""
-        sizes: dict[str, int] = {}
-        for layer in self.layers:
-            mixer = layer.mixer
-            tensors = [mixer.key_value, mixer.index] if layer.kind == ATTENTION else [mixer.state]
-            sizes[layer.kind] = sum(t.numel() * t.element_size() for t in tensors)
-        return sizes
+        return {layer.kind: sum(t.numel() * t.element_size() for t in self._layer_cache(layer))
+                for layer in self.layers}
