@@ -12,6 +12,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
+#include <limits>
 
 namespace lightning_cache {
 
@@ -73,18 +74,35 @@ C10_HOST_DEVICE inline int64_t column_position(int64_t j, int64_t end, int64_t c
   return j + ((end - 1 - j) / capacity) * capacity;
 }
 
-// A row may be written iff its start position is valid. Rows that fail this
-// are skipped whole (nothing written, index kept, mask row all false); eager
-// calls reject them on the host before any write, so this only matters where
+// Largest position a causal table of T rows can serve, or "no limit".
+constexpr int64_t kNoPositionLimit = std::numeric_limits<int64_t>::max();
+
+// A row may be written iff every position it writes, start .. start + q - 1,
+// is valid: start >= 0, start + q fits the cache (unless ring), the explicit
+// causal mask (`position_limit` = its T, else kNoPositionLimit) and int64.
+// Written as `start <= limit - q` so that no sum can overflow for any int64
+// start. Rows that fail are skipped whole (nothing written, index kept, mask
+// row all false); eager calls with check_bounds=True reject them on the host
+// first (validation.cpp asks this same function), so this only decides where
 // host checks are off (check_bounds=False, CUDA graph capture).
-C10_HOST_DEVICE inline bool row_writable(int64_t start, int64_t new_tokens, int64_t capacity, bool ring) {
+C10_HOST_DEVICE inline bool row_writable(int64_t start, int64_t new_tokens, int64_t capacity, bool ring,
+                                         int64_t position_limit = kNoPositionLimit) {
   if (start < 0) return false;
-  return ring || start + new_tokens <= capacity;
+  if (start > kNoPositionLimit - new_tokens) return false;  // start + q itself must be representable
+  if (!ring && start > capacity - new_tokens) return false;
+  return start <= position_limit - new_tokens;
 }
 
-// Cache column of absolute position `position`.
-C10_HOST_DEVICE inline int64_t position_column(int64_t position, int64_t capacity, bool ring) {
-  return ring ? position % capacity : position;
+// Cache column of new token t of a row starting at `start` (a writable row).
+// Ring: (start % L + t) % L, which stays in [0, L) for any start >= 0 and
+// t < L, where (start + t) % L could overflow.
+C10_HOST_DEVICE inline int64_t token_column(int64_t start, int64_t t, int64_t capacity, bool ring) {
+  return ring ? (start % capacity + t) % capacity : start + t;
+}
+
+// The position limit the mask inputs impose: an explicit causal mask has T rows.
+C10_HOST_DEVICE inline int64_t position_limit(const MaskInputs& in) {
+  return in.causal != nullptr ? in.causal_size : kNoPositionLimit;
 }
 
 C10_HOST_DEVICE inline bool attention_allows(const MaskInputs& in, int64_t b, int64_t i, int64_t j) {

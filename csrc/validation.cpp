@@ -130,14 +130,19 @@ void check_positions(const at::Tensor& index, const KVCacheDims& d, bool ring,
                      const std::optional<at::Tensor>& causal_mask) {
   const at::Tensor index_cpu = index.cpu();
   const int64_t* start = index_cpu.const_data_ptr<int64_t>();
-  const int64_t horizon = causal_mask.has_value() ? causal_mask->size(-1) : -1;
+  const int64_t horizon = causal_mask.has_value() ? causal_mask->size(-1) : kNoPositionLimit;
   for (int64_t b = 0; b < d.batch; ++b) {
+    // The same predicate the kernels use, so the host check and the in-kernel
+    // skip cannot disagree; the branches below only pick the message.
+    if (row_writable(start[b], d.new_tokens, d.capacity, ring, horizon)) continue;
     TORCH_CHECK_INDEX(start[b] >= 0, "index[", b, "] = ", start[b], " is negative; positions start at 0");
-    TORCH_CHECK_INDEX(ring || start[b] + d.new_tokens <= d.capacity, "cache overflow in row ", b, ": position ",
+    TORCH_CHECK_INDEX(ring || start[b] <= d.capacity - d.new_tokens, "cache overflow in row ", b, ": position ",
                       start[b], " + ", d.new_tokens, " new tokens exceeds max_length ", d.capacity,
                       " (nothing was written; use a larger max_length or ring=True)");
-    TORCH_CHECK_INDEX(horizon < 0 || start[b] + d.new_tokens <= horizon, "causal_mask covers T = ", horizon,
-                      " positions but row ", b, " needs positions up to ", start[b] + d.new_tokens - 1);
+    TORCH_CHECK_INDEX(start[b] <= horizon - d.new_tokens, "causal_mask covers T = ", horizon, " positions but row ", b,
+                      " starts at position ", start[b], " and needs ", d.new_tokens, " more");
+    TORCH_CHECK_INDEX(false, "index[", b, "] = ", start[b], " + ", d.new_tokens,
+                      " new tokens overflows int64 (nothing was written)");
   }
 }
 

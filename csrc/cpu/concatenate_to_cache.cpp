@@ -37,7 +37,7 @@ void copy_head_rows(cache_t* out, const Strided4d<in_t>& src, int64_t b, int64_t
 
 template <typename cache_t, typename in_t>
 void write_tokens(at::Tensor& key_value, const at::Tensor& key, const at::Tensor& value, const int64_t* start,
-                  const KVCacheDims& d, bool ring) {
+                  const KVCacheDims& d, bool ring, int64_t limit) {
   cache_t* kv = key_value.data_ptr<cache_t>();
   const Strided4d<in_t> k(key), v(value);
   const int64_t width = d.key_dim + d.value_dim;
@@ -45,8 +45,8 @@ void write_tokens(at::Tensor& key_value, const at::Tensor& key, const at::Tensor
   at::parallel_for(0, d.batch * d.new_tokens, grain, [&](int64_t begin, int64_t end) {
     for (int64_t bt = begin; bt < end; ++bt) {
       const int64_t b = bt / d.new_tokens, t = bt % d.new_tokens;
-      if (!row_writable(start[b], d.new_tokens, d.capacity, ring)) continue;
-      const int64_t column = position_column(start[b] + t, d.capacity, ring);
+      if (!row_writable(start[b], d.new_tokens, d.capacity, ring, limit)) continue;
+      const int64_t column = token_column(start[b], t, d.capacity, ring);
       cache_t* token = kv + (b * d.capacity + column) * d.heads * width;
       for (int64_t h = 0; h < d.heads; ++h) {
         copy_head_rows(token + h * width, k, b, t, h, d.key_dim);
@@ -99,22 +99,23 @@ at::Tensor concatenate_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, co
   // Positions before this call; the rule and the copy both read these.
   const std::vector<int64_t> start(index.const_data_ptr<int64_t>(), index.const_data_ptr<int64_t>() + d.batch);
 
+  const MaskInputs in = make_mask_inputs(d, attention_mask, causal_mask, token_type_ids, is_causal, ring);
+  const int64_t limit = position_limit(in);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key_value.scalar_type(), "concatenate_to_cache_cpu", [&] {
     using cache_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "concatenate_to_cache_cpu_key", [&] {
-      write_tokens<cache_t, scalar_t>(key_value, key, value, start.data(), d, ring);
+      write_tokens<cache_t, scalar_t>(key_value, key, value, start.data(), d, ring, limit);
     });
   });
 
   at::Tensor mask = at::empty({d.batch, 1, d.new_tokens, d.capacity}, key_value.options().dtype(at::kBool));
   bool* out = mask.data_ptr<bool>();
-  const MaskInputs in = make_mask_inputs(d, attention_mask, causal_mask, token_type_ids, is_causal, ring);
   at::parallel_for(0, d.batch * d.new_tokens, std::max<int64_t>(1, 65536 / d.capacity),
                    [&](int64_t begin, int64_t end) {
                      for (int64_t bi = begin; bi < end; ++bi) {
                        const int64_t b = bi / d.new_tokens, i = bi % d.new_tokens;
                        bool* row = out + bi * d.capacity;
-                       if (!row_writable(start[b], d.new_tokens, d.capacity, ring)) {
+                       if (!row_writable(start[b], d.new_tokens, d.capacity, ring, limit)) {
                          std::fill(row, row + d.capacity, false);
                          continue;
                        }
@@ -131,7 +132,7 @@ at::Tensor concatenate_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, co
 
   int64_t* position = index.data_ptr<int64_t>();
   for (int64_t b = 0; b < d.batch; ++b) {
-    if (row_writable(start[b], d.new_tokens, d.capacity, ring)) position[b] = start[b] + d.new_tokens;
+    if (row_writable(start[b], d.new_tokens, d.capacity, ring, limit)) position[b] = start[b] + d.new_tokens;
   }
   return mask;
 }

@@ -32,7 +32,8 @@ struct CopyShape {
 template <typename cache_t, typename in_t, int VEC>
 __device__ __forceinline__ void copy_vector(cache_t* __restrict__ kv, const in_t* __restrict__ key,
                                             const in_t* __restrict__ value, const CopyShape& s,
-                                            const int64_t* __restrict__ index, bool ring, int64_t vec_id) {
+                                            const int64_t* __restrict__ index, bool ring, int64_t limit,
+                                            int64_t vec_id) {
   const int64_t width = s.key_dim + s.value_dim;
   const int64_t vecs_per_head = width / VEC;
   const int64_t e = (vec_id % vecs_per_head) * VEC;
@@ -42,8 +43,8 @@ __device__ __forceinline__ void copy_vector(cache_t* __restrict__ kv, const in_t
   const int64_t t = rest % s.new_tokens;
   const int64_t b = rest / s.new_tokens;
   const int64_t start = index[b];
-  if (!row_writable(start, s.new_tokens, s.capacity, ring)) return;
-  const int64_t column = position_column(start + t, s.capacity, ring);
+  if (!row_writable(start, s.new_tokens, s.capacity, ring, limit)) return;
+  const int64_t column = token_column(start, t, s.capacity, ring);
 
   const bool is_key = e < s.key_dim;
   const in_t* src = is_key ? key + b * s.key_stride[0] + t * s.key_stride[1] + h * s.key_stride[2] + e * s.key_stride[3]
@@ -76,7 +77,7 @@ __global__ void concatenate_kernel(cache_t* __restrict__ kv, const in_t* __restr
     // K|V part: consecutive threads write consecutive vectors of a token row.
     for (int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; v < copy_vectors;
          v += copy_blocks * int64_t(blockDim.x)) {
-      copy_vector<cache_t, in_t, VEC>(kv, key, value, shape, index, mask_in.ring, v);
+      copy_vector<cache_t, in_t, VEC>(kv, key, value, shape, index, mask_in.ring, position_limit(mask_in), v);
     }
     return;
   }
@@ -88,7 +89,7 @@ __global__ void concatenate_kernel(cache_t* __restrict__ kv, const in_t* __restr
   const int64_t b = bi / shape.new_tokens, i = bi % shape.new_tokens;
   const int64_t j0 = (chunk % chunks_per_row) * kMaskBytesPerThread;
   const int64_t start = index[b];
-  const bool writable = row_writable(start, shape.new_tokens, shape.capacity, mask_in.ring);
+  const bool writable = row_writable(start, shape.new_tokens, shape.capacity, mask_in.ring, position_limit(mask_in));
   bool* row = mask + bi * shape.capacity;
   if (j0 + kMaskBytesPerThread <= shape.capacity && shape.capacity % kMaskBytesPerThread == 0) {
     // Whole, aligned 16-byte chunk: one wide store.
@@ -107,9 +108,9 @@ __global__ void concatenate_kernel(cache_t* __restrict__ kv, const in_t* __restr
 }
 
 __global__ void advance_positions_kernel(int64_t* __restrict__ index, int64_t batch, int64_t new_tokens,
-                                         int64_t capacity, bool ring) {
+                                         int64_t capacity, bool ring, int64_t limit) {
   const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (b < batch && row_writable(index[b], new_tokens, capacity, ring)) index[b] += new_tokens;
+  if (b < batch && row_writable(index[b], new_tokens, capacity, ring, limit)) index[b] += new_tokens;
 }
 
 template <typename T>
@@ -180,7 +181,7 @@ at::Tensor concatenate_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, c
   const int threads = 128;
   advance_positions_kernel<<<static_cast<unsigned>((d.batch + threads - 1) / threads), threads, 0,
                              c10::cuda::getCurrentCUDAStream()>>>(index.data_ptr<int64_t>(), d.batch, d.new_tokens,
-                                                                  d.capacity, ring);
+                                                                  d.capacity, ring, position_limit(mask_in));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return mask;
 }
