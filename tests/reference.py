@@ -195,11 +195,12 @@ def ref_lightning(state, q, k, v, slopes, attention_mask=None, slot_ids=None, sc
 
     ``state [slots, H, Dk, Dv]``; ``q, k [B, n, H, Dk]``; ``v [B, n, H, Dv]``;
     ``slopes [H]``. Batch row ``b`` uses state row ``slot_ids[b]`` (or ``b``);
-    a slot outside ``[0, slots)`` (``-1``) skips the row: state untouched,
-    output zero. For each token in order, per head with ``lam = exp(-slope)``:
+    a slot outside ``[0, slots)`` (``-1``), or one an earlier batch row already
+    took (first occurrence wins), skips the row: state untouched, output zero.
+    For each token in order, per head with ``lam = exp(-slope)``:
 
-        S = lam * S + k^T v      (k taken as zero where attention_mask == 0)
-        o = scale * q S
+        S = lam * S + k^T v,  o = scale * q S      (attention_mask != 0 or no mask)
+        S unchanged,          o = 0                (attention_mask == 0: skipped whole)
 
     Returns ``(new_state, output)``, both float64 (``output [B, n, H, Dv]``).
     """
@@ -211,16 +212,17 @@ def ref_lightning(state, q, k, v, slopes, attention_mask=None, slot_ids=None, sc
     B, n, H, _ = qd.shape
     slots = S.shape[0]
     out = torch.zeros(B, n, H, vd.shape[3], dtype=torch.float64)
+    taken = set()
     for b in range(B):
         row = int(slot_ids[b]) if slot_ids is not None else b
-        if not 0 <= row < slots:
+        if not 0 <= row < slots or row in taken:
             continue
+        taken.add(row)
         for t in range(n):
-            k_t = kd[b, t]
             if attention_mask is not None and not bool(attention_mask[b, t] != 0):
-                k_t = torch.zeros_like(k_t)
+                continue  # a masked token is skipped whole: no decay, no k^T v, output 0
             # All heads at once: S[h] = lam[h] S[h] + outer(k[h], v[h]); o[h] = scale * q[h] S[h].
-            S[row] = lam.view(H, 1, 1) * S[row] + k_t.unsqueeze(-1) * vd[b, t].unsqueeze(-2)
+            S[row] = lam.view(H, 1, 1) * S[row] + kd[b, t].unsqueeze(-1) * vd[b, t].unsqueeze(-2)
             out[b, t] = scale * (qd[b, t].unsqueeze(-1) * S[row]).sum(dim=-2)
     return S, out
 
