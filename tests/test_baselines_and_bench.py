@@ -212,9 +212,16 @@ def test_bench_runs_tiny(tmp_path):
     with open(path) as f:
         rows = list(csv.DictReader(f))
     cases = {r["case"] for r in rows}
-    assert cases == {"cache-1tok", "cache-4tok", "decode-b1", "decode-b2", "prefill-24tok"}
-    assert all(r["check"] in ("reference", "agrees") for r in rows)
-    assert all(float(r["us_per_call"]) > 0 for r in rows)
+    assert cases == {"cache-1tok", "cache-4tok", "write-1tok", "write-4tok", "decode-b1", "decode-b2", "prefill-24tok"}
+    for r in rows:
+        assert r["check"] in ("reference", "agrees") or r["check"].startswith("peer:"), r
+        assert float(r["us_per_call"]) > 0
+    # Every case is timed against a copy_ of the bytes it moves, and the op's ratio to it is reported.
+    for case in cases:
+        copy = next(r for r in rows if r["case"] == case and r["contender"] == "copy_ same bytes")
+        op = next(r for r in rows if r["case"] == case and r["contender"] == "op")
+        assert float(copy["ratio_to_copy"]) == 1.0
+        assert float(op["ratio_to_copy"]) == pytest.approx(float(op["us_per_call"]) / float(copy["us_per_call"]))
     # The plot goes beside the CSV (matplotlib is a test dependency: .ci/run installs it).
     pytest.importorskip("matplotlib")
     png = path.with_suffix(".png")

@@ -5,6 +5,7 @@ Cases (``--cases`` picks a subset by name or prefix: ``cache``, ``decode``, ``pr
 - ``cache-1tok``: ``concatenate_to_cache`` of 1 new token per row (a decode step),
   with a 2-D attention mask and the on-the-fly causal term;
 - ``cache-<T>tok``: the same with a block of ``--tokens`` new tokens (a prefill chunk);
+- ``write-<T>tok``: ``write_to_cache`` of the same block (no mask: for attention kernels that take lengths);
 - ``decode-b<N>``: ``lightning_decode`` of 1 token at each batch size of ``--decode-batches``;
 - ``prefill-<n>tok``: ``lightning_prefill`` of ``--prefill-tokens`` tokens from a non-zero state.
 
@@ -14,7 +15,13 @@ Contenders: the op through ``torch.ops.lightning_cache`` with ``check_bounds=Tru
 and that baseline under ``torch.compile(fullgraph=True, dynamic=False)`` (plus
 ``mode="reduce-overhead"`` on CUDA). Every contender first runs once from the same
 inputs and must agree with the op (bit-for-bit for the cache, within a tolerance
-for the lightning ops) before it is timed.
+for the lightning ops) before it is timed. Peers that do other work of the same
+size are timed in the same run: ``copy_`` of a buffer moving the same number
+of bytes (the bandwidth ceiling), for decode an in-place pass over a state of
+the same size (``mul_``), and on CUDA, where ``fla-core`` is installed, the
+flash-linear-attention Triton kernels at matched shapes (``fused_recurrent_simple_gla``
+for decode, ``chunk_simple_gla`` for prefill; their output is checked against the
+op's, their state is returned, not written in place).
 
 Timing: each sample runs ``inner`` back-to-back calls between two device
 synchronizations; the figure is the median over ``--repeats`` samples of the
@@ -24,9 +31,11 @@ and identically for every contender, the cache's positions are restored with a
 leaves room for ``inner`` calls). Lightning states are not restored: with
 decays below 1 they stay bounded.
 
-Effective GB/s counts bytes written for the cache (the new K/V and the mask),
-the state read and written for decode, and the state read and written plus
-q/k/v read and the output written for prefill.
+Effective GB/s is bytes moved (read plus written) per second: for the cache, the
+new K/V read and written and the mask written (plus the 2-D attention mask
+read); for decode, the state read and written plus q/k/v and the output; for
+prefill the same over all tokens. ``x copy`` is the contender's time over the
+``copy_`` peer's: 1.0 means copy bandwidth.
 """
 
 from __future__ import annotations
@@ -101,9 +110,19 @@ class Case:
     baseline: Callable  # the eager baseline, to compile
     max_inner: int = 1 << 30  # calls a sample may make (cache positions)
     reset: Callable[[int], None] = field(default=lambda inner: None)  # restores state before a sample of `inner` calls
+    # Other work of the same size: (label, fn, compared). `compared` peers return the op's
+    # output (checked, within the lightning tolerance); the others only move the same bytes.
+    peers: list[tuple[str, Callable, bool]] = field(default_factory=list)
 
 
-def _cache_case(name, device, dtype, batch, heads, head_dim, capacity, new_tokens, gen) -> Case:
+def _copy_peer(device, nbytes: int) -> tuple[str, Callable, bool]:
+    """``dst.copy_(src)`` moving ``nbytes`` (half read, half written)."""
+    src = torch.ones(max(1, nbytes // 2), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return ("copy_ same bytes", lambda: dst.copy_(src), False)
+
+
+def _cache_case(name, device, dtype, batch, heads, head_dim, capacity, new_tokens, gen, with_mask=True) -> Case:
     key_value, index = init_kv_cache(batch, capacity, heads, head_dim, head_dim, dtype=dtype, device=device)
     key = torch.randn(batch, new_tokens, heads, head_dim, generator=gen).to(device, dtype)
     value = torch.randn(batch, new_tokens, heads, head_dim, generator=gen).to(device, dtype)
@@ -116,16 +135,38 @@ def _cache_case(name, device, dtype, batch, heads, head_dim, capacity, new_token
         index.copy_(start.fill_(capacity - inner * new_tokens))
 
     reset(1)
-    written = batch * new_tokens * heads * 2 * head_dim * key_value.element_size() + batch * new_tokens * capacity
+    kv_bytes = batch * new_tokens * heads * 2 * head_dim * key_value.element_size()
+    dtype_name = str(dtype).removeprefix('torch.')
+    if not with_mask:
+        moved = 2 * kv_bytes
+        return Case(
+            name=name, kind="cache",
+            describe=f"write_to_cache B={batch} H={heads} D={head_dim} L={capacity} q={new_tokens} {dtype_name}",
+            nbytes=moved, mutables=[key_value, index],
+            call_op=lambda check: _ops.write_to_cache(key_value, index, key, value, False, check),
+            call_baseline=lambda fn: fn(key_value, index, key, value, False),
+            baseline=baselines.write_to_cache_eager, max_inner=max_inner, reset=reset,
+            peers=[_copy_peer(device, moved)])
+    moved = 2 * kv_bytes + batch * new_tokens * capacity + batch * capacity  # K/V in and out, mask out, 2-D mask in
     return Case(
         name=name, kind="cache",
         describe=f"concatenate_to_cache B={batch} H={heads} D={head_dim} L={capacity} q={new_tokens} "
-                 f"{str(dtype).removeprefix('torch.')}, 2-D mask, is_causal",
-        nbytes=written, mutables=[key_value, index],
+                 f"{dtype_name}, 2-D mask, is_causal",
+        nbytes=moved, mutables=[key_value, index],
         call_op=lambda check: _ops.concatenate_to_cache(key_value, index, key, value, attention_mask, None, None,
                                                         True, False, check),
         call_baseline=lambda fn: fn(key_value, index, key, value, attention_mask, None, None, True, False),
-        baseline=baselines.concatenate_to_cache_eager, max_inner=max_inner, reset=reset)
+        baseline=baselines.concatenate_to_cache_eager, max_inner=max_inner, reset=reset,
+        peers=[_copy_peer(device, moved)])
+
+
+def _fla():
+    """flash-linear-attention's simple-GLA kernels (Triton, CUDA only), or None where not installed."""
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+    except Exception:  # not installed, or no Triton/GPU: the peer is left out
+        return None
+    return chunk_simple_gla, fused_recurrent_simple_gla
 
 
 def _lightning_inputs(device, dtype, batch, tokens, heads, head_dim, gen):
@@ -136,19 +177,36 @@ def _lightning_inputs(device, dtype, batch, tokens, heads, head_dim, gen):
 
 def _decode_case(device, dtype, batch, heads, head_dim, gen) -> Case:
     state, q, k, v, slopes = _lightning_inputs(device, dtype, batch, 1, heads, head_dim, gen)
+    state_bytes = state.numel() * state.element_size()
+    moved = 2 * state_bytes + 4 * q.numel() * q.element_size()
+    scratch = state.clone()
+    peers = [_copy_peer(device, moved), ("state pass (mul_)", lambda: scratch.mul_(1.0), False)]
+    fla = _fla() if device.type == "cuda" else None
+    if fla is not None:
+        recurrent = fla[1]
+        log_decay = -slopes.float()
+        peers.append(("fla fused_recurrent", lambda: recurrent(q, k, v, g_gamma=log_decay, scale=1.0,
+                                                             initial_state=state, output_final_state=True)[0], True))
     return Case(
         name=f"decode-b{batch}", kind="lightning",
         describe=f"lightning_decode B={batch} H={heads} D={head_dim} n=1 {str(dtype).removeprefix('torch.')} "
                  f"inputs, float32 state",
-        nbytes=2 * state.numel() * state.element_size(), mutables=[state],
+        nbytes=moved, mutables=[state],
         call_op=lambda check: _ops.lightning_decode(state, q, k, v, slopes, None, 1.0, check),
         call_baseline=lambda fn: fn(state, q, k, v, slopes),
-        baseline=baselines.lightning_decode_eager)
+        baseline=baselines.lightning_decode_eager, peers=peers)
 
 
 def _prefill_case(device, dtype, batch, tokens, heads, head_dim, block_size, gen) -> Case:
     state, q, k, v, slopes = _lightning_inputs(device, dtype, batch, tokens, heads, head_dim, gen)
     moved = 2 * state.numel() * state.element_size() + 4 * q.numel() * q.element_size()
+    peers = [_copy_peer(device, moved)]
+    fla = _fla() if device.type == "cuda" else None
+    if fla is not None:
+        chunk = fla[0]
+        log_decay = -slopes.float()
+        peers.append(("fla chunk", lambda: chunk(q, k, v, g_gamma=log_decay, scale=1.0, initial_state=state,
+                                                 output_final_state=True)[0], True))
     return Case(
         name=f"prefill-{tokens}tok", kind="lightning",
         describe=f"lightning_prefill B={batch} H={heads} D={head_dim} n={tokens} block={block_size} "
@@ -156,7 +214,7 @@ def _prefill_case(device, dtype, batch, tokens, heads, head_dim, block_size, gen
         nbytes=moved, mutables=[state],
         call_op=lambda check: _ops.lightning_prefill(state, q, k, v, slopes, None, None, block_size, 1.0, check),
         call_baseline=lambda fn: fn(state, q, k, v, slopes, None, block_size),
-        baseline=baselines.lightning_prefill_chunked_eager)
+        baseline=baselines.lightning_prefill_chunked_eager, peers=peers)
 
 
 def _case_builders(args, device, dtype, sizes):
@@ -167,6 +225,10 @@ def _case_builders(args, device, dtype, sizes):
         out.append((f"cache-{new_tokens}tok", lambda q=new_tokens: _cache_case(
             f"cache-{q}tok", device, dtype, sizes["batch"], sizes["heads"], sizes["head_dim"], sizes["capacity"], q,
             gen)))
+    for new_tokens in (1, sizes["tokens"]):
+        out.append((f"write-{new_tokens}tok", lambda q=new_tokens: _cache_case(
+            f"write-{q}tok", device, dtype, sizes["batch"], sizes["heads"], sizes["head_dim"], sizes["capacity"], q,
+            gen, with_mask=False)))
     for batch in (int(b) for b in str(sizes["decode_batches"]).split(",") if b.strip()):
         out.append((f"decode-b{batch}", lambda b=batch: _decode_case(
             device, dtype, b, sizes["decode_heads"], sizes["head_dim"], gen)))
@@ -209,7 +271,7 @@ def _contenders(case: Case, compile_modes: list[str]) -> list[tuple[str, Callabl
             def call(fn=fn):
                 return case.call_baseline(fn)
         out.append((f"compile {mode}", call))
-    return out
+    return out + [(label, fn) for label, fn, _ in case.peers]
 
 
 def _agree(case: Case, got: list[torch.Tensor], want: list[torch.Tensor]) -> str | None:
@@ -317,17 +379,25 @@ def _run_case(case: Case, compile_modes: list[str], sync: Callable, sizes: dict)
     # Agreement: every contender runs once from the same inputs; the op (or, when it
     # has no kernel for this device, the eager baseline) is the reference.
     reference, usable, notes, failures = None, [], {}, 0
+    peer_compared = {label: compared for label, _, compared in case.peers}
     for label, fn in contenders:
         restore()
+        is_peer = label in peer_compared
+        if is_peer and not peer_compared[label]:
+            notes[label] = "peer: same bytes, other work"
+            usable.append((label, fn))
+            continue
         begin = time.perf_counter()
         try:
-            result = [fn().clone()] + [t.clone() for t in case.mutables]
+            out = fn()
+            out = torch.empty(0) if out is None else out.clone()  # write_to_cache returns nothing
+            result = [out] + ([] if is_peer else [t.clone() for t in case.mutables])
         except NotImplementedError as error:
             notes[label] = f"n/a: {str(error).splitlines()[0][:80]}"
             continue
         except Exception as error:  # a contender that crashes is reported, the others still run
             notes[label] = f"error: {type(error).__name__}: {str(error).splitlines()[0][:100]}"
-            failures += 1
+            failures += 0 if is_peer else 1
             continue
         sync()
         first_call = time.perf_counter() - begin
@@ -335,12 +405,12 @@ def _run_case(case: Case, compile_modes: list[str], sync: Callable, sizes: dict)
             reference = result
             notes[label] = "reference"
         else:
-            diff = _agree(case, result, reference)
+            diff = _agree(case, result, reference[:len(result)])
             if diff is not None:
                 notes[label] = f"MISMATCH: {diff}"
-                failures += 1
+                failures += 0 if is_peer else 1
                 continue
-            notes[label] = "agrees"
+            notes[label] = "agrees (output)" if is_peer else "agrees"
         if label.startswith("compile"):
             notes[label] += f" (first call {first_call:.1f} s)"
         usable.append((label, fn))
@@ -362,12 +432,14 @@ def _run_case(case: Case, compile_modes: list[str], sync: Callable, sizes: dict)
         if label not in times:
             print(f"  {label:<28} {'-':>12}      {notes[label]}")
 
-    op_time = times.get("op")
+    op_time, copy_time = times.get("op"), times.get("copy_ same bytes")
     rows = []
     for label, _ in contenders:
         t = times.get(label)
         rows.append(dict(case=case.name, contender=label, us_per_call=None if t is None else t * 1e6,
                          ratio_to_op=None if t is None or op_time is None else t / op_time,
+                         ratio_to_copy=None if t is None or copy_time is None else t / copy_time,
+                         mbytes=case.nbytes / 1e6,
                          gbps=None if t is None else case.nbytes / t / 1e9,
                          inner=inner, check=notes[label], describe=case.describe))
     return rows, failures
@@ -385,21 +457,25 @@ def _report_load(when: str) -> None:
 
 
 def _print_table(rows) -> None:
-    print(f"\n{'case':<16} {'contender':<28} {'us/call':>12} {'x op':>8} {'GB/s':>9}  check")
+    print(f"\n{'case':<16} {'contender':<28} {'us/call':>12} {'x op':>8} {'x copy':>8} {'MB moved':>9} "
+          f"{'GB/s':>9}  check")
     last = None
     for r in rows:
         if last is not None and r["case"] != last:
             print()
         last = r["case"]
         print(f"{r['case']:<16} {r['contender']:<28} {_fmt(r['us_per_call'], '12.1f'):>12} "
-              f"{_fmt(r['ratio_to_op'], '8.2f'):>8} {_fmt(r['gbps'], '9.2f'):>9}  {r['check']}")
-    print("\nx op: contender time / op time (check_bounds=True); above 1 means the op is faster.")
+              f"{_fmt(r['ratio_to_op'], '8.2f'):>8} {_fmt(r['ratio_to_copy'], '8.2f'):>8} "
+              f"{_fmt(r['mbytes'], '9.2f'):>9} {_fmt(r['gbps'], '9.2f'):>9}  {r['check']}")
+    print("\nx op: contender time / op time (check_bounds=True); above 1 means the op is faster.\n"
+          "x copy: contender time / time of copy_ moving the same bytes (1.0 = copy bandwidth).\n"
+          "MB moved, GB/s: bytes read plus written by the op's work, and that over the contender's time.")
 
 
 def _write_csv(path: str, rows, device, dtype: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fields = ["device", "dtype", "case", "contender", "us_per_call", "ratio_to_op", "gbps", "inner", "check",
-              "describe"]
+    fields = ["device", "dtype", "case", "contender", "us_per_call", "ratio_to_op", "ratio_to_copy", "mbytes", "gbps",
+              "inner", "check", "describe"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
