@@ -1,26 +1,112 @@
 // Chunked lightning prefill, shared by the CPU and CUDA backends.
 //
 // Within a block of c tokens starting from state S (all per row and head,
-// lam = exp(-s), j, i block-relative):
-//   o_j   = scale * (sum_{i<=j} lam^(j-i) (q_j . k_i) v_i + lam^(j+1) q_j S)
-//   S_new = lam^c S + sum_i lam^(c-1-i) k_i^T v_i
-// which is exactly c sequential decode steps. Decay powers are formed as
+// lam = exp(-s), j, i block-relative), with e_t the number of unmasked tokens
+// among block tokens 0..t (e_t = t + 1 without a mask) and E = e_{c-1}:
+//   o_j   = scale * (sum_{i<=j, unmasked} lam^(e_j-e_i) (q_j . k_i) v_i + lam^(e_j) q_j S)   (0 if j is masked)
+//   S_new = lam^E S + sum_{i unmasked} lam^(E-e_i) k_i^T v_i
+// which is exactly c sequential decode steps in which a masked token is
+// skipped whole (no decay, no k^T v, output 0). Decay powers are formed as
 // exp(-s * distance) from non-negative distances, so nothing overflows and the
-// result does not lose accuracy on long prompts. Everything runs in float32.
+// result does not lose accuracy on long prompts. Everything runs in float32,
+// with TF32 / reduced-precision matmuls off for the call.
+//
+// Non-finite inputs: every value that is dropped is dropped by selection
+// (where / masked_fill), never by multiplying with 0, so a NaN or Inf in
+// token t reaches neither the outputs of tokens before t nor, if t is masked,
+// anything at all. The one product that cannot be written as a selection is
+// the intra-block (scores @ v), whose zero upper triangle would still meet a
+// later token's non-finite v (0 * Inf = NaN): it runs on v with non-finite
+// entries zeroed, and output column d of token j is then set to NaN if an
+// unmasked token i <= j had a non-finite v[d] (sequential decode makes it
+// NaN or +-Inf there too).
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <torch/version.h>
+
+#include <limits>
+#include <mutex>
 
 #include "ops.h"
 
 namespace lightning_cache {
+namespace {
+
+// Forces full-float32 matmuls for its lifetime and restores the caller's
+// settings. NoTF32Guard is thread-local and covers cuBLAS handles; the global
+// per-backend precision (cuBLASLt, oneDNN's bf16 "medium" path) is process
+// wide, so nested or concurrent guards share one save/restore, counted.
+class FullFloat32Matmul {
+ public:
+  FullFloat32Matmul() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+    std::lock_guard<std::mutex> lock(mutex());
+    if (depth()++ == 0) {
+      auto& ctx = at::globalContext();
+      saved_cuda() = ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
+      saved_mkldnn() = ctx.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+      if (saved_cuda() != at::Float32Precision::IEEE) {
+        ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, at::Float32Precision::IEEE);
+      }
+      if (saved_mkldnn() != at::Float32Precision::IEEE) {
+        ctx.setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL, at::Float32Precision::IEEE);
+      }
+    }
+#endif
+  }
+  ~FullFloat32Matmul() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+    std::lock_guard<std::mutex> lock(mutex());
+    if (--depth() == 0) {
+      auto& ctx = at::globalContext();
+      if (saved_cuda() != at::Float32Precision::IEEE) {
+        ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, saved_cuda());
+      }
+      if (saved_mkldnn() != at::Float32Precision::IEEE) {
+        ctx.setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL, saved_mkldnn());
+      }
+    }
+#endif
+  }
+  FullFloat32Matmul(const FullFloat32Matmul&) = delete;
+  FullFloat32Matmul& operator=(const FullFloat32Matmul&) = delete;
+
+ private:
+  at::NoTF32Guard no_tf32_;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static int& depth() {
+    static int d = 0;
+    return d;
+  }
+  static at::Float32Precision& saved_cuda() {
+    static at::Float32Precision p = at::Float32Precision::IEEE;
+    return p;
+  }
+  static at::Float32Precision& saved_mkldnn() {
+    static at::Float32Precision p = at::Float32Precision::IEEE;
+    return p;
+  }
+#endif
+};
+
+}  // namespace
 
 at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query, const at::Tensor& key,
                                      const at::Tensor& value, const at::Tensor& slopes,
                                      const std::optional<at::Tensor>& attention_mask,
                                      const std::optional<at::Tensor>& slot_ids, const LightningDims& d,
                                      int64_t block_size, double scale, ScatterStateRows scatter) {
+  if (is_empty_call(d)) return empty_lightning_output(d, query);  // nothing read, nothing written
+  const FullFloat32Matmul full_float32;
   const auto f32 = at::TensorOptions().device(state.device()).dtype(at::kFloat);
+  const at::Tensor zero = at::zeros({}, f32);
 
-  // Which batch rows take part: the rest keep their state and output zeros.
+  // Which batch rows take part (slot ids are sanitized: -1 = skip): the rest
+  // keep their state and output zeros.
   std::optional<at::Tensor> row_valid;
   at::Tensor rows;  // [B, H, Dk, Dv] float32 working copy of each row's state
   if (slot_ids.has_value()) {
@@ -31,32 +117,50 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
     rows = state.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
   }
 
+  // keep [B, 1, n, 1]: unmasked tokens. Masked tokens' q, k, v are selected
+  // out (set to 0, whatever they held), so they add nothing anywhere.
+  std::optional<at::Tensor> keep;
+  if (attention_mask.has_value()) keep = attention_mask->ne(0).view({d.batch, 1, d.tokens, 1});
+
   // [B*H, n, D] float32 copies of the inputs, dense, so every block's batched
-  // matmuls read contiguous memory. Masked tokens get k = 0: they add nothing
-  // to the state while the decay still runs.
+  // matmuls read contiguous memory.
   const int64_t bh = d.batch * d.heads;
-  auto dense = [&](const at::Tensor& t) { return t.transpose(1, 2).to(at::kFloat).contiguous(); };
+  auto dense = [&](const at::Tensor& t) {
+    at::Tensor x = t.transpose(1, 2).to(at::kFloat).contiguous();
+    if (keep.has_value()) x.masked_fill_(keep->logical_not(), 0.0f);
+    return x;
+  };
   const at::Tensor q = dense(query).view({bh, d.tokens, d.key_dim});
-  at::Tensor k = dense(key);
-  if (attention_mask.has_value()) k.mul_(attention_mask->ne(0).to(at::kFloat).view({d.batch, 1, d.tokens, 1}));
-  k = k.view({bh, d.tokens, d.key_dim});
+  const at::Tensor k = dense(key).view({bh, d.tokens, d.key_dim});
   const at::Tensor v = dense(value).view({bh, d.tokens, d.value_dim});
+  // v for the intra-block product (non-finite -> 0) and where to put NaN back.
+  const at::Tensor v_nonfinite = at::isfinite(v).logical_not_();
+  const at::Tensor v_intra = v.masked_fill(v_nonfinite, 0.0f);
+  const at::Tensor poisoned = std::get<0>(v_nonfinite.to(at::kByte).cummax(1)).to(at::kBool);  // [B*H, n, Dv]
   at::Tensor state_rows = rows.view({bh, d.key_dim, d.value_dim});
 
-  // Decay factors per head, for one full block, broadcast over the batch rows
-  // (never materialized per row: [H, c, c] stays small for any batch).
-  // `scale` is folded into the two factors that multiply queries.
   const int64_t block = std::min(block_size, d.tokens);
-  const at::Tensor s = slopes.to(f32).view({d.heads, 1, 1});                // [H, 1, 1]
-  const at::Tensor pos = at::arange(block, f32);                            // [c]
-  const at::Tensor distance = pos.view({block, 1}) - pos.view({1, block});  // j - i
-  const at::Tensor intra_decay =                                            // [H, c, c]
-      at::where(distance.ge(0), at::exp(-s * distance.clamp_min(0)), at::zeros({}, f32)).mul_(scale);
-  const at::Tensor query_decay = at::exp(-s * (pos + 1).view({block, 1})).mul_(scale);  // [H, c, 1]
-  const at::Tensor key_decay = at::exp(-s * (block - 1 - pos).view({block, 1}));        // [H, c, 1]
-  const at::Tensor full_block_decay = at::exp(-s * static_cast<double>(block));         // [H, 1, 1]
-  // [B*H, c, D] block of a dense input, times a per-head [H, c, 1] factor.
-  auto times_head_factor = [&](const at::Tensor& x, const at::Tensor& factor) {
+  const at::Tensor s = slopes.to(f32).view({d.heads, 1, 1});  // [H, 1, 1]
+  const at::Tensor pos = at::arange(block, f32);              // [c]
+  const at::Tensor later = at::ones({block, block}, f32.dtype(at::kBool)).triu_(1);  // i > j: not seen by j
+
+  // Without a mask the decay factors depend only on the head: [H, ...],
+  // broadcast over the batch rows, for one full block (the cheap path). With
+  // a mask they depend on each row's count of unmasked tokens: e [B, 1, n]
+  // (exact: counts are integers, block-local differences are at most c).
+  at::Tensor intra_decay, query_decay, key_decay, full_block_decay;
+  at::Tensor count;  // [B, n] int64, unmasked tokens among 0..t (mask only)
+  if (!keep.has_value()) {
+    const at::Tensor distance = pos.view({block, 1}) - pos.view({1, block});       // j - i
+    intra_decay = at::exp(-s * distance.clamp_min(0)).mul_(scale);                  // [H, c, c]
+    query_decay = at::exp(-s * (pos + 1).view({block, 1})).mul_(scale);             // [H, c, 1]
+    key_decay = at::exp(-s * (block - 1 - pos).view({block, 1}));                   // [H, c, 1]
+    full_block_decay = at::exp(-s * static_cast<double>(block));                    // [H, 1, 1]
+  } else {
+    count = keep->view({d.batch, d.tokens}).to(at::kLong).cumsum(1);
+  }
+  // [B*H, c, D] block of a dense input, times a [H or B*H-shaped, c, 1] factor.
+  auto times_factor = [&](const at::Tensor& x, const at::Tensor& factor) {
     const int64_t c = x.size(1);
     return (x.view({d.batch, d.heads, c, x.size(2)}) * factor).view({bh, c, x.size(2)});
   };
@@ -67,19 +171,40 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
     const at::Tensor qb = q.narrow(1, start, c);
     const at::Tensor kb = k.narrow(1, start, c);
     const at::Tensor vb = v.narrow(1, start, c);
+    at::Tensor intra, qdecay, kdecay, sdecay;
+    if (!keep.has_value()) {
+      intra = intra_decay.narrow(1, 0, c).narrow(2, 0, c);
+      qdecay = query_decay.narrow(1, 0, c);
+      kdecay = key_decay.narrow(1, block - c, c);  // a partial last block uses the tail
+      sdecay = c == block ? full_block_decay : at::exp(-s * static_cast<double>(c));
+    } else {
+      // e_t within the block, per row: [B, 1, c, 1]; E = e_{c-1}: [B, 1, 1, 1].
+      at::Tensor e = count.narrow(1, start, c);
+      if (start > 0) e = e - count.narrow(1, start - 1, 1);
+      e = e.to(at::kFloat).view({d.batch, 1, c, 1});
+      const at::Tensor total = e.narrow(2, c - 1, 1);
+      const at::Tensor sh = s.view({1, d.heads, 1, 1});
+      intra = at::exp(-sh * (e - e.transpose(2, 3)).clamp_min_(0)).mul_(scale);  // [B, H, c, c]
+      qdecay = at::exp(-sh * e).mul_(scale);                                       // [B, H, c, 1]
+      kdecay = at::exp(-sh * (total - e));                                         // [B, H, c, 1]
+      sdecay = at::exp(-sh * total);                                               // [B, H, 1, 1]
+    }
     at::Tensor scores = at::bmm(qb, kb.transpose(1, 2));
-    scores.view({d.batch, d.heads, c, c}).mul_(intra_decay.narrow(1, 0, c).narrow(2, 0, c));
-    // o = (q * lam^(j+1)) S + scores v, the second product accumulated in place.
-    at::Tensor ob = at::bmm(times_head_factor(qb, query_decay.narrow(1, 0, c)), state_rows).baddbmm_(scores, vb);
+    // Decay, then drop i > j by selection: a later token's non-finite k must
+    // not reach an earlier output through 0 * Inf.
+    scores.view({d.batch, d.heads, c, c}).mul_(intra).masked_fill_(later.narrow(0, 0, c).narrow(1, 0, c), 0.0f);
+    // o = (q * lam^e_j) S + scores v, the second product accumulated in place.
+    at::Tensor ob = at::bmm(times_factor(qb, qdecay), state_rows).baddbmm_(scores, v_intra.narrow(1, start, c));
     out.narrow(1, start, c).copy_(ob);
-    // S = lam^c S + (k * lam^(c-1-i))^T v; a partial last block uses the tail of the key decays.
-    const at::Tensor kd = times_head_factor(kb, key_decay.narrow(1, block - c, c));
-    rows.mul_(c == block ? full_block_decay : at::exp(-s * static_cast<double>(c)));
-    state_rows.baddbmm_(kd.transpose(1, 2), vb);
+    // S = lam^E S + (k * lam^(E-e_i))^T v, with the raw v: every token here is before the block's end.
+    rows.mul_(sdecay);
+    state_rows.baddbmm_(times_factor(kb, kdecay).transpose(1, 2), vb);
   }
+  out.masked_fill_(poisoned, std::numeric_limits<float>::quiet_NaN());
 
   out = out.view({d.batch, d.heads, d.tokens, d.value_dim});
-  // masked_fill, not a multiply: a skipped row's output is zero even if its inputs are not finite.
+  // masked_fill, not a multiply: skipped rows and masked tokens output zero even if their inputs are not finite.
+  if (keep.has_value()) out.masked_fill_(keep->logical_not(), 0.0f);
   if (row_valid.has_value()) out.masked_fill_(row_valid->logical_not().view({d.batch, 1, 1, 1}), 0.0f);
   scatter(state, rows, slot_ids);
   return out.transpose(1, 2).to(query.scalar_type()).contiguous();

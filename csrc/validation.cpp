@@ -3,8 +3,10 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <limits>
 #include <set>
 #include <sstream>
+#include <string_view>
 
 namespace lightning_cache {
 namespace {
@@ -47,10 +49,8 @@ at::Tensor causal_matrix(const at::Tensor& causal_mask) {
 
 }  // namespace
 
-KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
-                                   const at::Tensor& value, const std::optional<at::Tensor>& attention_mask,
-                                   const std::optional<at::Tensor>& causal_mask,
-                                   const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring) {
+KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
+                             const at::Tensor& value, bool ring) {
   TORCH_CHECK_VALUE(key_value.dim() == 4,
                     "key_value must be [batch, max_length, heads, key_dim + value_dim], got shape ",
                     shape_of(key_value));
@@ -77,7 +77,11 @@ KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor
   TORCH_CHECK_VALUE(value.size(2) == d.heads, "value has ", value.size(2), " heads but key_value has ", d.heads);
   TORCH_CHECK_VALUE(d.key_dim + d.value_dim == key_value.size(3), "key_dim + value_dim (", d.key_dim, " + ",
                     d.value_dim, ") must equal the last dimension of key_value (", key_value.size(3), ")");
-  TORCH_CHECK_VALUE(d.new_tokens > 0, "key must hold at least one new token, got shape ", shape_of(key));
+  // Zero heads or head dims are rejected rather than run: a cache without
+  // keys or values is a caller's bug, and the kernels size work by them.
+  TORCH_CHECK_VALUE(d.heads > 0, "heads must be positive: key_value has shape ", shape_of(key_value));
+  TORCH_CHECK_VALUE(d.key_dim > 0, "key_dim must be positive: key has shape ", shape_of(key));
+  TORCH_CHECK_VALUE(d.value_dim > 0, "value_dim must be positive: value has shape ", shape_of(value));
   TORCH_CHECK_TYPE(is_float_type(key.scalar_type()), "key must be floating point, got ", key.scalar_type());
   TORCH_CHECK_TYPE(value.scalar_type() == key.scalar_type(), "value must have key's dtype (", key.scalar_type(),
                    "), got ", value.scalar_type());
@@ -91,7 +95,14 @@ KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor
   check_same_device(index, "index", key_value, "key_value");
   check_same_device(key, "key", key_value, "key_value");
   check_same_device(value, "value", key_value, "key_value");
+  return d;
+}
 
+KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
+                                   const at::Tensor& value, const std::optional<at::Tensor>& attention_mask,
+                                   const std::optional<at::Tensor>& causal_mask,
+                                   const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring) {
+  const KVCacheDims d = check_write_args(key_value, index, key, value, ring);
   if (attention_mask.has_value()) {
     const at::Tensor& m = *attention_mask;
     check_same_device(m, "attention_mask", key_value, "key_value");
@@ -139,8 +150,9 @@ void check_positions(const at::Tensor& index, const KVCacheDims& d, bool ring,
     TORCH_CHECK_INDEX(ring || start[b] <= d.capacity - d.new_tokens, "cache overflow in row ", b, ": position ",
                       start[b], " + ", d.new_tokens, " new tokens exceeds max_length ", d.capacity,
                       " (nothing was written; use a larger max_length or ring=True)");
-    TORCH_CHECK_INDEX(start[b] <= horizon - d.new_tokens, "causal_mask covers T = ", horizon, " positions but row ", b,
-                      " starts at position ", start[b], " and needs ", d.new_tokens, " more");
+    TORCH_CHECK_INDEX(start[b] > kNoPositionLimit - d.new_tokens || start[b] <= horizon - d.new_tokens,
+                      "causal_mask covers T = ", horizon, " positions but row ", b, " starts at position ", start[b],
+                      " and needs ", d.new_tokens, " more");
     TORCH_CHECK_INDEX(false, "index[", b, "] = ", start[b], " + ", d.new_tokens,
                       " new tokens overflows int64 (nothing was written)");
   }
@@ -195,6 +207,10 @@ LightningDims check_lightning_args(const char* op, const at::Tensor& state, cons
   d.heads = state.size(1);
   d.key_dim = state.size(2);
   d.value_dim = state.size(3);
+  // Zero heads or head dims are rejected, so no kernel divides by them.
+  TORCH_CHECK_VALUE(d.heads > 0, op, ": heads must be positive: state has shape ", shape_of(state));
+  TORCH_CHECK_VALUE(d.key_dim > 0, op, ": key_dim must be positive: state has shape ", shape_of(state));
+  TORCH_CHECK_VALUE(d.value_dim > 0, op, ": value_dim must be positive: state has shape ", shape_of(state));
   const struct {
     const at::Tensor* t;
     const char* name;
@@ -220,7 +236,6 @@ LightningDims check_lightning_args(const char* op, const at::Tensor& state, cons
   TORCH_CHECK_TYPE(key.scalar_type() == query.scalar_type() && value.scalar_type() == query.scalar_type(), op,
                    ": query, key and value must share one dtype, got ", query.scalar_type(), ", ", key.scalar_type(),
                    " and ", value.scalar_type());
-  TORCH_CHECK_VALUE(d.tokens > 0, op, ": query must hold at least one token, got shape ", shape_of(query));
   TORCH_CHECK_VALUE(slopes.dim() == 1 && slopes.size(0) == d.heads, op, ": slopes must be [heads] = [", d.heads,
                     "], got shape ", shape_of(slopes));
   TORCH_CHECK_TYPE(is_float_type(slopes.scalar_type()), op, ": slopes must be floating point, got ",
@@ -248,29 +263,52 @@ LightningDims check_lightning_args(const char* op, const at::Tensor& state, cons
   return d;
 }
 
+at::Tensor empty_lightning_output(const LightningDims& d, const at::Tensor& query) {
+  return at::empty({d.batch, d.tokens, d.heads, d.value_dim}, query.options());
+}
+
 std::optional<at::Tensor> prepare_slot_ids(const std::optional<at::Tensor>& slot_ids, const LightningDims& d,
                                            bool host_checks) {
   if (!slot_ids.has_value()) return std::nullopt;
-  at::Tensor slots = slot_ids->contiguous();
-  if (!host_checks) return slots;
-  const at::Tensor slots_cpu = slots.cpu();
-  const int64_t* slot = slots_cpu.const_data_ptr<int64_t>();
-  std::set<int64_t> seen;
-  for (int64_t b = 0; b < d.batch; ++b) {
-    TORCH_CHECK_INDEX(slot[b] >= -1 && slot[b] < d.slots, "slot_ids[", b, "] = ", slot[b], " is out of range [-1, ",
-                      d.slots, ") for a state with ", d.slots, " rows");
-    if (slot[b] >= 0) {
-      TORCH_CHECK_VALUE(seen.insert(slot[b]).second, "slot_ids[", b, "] = ", slot[b],
-                        " repeats an earlier row's slot; each state row may be updated by one batch row per call");
+  const at::Tensor& ids = *slot_ids;
+  if (host_checks) {
+    const at::Tensor ids_cpu = ids.cpu().contiguous();
+    const int64_t* slot = ids_cpu.const_data_ptr<int64_t>();
+    std::set<int64_t> seen;
+    for (int64_t b = 0; b < d.batch; ++b) {
+      TORCH_CHECK_INDEX(slot[b] >= -1 && slot[b] < d.slots, "slot_ids[", b, "] = ", slot[b], " is out of range [-1, ",
+                        d.slots, ") for a state with ", d.slots, " rows");
+      if (slot[b] >= 0) {
+        TORCH_CHECK_INDEX(seen.insert(slot[b]).second, "slot_ids[", b, "] = ", slot[b],
+                          " repeats an earlier row's slot; each state row may be updated by one batch row per call");
+      }
     }
+    return ids.contiguous();
   }
-  return slots;
+  // No host checks: sanitize on the device. Out of range -> -1.
+  const at::Tensor skip = at::full({}, -1, ids.options());
+  at::Tensor clean = at::where(ids.ge(0).logical_and_(ids.lt(d.slots)), ids, skip);
+  if (d.batch < 2) return clean;
+  // Repeats -> -1, first occurrence kept: a stable sort keeps equal ids in
+  // batch order, so in each run of equal ids all but the first are repeats.
+  // O(B log B) with no sync; -1 entries may be "repeats" too, which is harmless.
+  const auto [sorted, order] = at::sort(clean, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor repeat_sorted = at::cat({at::zeros({1}, ids.options().dtype(at::kBool)),
+                                           sorted.narrow(0, 1, d.batch - 1).eq(sorted.narrow(0, 0, d.batch - 1))});
+  const at::Tensor repeat = at::empty_like(repeat_sorted).scatter_(0, order, repeat_sorted);
+  return clean.masked_fill_(repeat, -1);
 }
 
 void check_init_sizes(const char* op, std::initializer_list<std::pair<const char*, int64_t>> sizes) {
+  int64_t key_dim = 0, value_dim = 0;
   for (const auto& [name, size] : sizes) {
     TORCH_CHECK_VALUE(size > 0, op, ": ", name, " must be positive, got ", size);
+    if (std::string_view(name) == "key_dim") key_dim = size;
+    if (std::string_view(name) == "value_dim") value_dim = size;
   }
+  // The unified cache's last dimension is key_dim + value_dim: it must not overflow.
+  TORCH_CHECK_VALUE(key_dim <= std::numeric_limits<int64_t>::max() - value_dim, op, ": key_dim + value_dim (",
+                    key_dim, " + ", value_dim, ") overflows int64");
 }
 
 void check_state_dtype(at::ScalarType dtype) {

@@ -19,7 +19,14 @@ struct KVCacheDims {
   int64_t new_tokens = 0;  // q
 };
 
-// Shapes, dtypes and devices of every concatenate_to_cache argument.
+// Shapes, dtypes and devices of the arguments write_to_cache and
+// concatenate_to_cache share (the cache, its positions, the new keys/values).
+// Zero heads, key_dim or value_dim are a ValueError; B = 0 or q = 0 pass (an
+// empty call, see is_empty_call).
+KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
+                             const at::Tensor& value, bool ring);
+
+// check_write_args plus the mask arguments of concatenate_to_cache.
 KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
                                    const at::Tensor& value, const std::optional<at::Tensor>& attention_mask,
                                    const std::optional<at::Tensor>& causal_mask,
@@ -35,6 +42,10 @@ MaskInputs make_mask_inputs(const KVCacheDims& dims, const std::optional<at::Ten
                             const std::optional<at::Tensor>& causal_mask,
                             const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring);
 
+// B = 0 or q = 0: nothing to write and nothing to compute. Kernels return the
+// empty result (positions unchanged) without a launch or a division by zero.
+inline bool is_empty_call(const KVCacheDims& d) { return d.batch == 0 || d.new_tokens == 0; }
+
 struct LightningDims {
   int64_t batch = 0;      // B
   int64_t tokens = 0;     // n
@@ -45,14 +56,26 @@ struct LightningDims {
 };
 
 // Shapes, dtypes and devices of lightning_decode / lightning_prefill arguments.
-// `op` names the operator in messages.
+// `op` names the operator in messages. Zero heads, key_dim or value_dim are a
+// ValueError; B = 0 or n = 0 pass (an empty call, see is_empty_call).
 LightningDims check_lightning_args(const char* op, const at::Tensor& state, const at::Tensor& query,
                                    const at::Tensor& key, const at::Tensor& value, const at::Tensor& slopes,
                                    const std::optional<at::Tensor>& attention_mask,
                                    const std::optional<at::Tensor>& slot_ids, int64_t block_size);
 
-// Contiguous slot ids for the kernels, value-checked (range, no duplicates)
-// when `host_checks` is true, which on CUDA costs a sync.
+// B = 0 or n = 0: the output is empty and the state is left as it is.
+inline bool is_empty_call(const LightningDims& d) { return d.batch == 0 || d.tokens == 0; }
+
+// The empty output [B, n, H, Dv] of an empty lightning call.
+at::Tensor empty_lightning_output(const LightningDims& d, const at::Tensor& query);
+
+// The slot ids every kernel reads: contiguous int64 [B] in which each entry is
+// a state row in [0, slots) or -1 (skip the batch row: state untouched, output
+// zeros). With `host_checks` (a sync on CUDA) an out-of-range (< -1 or >= slots)
+// or repeated id raises IndexError. Without, it is sanitized with device ops and
+// no sync: out-of-range ids become -1, and so does every id equal to an earlier
+// batch row's (the first occurrence wins), so no two rows ever race for a
+// state row. The one place this rule lives; kernels just skip -1.
 std::optional<at::Tensor> prepare_slot_ids(const std::optional<at::Tensor>& slot_ids, const LightningDims& dims,
                                            bool host_checks);
 

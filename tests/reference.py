@@ -23,6 +23,7 @@ import torch
 __all__ = [
     "held_position",
     "ref_concatenate_to_cache",
+    "ref_write_to_cache",
     "seed_concatenate_to_cache",
     "ref_lightning",
     "ref_lightning_slopes",
@@ -45,6 +46,27 @@ def held_position(j: int, end: int, capacity: int, ring: bool) -> int | None:
     return max(candidates) if candidates else None
 
 
+INT64_MAX = 2**63 - 1
+
+
+def row_writable(start: int, q: int, capacity: int, ring: bool, T: int | None = None) -> bool:
+    """SPEC 6: a row is written iff every position ``start .. start + q - 1`` is valid:
+    ``start >= 0``, ``start + q`` fits the cache (unless ring), the explicit causal
+    mask's ``T`` and int64 (Python ints do not overflow, so this is the plain rule)."""
+    end = start + q
+    return start >= 0 and end <= INT64_MAX and (ring or end <= capacity) and (T is None or end <= T)
+
+
+def ref_write_to_cache(key_value, index, key, value, ring=False, check_bounds=True):
+    """``write_to_cache``: the K/V part of :func:`ref_concatenate_to_cache` (no mask).
+
+    Returns ``(new_key_value, new_index)``.
+    """
+    new_kv, new_index, _ = ref_concatenate_to_cache(key_value, index, key, value, ring=ring,
+                                                    check_bounds=check_bounds)
+    return new_kv, new_index
+
+
 def _nonzero(x: torch.Tensor) -> bool:
     return bool((x != 0).item())
 
@@ -61,10 +83,10 @@ def ref_concatenate_to_cache(key_value, index, key, value, attention_mask=None, 
 
     With ``check_bounds=True`` invalid positions raise (as eager mode must);
     with ``check_bounds=False`` they follow the documented fallback: a row
-    whose write would overflow (no ring) or whose position is negative is
-    skipped whole (nothing written, index kept, mask row all false), and an
-    explicit causal-mask entry outside ``[T, T]`` (row ``p >= T``, or a ring
-    column holding a position ``>= T``) reads as false.
+    that cannot be written whole is skipped whole (nothing written, index
+    kept, mask row all false). A row can be written when its position is
+    ``>= 0``, ``index + q`` fits the cache (unless ring), the explicit causal
+    mask (``index + q <= T``) and int64.
     """
     B, L, H, W = key_value.shape
     q = key.shape[1]
@@ -88,14 +110,9 @@ def ref_concatenate_to_cache(key_value, index, key, value, attention_mask=None, 
     for b in range(B):
         start = int(index[b])
         end = start + q
-        writable = start >= 0 and (ring or end <= L)
-        if check_bounds:
-            if start < 0:
-                raise IndexError(f"index[{b}] = {start} is negative")
-            if not writable:
-                raise IndexError(f"cache overflow in row {b}")
-            if T is not None and end > T:
-                raise IndexError(f"causal_mask too short for row {b}")
+        writable = row_writable(start, q, L, ring, T)
+        if check_bounds and not writable:
+            raise IndexError(f"row {b} cannot be written at position {start}")
         if not writable:
             continue  # row skipped whole: mask row stays all false, index kept
 

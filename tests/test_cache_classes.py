@@ -31,7 +31,6 @@ def test_metadata_fallbacks_follow_easydel():
     ("key_dim", dict(num_heads=2, key_dim=-3, head_dim=4)),
     ("max_length", dict(num_heads=2, head_dim=4, max_length=0)),
     ("block_size", dict(num_heads=2, head_dim=4, block_size=0)),
-    ("num_heads", dict(num_heads=2.5, head_dim=4)),
     ("key_heads", dict(head_dim=4)),  # missing, no fallback
     ("key_dim", dict(num_heads=2)),  # missing, no fallback
     ("value_heads", dict(num_heads=2, head_dim=4, value_heads=3)),  # inconsistent with key_heads

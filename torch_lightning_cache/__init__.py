@@ -21,6 +21,7 @@ from .ops import (
     lightning_prefill,
     lightning_slopes,
     split_key_value,
+    write_to_cache,
 )
 
 __all__ = [
@@ -38,5 +39,6 @@ __all__ = [
     "lightning_prefill",
     "lightning_slopes",
     "split_key_value",
+    "write_to_cache",
 ]
 __version__ = "0.1.0"

@@ -23,18 +23,29 @@ import torch
 
 from . import ops
 
+_INT64_LIMIT = 2**63
+
 ATTENTION = "attention"
 LIGHTNING = "lightning"
 LAYER_KINDS = (ATTENTION, LIGHTNING)
 
 
-def _check_positive(name: str, value: tp.Any) -> None:
+def _check_positive(name: str, value: tp.Any, op: str = "LightningCacheMetaData.create") -> None:
+    """``None`` or a positive int: a wrong type is a ``TypeError``, a bad value a ``ValueError``."""
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    ops.check_types(op, **{name: (value, "int")})
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
+
+
+def _check_head_dims(op: str, metadata: LightningCacheMetaData, **tensors: tuple[torch.Tensor, int]) -> None:
+    """``name=(tensor, expected last dim)``: each ``[B, n, H, D]`` input must match the metadata's heads and dims."""
+    for name, (tensor, dim) in tensors.items():
+        if tensor.dim() != 4 or tensor.shape[2] != metadata.key_heads or tensor.shape[3] != dim:
+            raise ValueError(f"{op}: {name} has shape {tuple(tensor.shape)} but the metadata says "
+                             f"[batch, tokens, heads={metadata.key_heads}, head dim={dim}] (key_dim="
+                             f"{metadata.key_dim}, value_dim={metadata.value_dim})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +104,8 @@ class LightningCacheMetaData:
                             ("key_heads", key_heads), ("value_heads", value_heads), ("key_dim", key_dim),
                             ("value_dim", value_dim), ("max_length", max_length), ("block_size", block_size)):
             _check_positive(name, value)
+        ops.check_types("LightningCacheMetaData.create", dtype=(dtype, "dtype?"), device=(device, "device?"),
+                        ring=(ring, "bool"), state_dtype=(state_dtype, "dtype?"))
         key_heads = key_heads if key_heads is not None else num_heads
         value_heads = value_heads if value_heads is not None else num_heads
         key_dim = key_dim if key_dim is not None else head_dim
@@ -111,7 +124,7 @@ class LightningCacheMetaData:
         return cls(partition_axis=partition_axis, batch_size=batch_size, num_heads=num_heads, head_dim=head_dim,
                    key_heads=key_heads, value_heads=value_heads, key_dim=key_dim, value_dim=value_dim,
                    max_length=max_length, dtype=dtype, device=torch.device(device) if device is not None else None,
-                   ring=bool(ring), state_dtype=state_dtype, block_size=block_size)
+                   ring=ring, state_dtype=state_dtype, block_size=block_size)
 
 
 class LightningCacheView:
@@ -124,8 +137,22 @@ class LightningCacheView:
 
     def __init__(self, metadata: LightningCacheMetaData, layer_index: int | None = None,
                  layer_kind: str = ATTENTION, num_layers: int | None = None):
+        if not isinstance(metadata, LightningCacheMetaData):
+            raise TypeError(f"LightningCacheView: metadata must be a LightningCacheMetaData, got "
+                            f"{type(metadata).__name__} {metadata!r}")
         if layer_kind not in LAYER_KINDS:
             raise ValueError(f"layer_kind must be one of {LAYER_KINDS}, got {layer_kind!r}")
+        if layer_index is not None:
+            ops.check_types("LightningCacheView", layer_index=(layer_index, "int"))
+        _check_positive("num_layers", num_layers, "LightningCacheView")
+        if layer_index is not None and not 0 <= layer_index < (num_layers or _INT64_LIMIT):
+            raise ValueError(f"layer_index must be in [0, num_layers), got layer_index={layer_index}, "
+                             f"num_layers={num_layers}")
+        # A lightning layer's slopes depend on layer_index / num_layers: without
+        # num_layers they would silently be built as if this were the last layer.
+        if layer_kind == LIGHTNING and layer_index is not None and num_layers is None:
+            raise ValueError(f"a lightning view needs num_layers with layer_index={layer_index}: its slopes depend "
+                             "on both (LightningCacheView.init(metadata, layer_index, 'lightning', num_layers=N))")
         self.metadata = metadata
         self.layer_index = layer_index
         self.layer_kind = layer_kind
@@ -199,6 +226,13 @@ class LightningCacheView:
         ``quantizer`` must be ``None`` (quantized storage is not implemented).
         """
         self._require(ATTENTION, "concatenate_to_cache")
+        op = "LightningCacheView.concatenate_to_cache"
+        ops.check_types(op, query=(query, "tensor?"), key=(key, "tensor"), value=(value, "tensor"),
+                        attention_mask=(attention_mask, "tensor?"), token_type_ids=(token_type_ids, "tensor?"))
+        if not (causal_mask is None or isinstance(causal_mask, (bool, torch.Tensor))):
+            raise TypeError(f"{op}: causal_mask must be a torch.Tensor, a bool or None, got "
+                            f"{type(causal_mask).__name__} {causal_mask!r}")
+        _check_head_dims(op, self.metadata, key=(key, self.metadata.key_dim), value=(value, self.metadata.value_dim))
         if quantizer is not None:
             raise NotImplementedError("quantized cache storage is not implemented; pass quantizer=None")
         if self.key_value is None:
@@ -221,8 +255,11 @@ class LightningCacheView:
     def layer_slopes(self, device: torch.device | None = None) -> torch.Tensor:
         """MiniMax slopes for this layer (from its index and the model's layer count)."""
         if self.slopes is None or (device is not None and self.slopes.device != device):
-            layer = self.layer_index or 0
-            self.slopes = ops.lightning_slopes(self.metadata.key_heads, layer, max(self.num_layers or 1, layer + 1),
+            if self.num_layers is None or self.layer_index is None:
+                raise ValueError(f"layer {self.layer_index}: the MiniMax slopes need layer_index and num_layers "
+                                 f"(got {self.layer_index} and {self.num_layers}); build the view with both, or pass "
+                                 "slopes= to recurrent_update")
+            self.slopes = ops.lightning_slopes(self.metadata.key_heads, self.layer_index, self.num_layers,
                                                device=device)
         return self.slopes
 
@@ -233,9 +270,15 @@ class LightningCacheView:
 
         One token uses the decode kernel, several the chunked prefill (same
         results). ``slot_ids [B]`` pick state rows (-1: skip the row);
-        ``attention_mask [B, n]`` zeros drop a token's ``k^T v`` but keep the decay.
+        ``attention_mask [B, n]`` zeros skip a token whole (no decay, no ``k^T v``, output 0).
         """
         self._require(LIGHTNING, "recurrent_update")
+        op = "LightningCacheView.recurrent_update"
+        ops.check_types(op, query=(query, "tensor"), key=(key, "tensor"), value=(value, "tensor"),
+                        attention_mask=(attention_mask, "tensor?"), slot_ids=(slot_ids, "tensor?"),
+                        slopes=(slopes, "tensor?"), scale=(scale, "float"))
+        m = self.metadata
+        _check_head_dims(op, m, query=(query, m.key_dim), key=(key, m.key_dim), value=(value, m.value_dim))
         if self.key_value is None:
             if slot_ids is not None and self.metadata.batch_size is None:
                 raise ValueError("with slot_ids, the state pool size must be given as batch_size in the metadata")
@@ -271,7 +314,12 @@ class LightningCache:
                    layer_kinds: tp.Sequence[str] | None = None) -> LightningCache:
         """One view per layer. ``layer_kinds`` (``"attention"``/``"lightning"`` per layer) defaults to all
         attention layers, as the seed builds it; see :func:`minimax_layer_kinds` for a hybrid."""
-        _check_positive("num_hidden_layers", num_hidden_layers)
+        _check_positive("num_hidden_layers", num_hidden_layers, "LightningCache.init_cache")
+        if num_hidden_layers is None:
+            raise TypeError("LightningCache.init_cache: num_hidden_layers must be an int, got None")
+        if not isinstance(metadata, LightningCacheMetaData):
+            raise TypeError(f"LightningCache.init_cache: metadata must be a LightningCacheMetaData, got "
+                            f"{type(metadata).__name__} {metadata!r}")
         kinds = list(layer_kinds) if layer_kinds is not None else [ATTENTION] * num_hidden_layers
         if len(kinds) != num_hidden_layers:
             raise ValueError(f"layer_kinds has {len(kinds)} entries but num_hidden_layers is {num_hidden_layers}")
@@ -281,7 +329,9 @@ class LightningCache:
     @classmethod
     def init_empty(cls, num_hidden_layers: int) -> LightningCache:
         """``num_hidden_layers`` empty slots (``None``), to be filled later."""
-        _check_positive("num_hidden_layers", num_hidden_layers)
+        _check_positive("num_hidden_layers", num_hidden_layers, "LightningCache.init_empty")
+        if num_hidden_layers is None:
+            raise TypeError("LightningCache.init_empty: num_hidden_layers must be an int, got None")
         return cls([None] * num_hidden_layers)
 
     def __getitem__(self, index: int) -> LightningCacheView | None:

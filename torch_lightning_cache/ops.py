@@ -13,6 +13,7 @@ only fresh tensors; the wrappers add the views a caller wants.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -24,6 +25,54 @@ _ops = torch.ops.lightning_cache
 def build_info() -> dict:
     """How the loaded operator library was built: ``{"cuda": bool, "cuda_version": str | None, ...}``."""
     return _C.build_info()
+
+
+# --------------------------------------------------------------------------- argument types
+
+_INT64_MAX = 2**63 - 1
+
+_KINDS = {
+    "bool": "a bool",
+    "int": "an int",
+    "float": "a float",
+    "tensor": "a torch.Tensor",
+    "tensor?": "a torch.Tensor or None",
+    "dtype?": "a torch.dtype or None",
+    "device?": "a torch.device, a str or None",
+}
+
+
+def _is_kind(value, kind: str) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":  # SymInt: sizes traced by torch.compile
+        return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)) and not isinstance(value, bool)
+    if kind == "tensor":
+        return isinstance(value, torch.Tensor)
+    if kind == "tensor?":
+        return value is None or isinstance(value, torch.Tensor)
+    if kind == "dtype?":
+        return value is None or isinstance(value, torch.dtype)
+    if kind == "device?":
+        return value is None or isinstance(value, (torch.device, str, int)) and not isinstance(value, bool)
+    raise AssertionError(kind)
+
+
+def check_types(op: str, **args) -> None:
+    """Checks Python-level argument types: ``name=(value, kind)`` with a kind of ``_KINDS``.
+
+    A string, ``None`` or float where a bool, int or tensor is expected (``ring="False"``,
+    ``check_bounds=None``, ``causal_mask="causal"``) is a ``TypeError`` naming the argument,
+    never a silent coercion; an int outside int64 is a ``ValueError``. Every wrapper and
+    cache class goes through here, so the rule lives in one place.
+    """
+    for name, (value, kind) in args.items():
+        if not _is_kind(value, kind):
+            raise TypeError(f"{op}: {name} must be {_KINDS[kind]}, got {type(value).__name__} {value!r}")
+        if kind == "int" and isinstance(value, numbers.Integral) and not -_INT64_MAX - 1 <= value <= _INT64_MAX:
+            raise ValueError(f"{op}: {name} = {value} does not fit in int64")
 
 
 # --------------------------------------------------------------------------- fake kernels
@@ -44,6 +93,12 @@ def _init_kv_cache_fake(batch_size, max_length, num_heads, key_dim, value_dim, d
     dtype = dtype or torch.get_default_dtype()
     key_value = torch.empty(batch_size, max_length, num_heads, key_dim + value_dim, dtype=dtype, device=device)
     return key_value, torch.empty(batch_size, dtype=torch.int64, device=device)
+
+
+@torch.library.register_fake("lightning_cache::write_to_cache")
+def _write_to_cache_fake(key_value, index, key, value, ring=False, check_bounds=True):
+    _check_one_device("write_to_cache", key_value=key_value, index=index, key=key, value=value)
+    torch._check(key_value.dim() == 4 and key.dim() == 4, lambda: "key_value and key must be 4-D")
 
 
 @torch.library.register_fake("lightning_cache::init_state")
@@ -84,12 +139,18 @@ def _lightning_prefill_fake(state, query, key, value, slopes, attention_mask=Non
 def init_kv_cache(batch_size: int, max_length: int, num_heads: int, key_dim: int, value_dim: int,
                   dtype: torch.dtype | None = None, device: torch.device | str | None = None):
     """Zeroed unified cache ``key_value [B, L, H, Dk + Dv]`` and positions ``index [B]`` (int64)."""
+    check_types("init_kv_cache", batch_size=(batch_size, "int"), max_length=(max_length, "int"),
+                num_heads=(num_heads, "int"), key_dim=(key_dim, "int"), value_dim=(value_dim, "int"),
+                dtype=(dtype, "dtype?"), device=(device, "device?"))
+    if key_dim > 0 and value_dim > 0 and key_dim + value_dim > _INT64_MAX:
+        raise ValueError(f"init_kv_cache: key_dim + value_dim ({key_dim} + {value_dim}) overflows int64")
     device = torch.device(device) if device is not None else None
     return _ops.init_kv_cache(batch_size, max_length, num_heads, key_dim, value_dim, dtype=dtype, device=device)
 
 
 def split_key_value(key_value: torch.Tensor, key_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Views ``key [B, L, H, Dk]`` and ``value [B, L, H, Dv]`` of a unified cache (no copy)."""
+    check_types("split_key_value", key_value=(key_value, "tensor"), key_dim=(key_dim, "int"))
     return key_value[..., :key_dim], key_value[..., key_dim:]
 
 
@@ -102,15 +163,37 @@ def concatenate_to_cache(key_value: torch.Tensor, index: torch.Tensor, key: torc
     Returns ``(key_cache, value_cache, mask)``: views into ``key_value`` and the
     ``[B, 1, q, L]`` boolean attention mask for the new queries.
     """
+    check_types("concatenate_to_cache", key_value=(key_value, "tensor"), index=(index, "tensor"), key=(key, "tensor"),
+                value=(value, "tensor"), attention_mask=(attention_mask, "tensor?"),
+                causal_mask=(causal_mask, "tensor?"), token_type_ids=(token_type_ids, "tensor?"),
+                is_causal=(is_causal, "bool"), ring=(ring, "bool"), check_bounds=(check_bounds, "bool"))
     mask = _ops.concatenate_to_cache(key_value, index, key, value, attention_mask, causal_mask, token_type_ids,
                                      is_causal, ring, check_bounds)
     key_cache, value_cache = split_key_value(key_value, key.shape[-1])
     return key_cache, value_cache, mask
 
 
+def write_to_cache(key_value: torch.Tensor, index: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   ring: bool = False, check_bounds: bool = True):
+    """``concatenate_to_cache`` without the mask, for attention kernels that take lengths.
+
+    Writes ``key``/``value`` ``[B, q, H, D*]`` at each row's position and advances
+    ``index``, with the same validation and the same skip rules (a row that cannot be
+    written with ``check_bounds=False`` is skipped whole). Returns
+    ``(key_cache, value_cache)``, views into ``key_value``.
+    """
+    check_types("write_to_cache", key_value=(key_value, "tensor"), index=(index, "tensor"), key=(key, "tensor"),
+                value=(value, "tensor"), ring=(ring, "bool"), check_bounds=(check_bounds, "bool"))
+    _ops.write_to_cache(key_value, index, key, value, ring, check_bounds)
+    return split_key_value(key_value, key.shape[-1])
+
+
 def init_state(batch_size: int, num_heads: int, key_dim: int, value_dim: int, dtype: torch.dtype | None = None,
                device: torch.device | str | None = None) -> torch.Tensor:
     """Zeroed recurrent state ``[B, H, Dk, Dv]`` (float32 unless ``dtype`` says bfloat16)."""
+    check_types("init_state", batch_size=(batch_size, "int"), num_heads=(num_heads, "int"),
+                key_dim=(key_dim, "int"), value_dim=(value_dim, "int"), dtype=(dtype, "dtype?"),
+                device=(device, "device?"))
     device = torch.device(device) if device is not None else None
     return _ops.init_state(batch_size, num_heads, key_dim, value_dim, dtype=dtype, device=device)
 
@@ -119,6 +202,9 @@ def lightning_decode(state: torch.Tensor, query: torch.Tensor, key: torch.Tensor
                      slopes: torch.Tensor, slot_ids: torch.Tensor | None = None, scale: float = 1.0,
                      check_bounds: bool = True) -> torch.Tensor:
     """Applies each of the ``n`` tokens in order: ``S = exp(-slope) S + k^T v``, ``o = scale * q S``."""
+    check_types("lightning_decode", state=(state, "tensor"), query=(query, "tensor"), key=(key, "tensor"),
+                value=(value, "tensor"), slopes=(slopes, "tensor"), slot_ids=(slot_ids, "tensor?"),
+                scale=(scale, "float"), check_bounds=(check_bounds, "bool"))
     return _ops.lightning_decode(state, query, key, value, slopes, slot_ids, scale, check_bounds)
 
 
@@ -126,7 +212,11 @@ def lightning_prefill(state: torch.Tensor, query: torch.Tensor, key: torch.Tenso
                       slopes: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       slot_ids: torch.Tensor | None = None, block_size: int = 256, scale: float = 1.0,
                       check_bounds: bool = True) -> torch.Tensor:
-    """Chunked equivalent of ``n`` decode steps from the current state; masked tokens only decay the state."""
+    """Chunked equivalent of ``n`` decode steps from the current state; a masked token is skipped whole."""
+    check_types("lightning_prefill", state=(state, "tensor"), query=(query, "tensor"), key=(key, "tensor"),
+                value=(value, "tensor"), slopes=(slopes, "tensor"), attention_mask=(attention_mask, "tensor?"),
+                slot_ids=(slot_ids, "tensor?"), block_size=(block_size, "int"), scale=(scale, "float"),
+                check_bounds=(check_bounds, "bool"))
     return _ops.lightning_prefill(state, query, key, value, slopes, attention_mask, slot_ids, block_size, scale,
                                   check_bounds)
 
@@ -137,6 +227,8 @@ def lightning_slopes(num_heads: int, layer_index: int = 0, num_layers: int = 1,
 
     ``s_h = base^(h + 1) * (1 - layer_index / (num_layers - 1 + 1e-5) + 1e-5)`` with ``base = 2^(-8 / H)``.
     """
+    check_types("lightning_slopes", num_heads=(num_heads, "int"), layer_index=(layer_index, "int"),
+                num_layers=(num_layers, "int"), device=(device, "device?"))
     if num_heads < 1:
         raise ValueError(f"num_heads must be positive, got {num_heads}")
     if num_layers < 1 or not 0 <= layer_index < num_layers:

@@ -1,5 +1,6 @@
-// concatenate_to_cache on the CPU: one pass copying K|V rows, one pass
-// building the mask, both split across threads with at::parallel_for.
+// concatenate_to_cache and write_to_cache on the CPU: one pass copying K|V
+// rows (shared by both ops), one pass building the mask, both split across
+// threads with at::parallel_for.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -56,6 +57,26 @@ void write_tokens(at::Tensor& key_value, const at::Tensor& key, const at::Tensor
   });
 }
 
+// The part both ops share: copies the new tokens of every writable row
+// (row_writable, the one rule) and advances its position. Returns the
+// positions before the call, which the mask is computed from.
+std::vector<int64_t> write_and_advance(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key,
+                                       const at::Tensor& value, const KVCacheDims& d, bool ring, int64_t limit) {
+  std::vector<int64_t> start(index.const_data_ptr<int64_t>(), index.const_data_ptr<int64_t>() + d.batch);
+  if (is_empty_call(d)) return start;  // nothing to copy; positions advance by 0
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key_value.scalar_type(), "write_to_cache_cpu", [&] {
+    using cache_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "write_to_cache_cpu_key", [&] {
+      write_tokens<cache_t, scalar_t>(key_value, key, value, start.data(), d, ring, limit);
+    });
+  });
+  int64_t* position = index.data_ptr<int64_t>();
+  for (int64_t b = 0; b < d.batch; ++b) {
+    if (row_writable(start[b], d.new_tokens, d.capacity, ring, limit)) position[b] = start[b] + d.new_tokens;
+  }
+  return start;
+}
+
 // row[j] = attention_allows(in, b, i, j) for j < limit, with the element type
 // resolved once per row so the loop vectorizes (the rule reads it per element).
 void fill_attention_prefix(bool* row, const MaskInputs& in, int64_t b, int64_t i, int64_t limit) {
@@ -96,19 +117,12 @@ at::Tensor concatenate_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, co
                                                token_type_ids, is_causal, ring);
   if (check_bounds) check_positions(index, d, ring, causal_mask);
 
-  // Positions before this call; the rule and the copy both read these.
-  const std::vector<int64_t> start(index.const_data_ptr<int64_t>(), index.const_data_ptr<int64_t>() + d.batch);
-
   const MaskInputs in = make_mask_inputs(d, attention_mask, causal_mask, token_type_ids, is_causal, ring);
   const int64_t limit = position_limit(in);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key_value.scalar_type(), "concatenate_to_cache_cpu", [&] {
-    using cache_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "concatenate_to_cache_cpu_key", [&] {
-      write_tokens<cache_t, scalar_t>(key_value, key, value, start.data(), d, ring, limit);
-    });
-  });
+  const std::vector<int64_t> start = write_and_advance(key_value, index, key, value, d, ring, limit);
 
   at::Tensor mask = at::empty({d.batch, 1, d.new_tokens, d.capacity}, key_value.options().dtype(at::kBool));
+  if (is_empty_call(d)) return mask;
   bool* out = mask.data_ptr<bool>();
   at::parallel_for(0, d.batch * d.new_tokens, std::max<int64_t>(1, 65536 / d.capacity),
                    [&](int64_t begin, int64_t end) {
@@ -130,17 +144,21 @@ at::Tensor concatenate_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, co
                      }
                    });
 
-  int64_t* position = index.data_ptr<int64_t>();
-  for (int64_t b = 0; b < d.batch; ++b) {
-    if (row_writable(start[b], d.new_tokens, d.capacity, ring, limit)) position[b] = start[b] + d.new_tokens;
-  }
   return mask;
+}
+
+void write_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key, const at::Tensor& value,
+                        bool ring, bool check_bounds) {
+  const KVCacheDims d = check_write_args(key_value, index, key, value, ring);
+  if (check_bounds) check_positions(index, d, ring, std::nullopt);
+  write_and_advance(key_value, index, key, value, d, ring, kNoPositionLimit);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lightning_cache, CPU, m) {
   m.impl("concatenate_to_cache", &concatenate_to_cache_cpu);
+  m.impl("write_to_cache", &write_to_cache_cpu);
 }
 
 }  // namespace lightning_cache
