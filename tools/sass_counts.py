@@ -14,19 +14,21 @@ objects in DIR (default: a temporary folder), then reads:
 Method for "instructions per 16 bytes" (static, from the SASS text):
   A loop is a backward branch `BRA target` with target <= its own address; its
   body is the instructions from target to the branch, inclusive. For each loop
-  the script sums the bytes that the body's global stores write (STG.E.U8 = 1,
-  .U16/.S16 = 2, STG.E = 4, .64 = 8, .128 = 16) and its global loads read (LDG,
-  same widths), and reports
-      instructions per 16 stored bytes = 16 * body instructions / stored bytes.
-  That is exact for a branch-free body (an unrolled per-chunk loop: one pass
-  writes one 16-byte chunk); for a body with internal branches it is an upper
-  bound (every instruction counted once per pass, taken or not). Straight-line
-  kernels (one chunk per thread, no loop) are reported the same way over the
-  whole function, which is then also an upper bound.
-  The loops of interest are labelled by their stores: a mask chunk stores one
-  STG.E.128 of bools (or 16 STG.E.U8), a K|V copy pass stores one STG.E.128 of
-  cache elements. Non-inlined device functions (e.g. the mask row writer) appear
-  as their own "Function" blocks and are analysed the same way.
+  the script prints the body's instruction count (an upper bound on one pass:
+  every instruction once, taken or not), the shortest pass (fewest
+  instructions from the loop head to the back-edge following fall-through and
+  forward branches: a lower bound, exact for the cheapest branch outcome), and
+  the "widest load+store pass" (the shortest pass that executes the body's
+  widest global load, if any, then its widest store: for a mask or copy loop,
+  the cost of one full 16-byte chunk on the aligned fast path), and
+  the widths of the body's global stores (STG.E.U8 = 1, .U16 = 2, STG.E = 4,
+  .64 = 8, .128 = 16) and the bytes its loads read.
+  One pass of a mask loop writes one 16-byte chunk (one STG.E.128, or 16
+  STG.E.U8 on the unaligned fallback branch), and one pass of a copy loop one
+  16-byte vector (one STG.E.128) or one element (VEC = 1): so "instructions
+  per 16 mask bytes" and "per 16 copied bytes" are read off the loop lines.
+  Straight-line kernels (one chunk per thread, no loop; main's mask path) are
+  counted over the whole function, which is then an upper bound.
 
 cuobjdump (and the nvdisasm it runs, looked up beside it first): $CUOBJDUMP,
 else on PATH, else $CUDA_HOME/bin, else pip's nvidia-cuda-cuobjdump and
@@ -122,12 +124,66 @@ def analyse(instrs):
     return loops, region(real, "whole function")
 
 
+def branch_target(body):
+    m = re.search(r"\bBRA\b(?:\.\S+)?\s+(?:`\()?.*?0x([0-9a-f]+)", body)
+    return int(m.group(1), 16) if m else None
+
+
+def min_path(instrs, first=0, last=None):
+    """Fewest instructions from instrs[first] to instrs[last] (default: the last),
+    following fall-through and forward branches inside the region (inner loops taken 0 times)."""
+    last = len(instrs) - 1 if last is None else last
+    pos = {a: k for k, (a, _, _) in enumerate(instrs)}
+    INF = float("inf")
+    dist = [INF] * len(instrs)
+    dist[first] = 1
+    for k, (addr, op, body) in enumerate(instrs):
+        if dist[k] == INF or k >= last:
+            continue
+        predicated = body.startswith("@")
+        base = op.split(".")[0]
+        succ = []
+        if base in ("EXIT", "RET") and not predicated:
+            succ = []
+        elif base == "BRA":
+            t = branch_target(body)
+            if t is not None and t > addr and t in pos:
+                succ.append(pos[t])
+            if predicated or t is None:
+                succ.append(k + 1)
+        else:
+            succ.append(k + 1)
+        for n in succ:
+            dist[n] = min(dist[n], dist[k] + 1)
+    return dist[last]
+
+
+def wide_pass(instrs):
+    """Shortest pass that executes the region's widest global load (if any) and then its widest store."""
+    def widest(prefixes):
+        best = None
+        for k, (_, op, _) in enumerate(instrs):
+            if op.startswith(prefixes) and (best is None or access_bytes(op) > access_bytes(instrs[best][1])):
+                best = k
+        return best
+
+    st, ld = widest(("STG", "ST.")), widest(("LDG", "LD."))
+    if st is None:
+        return None
+    points = [0] + ([ld] if ld is not None and ld < st else []) + [st, len(instrs) - 1]
+    total = 1
+    for a, b in zip(points, points[1:]):
+        total += min_path(instrs, a, b) - 1
+    return total
+
+
 def region(instrs, label):
-    stored = sum(access_bytes(op) for _, op, _ in instrs if op.startswith(("STG", "ST.")))
+    stores = [access_bytes(op) for _, op, _ in instrs if op.startswith(("STG", "ST."))]
     loaded = sum(access_bytes(op) for _, op, _ in instrs if op.startswith(("LDG", "LD.")))
     n = sum(1 for i in instrs if i[1] != "NOP")
-    per16 = 16.0 * n / stored if stored else float("nan")
-    return {"label": label, "instructions": n, "stored": stored, "loaded": loaded, "per16": per16}
+    return {"label": label, "instructions": n, "min_path": min_path(instrs), "wide_pass": wide_pass(instrs),
+            "stores": stores,
+            "stored": sum(stores), "loaded": loaded}
 
 
 def main():
@@ -181,13 +237,12 @@ def main():
                 f"loads {whole['loaded']} B (static totals)"
             )
             for lp in loops:
-                if lp["stored"]:
-                    print(
-                        f"    {lp['label']}: {lp['instructions']} instr, stores {lp['stored']} B, "
-                        f"loads {lp['loaded']} B -> {lp['per16']:.1f} instr / 16 B stored"
-                    )
-                else:
-                    print(f"    {lp['label']}: {lp['instructions']} instr, no global stores")
+                widths = ",".join(str(w) for w in sorted(set(lp["stores"]), reverse=True)) or "-"
+                wp = "" if lp["wide_pass"] is None else f", widest load+store pass {lp['wide_pass']}"
+                print(
+                    f"    {lp['label']}: {lp['instructions']} instr (shortest pass {lp['min_path']}{wp}), "
+                    f"{len(lp['stores'])} stores (widths {widths} B), loads {lp['loaded']} B"
+                )
 
 
 if __name__ == "__main__":

@@ -5,13 +5,13 @@
 // reads index[b] once, copies key[b, t] | value[b, t] into cache column
 // token_column(index[b], t) if row b is writable (16-byte vectors, 32-bit
 // offsets inside the row), and, for concatenate_to_cache, writes mask row
-// (b, i = t). The mask writer is one non-templated, non-inlined device
-// function shared by every dtype variant, so it is compiled once.
+// (b, i = t). There is one kernel, not one per (cache, input) dtype pair: the
+// pair is a runtime switch per row around the small copy loop, so the mask
+// code (most of the kernel) is compiled once, not once per dtype pair.
 // The positions are advanced by the last block to finish (an atomic counter),
 // after every block has read them: a grid cannot otherwise order its own reads
 // before that write, and a second launch would cost a launch per call.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -45,20 +45,22 @@ constexpr unsigned kCounterSlots = 1024;
 __device__ unsigned int g_block_counters[kCounterSlots];
 
 struct RowParams {
-  void* kv;                 // [B, L, H, Dk + Dv], contiguous
-  const void* key;          // [B, q, H, Dk], any strides
-  const void* value;        // [B, q, H, Dv], any strides
-  int64_t* index;           // [B]; read by every block, advanced by the last one
-  uint8_t* mask;            // [B, 1, q, L] bools, or null (write_to_cache)
+  void* kv;                                   // [B, L, H, Dk + Dv], contiguous
+  const void* key;                            // [B, q, H, Dk], any strides
+  const void* value;                          // [B, q, H, Dv], any strides
+  int64_t* index;                             // [B]; read by every block, advanced by the last one
+  uint8_t* mask;                              // [B, 1, q, L] bools, or null (write_to_cache)
   int64_t batch, new_tokens, capacity, rows;  // rows = B * q
-  int64_t width;            // Dk + Dv: elements per head in the cache
+  int64_t width;                              // Dk + Dv: elements per head in the cache
   int heads, key_vecs, value_vecs;            // Dk / VEC, Dv / VEC
+  ElemType cache_type, in_type;               // Float16, BFloat16, Float32 or Float64
+  bool wide;                                  // VEC = 16 bytes of cache elements, else 1
   int64_t key_stride[4], value_stride[4];     // elements
-  bool key_dense, value_dense;  // unit last stride and every VEC-vector aligned to its full width
+  bool key_dense, value_dense;                // unit last stride and every VEC-vector aligned to its full width
   bool ring;
-  int64_t limit;                // position_limit: explicit causal mask's T, else no limit
-  bool mask_wide;               // every mask row 16-byte aligned (L % 16 == 0)
-  bool attn_wide;               // attention_mask is 1-byte, unit stride, rows 16-byte aligned
+  int64_t limit;   // position_limit: explicit causal mask's T, else no limit
+  bool mask_wide;  // every mask row 16-byte aligned (L % 16 == 0)
+  bool attn_wide;  // attention_mask is 1-byte, unit stride, rows 16-byte aligned
   unsigned counter_slot;
   MaskInputs mask_in;
 };
@@ -170,8 +172,8 @@ __device__ __forceinline__ void typed_prefix_row(uint8_t* row, const void* attn_
 // token-type case are a prefix rule (mask_rule.h prefix_limit): the limit is
 // computed once per row and bool/uint8 attention masks are read 16 bytes at a
 // time; everything else goes through the generic mask_value per column.
-__device__ __noinline__ void write_mask_row(const RowParams* params, int64_t b, int64_t i, int64_t start,
-                                            bool writable) {
+__device__ __forceinline__ void write_mask_row(const RowParams* params, int64_t b, int64_t i, int64_t start,
+                                               bool writable) {
   const RowParams& p = *params;
   const MaskInputs& in = p.mask_in;
   const int capacity = static_cast<int>(p.capacity);  // host-checked to fit with room for a chunk
@@ -247,8 +249,8 @@ __device__ __noinline__ void write_mask_row(const RowParams* params, int64_t b, 
                                  capacity, p.mask_wide);
       break;
     case ElemType::Float32:
-      typed_prefix_row<float>(row, static_cast<const float*>(in.attn) + attn_offset, in.attn_stride_j, limit,
-                              capacity, p.mask_wide);
+      typed_prefix_row<float>(row, static_cast<const float*>(in.attn) + attn_offset, in.attn_stride_j, limit, capacity,
+                              p.mask_wide);
       break;
     case ElemType::Float64:
       typed_prefix_row<double>(row, static_cast<const double*>(in.attn) + attn_offset, in.attn_stride_j, limit,
@@ -277,7 +279,37 @@ __device__ __forceinline__ void advance_positions_if_last(const RowParams& p, in
   if (tid == 0) g_block_counters[p.counter_slot] = 0u;  // ready for the next call on this slot
 }
 
-template <typename cache_t, typename in_t, int VEC>
+template <typename cache_t, typename in_t>
+__device__ __forceinline__ void copy_token_row_as(const RowParams& p, int64_t b, int64_t t, int64_t column) {
+  constexpr int kWide = static_cast<int>(16 / sizeof(cache_t));
+  if (p.wide) {
+    copy_token_row<cache_t, in_t, kWide>(p, b, t, column);
+  } else {
+    copy_token_row<cache_t, in_t, 1>(p, b, t, column);
+  }
+}
+
+template <typename cache_t>
+__device__ __forceinline__ void copy_token_row_to(const RowParams& p, int64_t b, int64_t t, int64_t column) {
+  switch (p.in_type) {
+    case ElemType::Float16: copy_token_row_as<cache_t, c10::Half>(p, b, t, column); break;
+    case ElemType::BFloat16: copy_token_row_as<cache_t, c10::BFloat16>(p, b, t, column); break;
+    case ElemType::Float32: copy_token_row_as<cache_t, float>(p, b, t, column); break;
+    default: copy_token_row_as<cache_t, double>(p, b, t, column); break;  // Float64 (validated)
+  }
+}
+
+// The dtype pair is uniform over the grid: the switches cost a few
+// instructions per row, and each arm is a plain vector loop.
+__device__ __forceinline__ void copy_token_row_any(const RowParams& p, int64_t b, int64_t t, int64_t column) {
+  switch (p.cache_type) {
+    case ElemType::Float16: copy_token_row_to<c10::Half>(p, b, t, column); break;
+    case ElemType::BFloat16: copy_token_row_to<c10::BFloat16>(p, b, t, column); break;
+    case ElemType::Float32: copy_token_row_to<float>(p, b, t, column); break;
+    default: copy_token_row_to<double>(p, b, t, column); break;  // Float64 (validated)
+  }
+}
+
 __global__ void __launch_bounds__(kThreads, 4) write_rows_kernel(const __grid_constant__ RowParams p) {
   __shared__ int64_t row_start;
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
@@ -287,7 +319,7 @@ __global__ void __launch_bounds__(kThreads, 4) write_rows_kernel(const __grid_co
     __syncthreads();
     const int64_t start = row_start;
     const bool writable = row_writable(start, p.new_tokens, p.capacity, p.ring, p.limit);
-    if (writable) copy_token_row<cache_t, in_t, VEC>(p, b, t, token_column(start, t, p.capacity, p.ring));
+    if (writable) copy_token_row_any(p, b, t, token_column(start, t, p.capacity, p.ring));
     if (p.mask != nullptr) write_mask_row(&p, b, t, start, writable);
     __syncthreads();  // row_start is overwritten for the next row
   }
@@ -302,33 +334,13 @@ bool dims_aligned(const at::Tensor& t, int64_t elems) {
   return true;
 }
 
-template <typename cache_t, typename in_t>
-void launch_rows(RowParams& p, const at::Tensor& key, const at::Tensor& value, int device) {
-  constexpr int kWide = static_cast<int>(16 / sizeof(cache_t));  // elements per 16-byte store
-  const int64_t key_dim = key.size(3), value_dim = value.size(3);
-  const bool wide = key_dim % kWide == 0 && value_dim % kWide == 0 && aligned_to(p.kv, 16);
-  const int vec = wide ? kWide : 1;
-  p.key_vecs = static_cast<int>(key_dim / vec);
-  p.value_vecs = static_cast<int>(value_dim / vec);
-  auto dense = [&](const at::Tensor& t) {
-    return (t.size(3) <= 1 || t.stride(3) == 1) && dims_aligned(t, vec) &&
-           aligned_to(t.const_data_ptr(), static_cast<size_t>(vec) * sizeof(in_t));
-  };
-  p.key_dense = dense(key);
-  p.value_dense = dense(value);
-
-  // x threads per head: the power of two covering a head's vectors, at most a warp.
-  int tx = 1;
-  while (tx < 32 && tx < p.key_vecs + p.value_vecs) tx *= 2;
-  const dim3 block(tx, kThreads / tx);
-  const int64_t blocks = std::min<int64_t>(p.rows, int64_t(multiprocessor_count(device)) * kBlocksPerSM);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  if (wide) {
-    write_rows_kernel<cache_t, in_t, kWide><<<static_cast<unsigned>(blocks), block, 0, stream>>>(p);
-  } else {
-    write_rows_kernel<cache_t, in_t, 1><<<static_cast<unsigned>(blocks), block, 0, stream>>>(p);
+ElemType float_elem_type(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return ElemType::Float16;
+    case at::kBFloat16: return ElemType::BFloat16;
+    case at::kFloat: return ElemType::Float32;
+    default: return ElemType::Float64;  // validated: floating point
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Fills the parts of RowParams every call shares and launches the kernel for
@@ -360,20 +372,37 @@ void write_rows(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key,
   p.mask_wide = mask != nullptr && d.capacity % kMaskChunk == 0 && aligned_to(mask, kMaskChunk);
   const bool byte_attn = mask_in.attn_type == ElemType::Bool || mask_in.attn_type == ElemType::UInt8 ||
                          mask_in.attn_type == ElemType::Int8;
-  p.attn_wide = mask_in.attn != nullptr && byte_attn && mask_in.attn_stride_j == 1 &&
-                d.capacity % kMaskChunk == 0 && aligned_to(mask_in.attn, kMaskChunk) &&
-                (d.batch == 1 || mask_in.attn_stride_b % kMaskChunk == 0) &&
+  p.attn_wide = mask_in.attn != nullptr && byte_attn && mask_in.attn_stride_j == 1 && d.capacity % kMaskChunk == 0 &&
+                aligned_to(mask_in.attn, kMaskChunk) && (d.batch == 1 || mask_in.attn_stride_b % kMaskChunk == 0) &&
                 (d.new_tokens == 1 || mask_in.attn_stride_i % kMaskChunk == 0);
   p.counter_slot = next_slot.fetch_add(1, std::memory_order_relaxed) % kCounterSlots;
   p.mask_in = mask_in;
   if (p.rows == 0) return;  // never a zero-sized grid (B = 0; q = 0 is rejected earlier)
 
-  const int device = key_value.get_device();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key_value.scalar_type(), "write_to_cache_cuda", [&] {
-    using cache_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "write_to_cache_cuda_in",
-                                    [&] { launch_rows<cache_t, scalar_t>(p, key, value, device); });
-  });
+  // Copy vectors: 16 bytes of cache elements when both head dims allow it.
+  p.cache_type = float_elem_type(key_value.scalar_type());
+  p.in_type = float_elem_type(key.scalar_type());
+  const int64_t wide_elems = 16 / key_value.element_size();
+  p.wide = d.key_dim % wide_elems == 0 && d.value_dim % wide_elems == 0 && aligned_to(p.kv, 16);
+  const int64_t vec = p.wide ? wide_elems : 1;
+  p.key_vecs = static_cast<int>(d.key_dim / vec);
+  p.value_vecs = static_cast<int>(d.value_dim / vec);
+  // Dense: unit last stride and every vector aligned to its full width in the input dtype.
+  auto dense = [&](const at::Tensor& t) {
+    return (t.size(3) <= 1 || t.stride(3) == 1) && dims_aligned(t, vec) &&
+           aligned_to(t.const_data_ptr(), static_cast<size_t>(vec * t.element_size()));
+  };
+  p.key_dense = dense(key);
+  p.value_dense = dense(value);
+
+  // x threads per head: the power of two covering a head's vectors, at most a warp.
+  int tx = 1;
+  while (tx < 32 && tx < p.key_vecs + p.value_vecs) tx *= 2;
+  const dim3 block(tx, kThreads / tx);
+  const int64_t blocks =
+      std::min<int64_t>(p.rows, int64_t(multiprocessor_count(key_value.get_device())) * kBlocksPerSM);
+  write_rows_kernel<<<static_cast<unsigned>(blocks), block, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor concatenate_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key,

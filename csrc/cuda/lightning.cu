@@ -51,8 +51,7 @@ struct DecodeParams {
 // [0, num_slots), or a repeat of an earlier row's slot (the first occurrence
 // wins, so the result never depends on block order). The value is uniform over
 // the block; every thread must call this (it holds a barrier).
-__device__ __forceinline__ int64_t state_row(const int64_t* slots, int64_t b, int64_t num_slots, int tid,
-                                             int threads) {
+__device__ __forceinline__ int64_t state_row(const int64_t* slots, int64_t b, int64_t num_slots, int tid, int threads) {
   if (slots == nullptr) return b < num_slots ? b : -1;
   const int64_t slot = slots[b];
   bool repeated = false;
@@ -87,10 +86,10 @@ __global__ void __launch_bounds__(kTileColumns* GROUPS,
   const int tid = ty * kTileColumns + tx;
   const int64_t j = int64_t(blockIdx.x) * kTileColumns + tx;
   const bool column_ok = j < p.value_dim;
-  const int64_t jj = column_ok ? j : 0;  // a valid column for address formation
+  const int64_t jj = column_ok ? j : 0;   // a valid column for address formation
   const bool loads_qk = tid < p.key_dim;  // one q and one k element per token (key_dim <= threads)
   const int64_t qk_elem = loads_qk ? tid : 0;
-  const int key_dim = static_cast<int>(p.key_dim);  // <= 512
+  const int key_dim = static_cast<int>(p.key_dim);      // <= 512
   const int value_dim = static_cast<int>(p.value_dim);  // Dk * Dv < 2^31, host-checked
   // This thread's rows ty + r * GROUPS below key_dim are r < valid_rows (a
   // compare with a constant per row, no per-row predicate kept live).
@@ -117,7 +116,8 @@ __global__ void __launch_bounds__(kTileColumns* GROUPS,
       cell[r] = column_ok && r < valid_rows ? to_float(S[(ty + r * GROUPS) * value_dim + jj]) : 0.0f;
     }
 
-    const in_t* qp = static_cast<const in_t*>(p.query) + b * p.q_stride[0] + h * p.q_stride[2] + qk_elem * p.q_stride[3];
+    const in_t* qp =
+        static_cast<const in_t*>(p.query) + b * p.q_stride[0] + h * p.q_stride[2] + qk_elem * p.q_stride[3];
     const in_t* kp = static_cast<const in_t*>(p.key) + b * p.k_stride[0] + h * p.k_stride[2] + qk_elem * p.k_stride[3];
     const in_t* vp = static_cast<const in_t*>(p.value) + b * p.v_stride[0] + h * p.v_stride[2] + jj * p.v_stride[3];
     // Stage token 0. Rows past key_dim (non-EXACT) read q = k = 0 from shared
@@ -212,13 +212,13 @@ void scatter_state_rows_cuda(at::Tensor& state, const at::Tensor& rows, const st
   }
   const int64_t batch = rows.size(0);
   const int64_t row_elems = rows.size(1) * rows.size(2) * rows.size(3);  // no rows[0]: B may be 0
-  if (batch == 0 || row_elems == 0) return;                            // never a zero-sized grid
+  if (batch == 0 || row_elems == 0) return;                              // never a zero-sized grid
   const at::Tensor src = rows.contiguous();
   const int threads = 256;
   // About 4 blocks per SM in all; each block scans the earlier slot ids once.
   const int64_t target = int64_t(multiprocessor_count(state.get_device())) * 4;
-  const int64_t per_row = std::max<int64_t>(1, std::min<int64_t>((row_elems + threads - 1) / threads,
-                                                                  (target + batch - 1) / batch));
+  const int64_t per_row =
+      std::max<int64_t>(1, std::min<int64_t>((row_elems + threads - 1) / threads, (target + batch - 1) / batch));
   const dim3 grid(static_cast<unsigned>(per_row), static_cast<unsigned>(std::min<int64_t>(batch, 65535)));
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto launch = [&](auto state_tag) {  // state: float32 or bfloat16 (validated)
