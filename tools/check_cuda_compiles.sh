@@ -7,7 +7,9 @@
 #
 # Environment: NVCC (default: $CUDA_HOME/bin/nvcc, else nvcc on PATH), PYTHON
 # (default: python3), CUDA_ARCH (default: 90, i.e. sm_90), CUDA_STD (default: c++20),
-# JOBS (default: nproc).
+# JOBS (default: nproc), NVCC_EXTRA (more nvcc flags, split on spaces, e.g. "-Xptxas -v"),
+# OBJ_DIR (keep each file's object as OBJ_DIR/<name>.o and nvcc's output as
+# OBJ_DIR/<name>.log; tools/sass_counts.py uses this).
 # Exits non-zero, naming each file that failed, if any file does not compile.
 # The flags mirror what setup.py's CUDAExtension passes to nvcc.
 set -euo pipefail
@@ -73,8 +75,13 @@ flags=(
   -I"$ROOT/csrc"
   "${torch_info[@]}"
 )
+if [[ -n "${NVCC_EXTRA:-}" ]]; then
+  read -r -a extra <<<"$NVCC_EXTRA"
+  flags+=("${extra[@]}")
+fi
 
 echo "check_cuda_compiles: $("$NVCC" --version | tail -1), sm_${CUDA_ARCH}, ${#files[@]} file(s), $JOBS at a time"
+[[ -n "${OBJ_DIR:-}" ]] && mkdir -p "$OBJ_DIR"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
@@ -82,6 +89,12 @@ compile() {  # compile <index> <file>: log to $work/<index>.log, status to $work
   local start=$SECONDS rc=0
   "$NVCC" "${flags[@]}" "$2" -o "$work/$1.o" >"$work/$1.log" 2>&1 || rc=$?
   echo "$rc" >"$work/$1.rc"
+  if [[ -n "${OBJ_DIR:-}" ]]; then
+    local name
+    name="$(basename "$2" .cu)"
+    cp "$work/$1.log" "$OBJ_DIR/$name.log"
+    [[ $rc -eq 0 ]] && cp "$work/$1.o" "$OBJ_DIR/$name.o"
+  fi
   echo "  $( [[ $rc -eq 0 ]] && echo ok || echo FAILED ) $2 ($((SECONDS - start)) s)"
 }
 

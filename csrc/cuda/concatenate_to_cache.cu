@@ -1,163 +1,407 @@
-// concatenate_to_cache on CUDA: one kernel writes the new K|V rows and the
-// mask; a second, one-thread-per-row kernel advances the positions once every
-// block has read them (a grid cannot order its own reads before that write).
+// concatenate_to_cache and write_to_cache on CUDA: one launch per call.
+//
+// Work unit: one token row r = (b, t) of the new block. Each block (256
+// threads) takes rows r = blockIdx.x, blockIdx.x + gridDim.x, ...; per row it
+// reads index[b] once, copies key[b, t] | value[b, t] into cache column
+// token_column(index[b], t) if row b is writable (16-byte vectors, 32-bit
+// offsets inside the row), and, for concatenate_to_cache, writes mask row
+// (b, i = t). There is one kernel, not one per (cache, input) dtype pair: the
+// pair is a runtime switch per row around the small copy loop, so the mask
+// code (most of the kernel) is compiled once, not once per dtype pair.
+// The positions are advanced by the last block to finish (an atomic counter),
+// after every block has read them: a grid cannot otherwise order its own reads
+// before that write, and a second launch would cost a launch per call.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <climits>
 #include <cstdint>
 #include <type_traits>
 
 #include "../mask_rule.h"
 #include "../validation.h"
 #include "host_checks.cuh"
+#include "launch_utils.cuh"
 
 namespace lightning_cache {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaskBytesPerThread = 16;
+constexpr int kBlocksPerSM = 8;  // grid cap; rows beyond it are taken by a grid-stride loop
+constexpr int kMaskChunk = 16;   // mask bytes per thread per pass: one 16-byte store
 
-struct CopyShape {
-  int64_t batch, new_tokens, heads, key_dim, value_dim, capacity;
-  // element strides of key and value [B, q, H, D]
-  int64_t key_stride[4], value_stride[4];
+// "Last block advances the positions" counters, one slot per call in flight.
+// A __device__ array: one copy per device, zero at module load, no allocation
+// (so also nothing to do under CUDA graph capture). Each call takes the next
+// slot round-robin and the last block resets it to 0 for its next user. Two
+// calls only collide if they run at the same time on one device and are
+// exactly a multiple of kCounterSlots calls apart (e.g. two CUDA graphs
+// captured that far apart, replayed concurrently on different streams).
+constexpr unsigned kCounterSlots = 1024;
+__device__ unsigned int g_block_counters[kCounterSlots];
+
+struct RowParams {
+  void* kv;                                   // [B, L, H, Dk + Dv], contiguous
+  const void* key;                            // [B, q, H, Dk], any strides
+  const void* value;                          // [B, q, H, Dv], any strides
+  int64_t* index;                             // [B]; read by every block, advanced by the last one
+  uint8_t* mask;                              // [B, 1, q, L] bools, or null (write_to_cache)
+  int64_t batch, new_tokens, capacity, rows;  // rows = B * q
+  int64_t width;                              // Dk + Dv: elements per head in the cache
+  int heads, key_vecs, value_vecs;            // Dk / VEC, Dv / VEC
+  ElemType cache_type, in_type;               // Float16, BFloat16, Float32 or Float64
+  bool wide;                                  // VEC = 16 bytes of cache elements, else 1
+  int64_t key_stride[4], value_stride[4];     // elements
+  bool key_dense, value_dense;                // unit last stride and every VEC-vector aligned to its full width
+  bool ring;
+  int64_t limit;   // position_limit: explicit causal mask's T, else no limit
+  bool mask_wide;  // every mask row 16-byte aligned (L % 16 == 0)
+  bool attn_wide;  // attention_mask is 1-byte, unit stride, rows 16-byte aligned
+  unsigned counter_slot;
+  MaskInputs mask_in;
 };
 
-// One vector of VEC consecutive elements of one head row. The row is either
-// all key (e < Dk) or all value, since Dk and Dv are multiples of VEC.
-template <typename cache_t, typename in_t, int VEC>
-__device__ __forceinline__ void copy_vector(cache_t* __restrict__ kv, const in_t* __restrict__ key,
-                                            const in_t* __restrict__ value, const CopyShape& s,
-                                            const int64_t* __restrict__ index, bool ring, int64_t limit,
-                                            int64_t vec_id) {
-  const int64_t width = s.key_dim + s.value_dim;
-  const int64_t vecs_per_head = width / VEC;
-  const int64_t e = (vec_id % vecs_per_head) * VEC;
-  int64_t rest = vec_id / vecs_per_head;
-  const int64_t h = rest % s.heads;
-  rest /= s.heads;
-  const int64_t t = rest % s.new_tokens;
-  const int64_t b = rest / s.new_tokens;
-  const int64_t start = index[b];
-  if (!row_writable(start, s.new_tokens, s.capacity, ring, limit)) return;
-  const int64_t column = token_column(start, t, s.capacity, ring);
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
 
-  const bool is_key = e < s.key_dim;
-  const in_t* src = is_key ? key + b * s.key_stride[0] + t * s.key_stride[1] + h * s.key_stride[2] + e * s.key_stride[3]
-                           : value + b * s.value_stride[0] + t * s.value_stride[1] + h * s.value_stride[2] +
-                                 (e - s.key_dim) * s.value_stride[3];
-  const int64_t src_step = is_key ? s.key_stride[3] : s.value_stride[3];
-  struct alignas(sizeof(cache_t) * VEC) Pack {
-    cache_t v[VEC];
-  } out;
+template <typename cache_t, typename in_t>
+__device__ __forceinline__ cache_t to_cache_type(in_t x) {
   if constexpr (std::is_same_v<cache_t, in_t>) {
-    if (src_step == 1 && reinterpret_cast<uintptr_t>(src) % sizeof(Pack) == 0) {
-      out = *reinterpret_cast<const Pack*>(src);  // one wide load (dense, aligned source)
-    } else {
-#pragma unroll
-      for (int u = 0; u < VEC; ++u) out.v[u] = src[u * src_step];  // exact: no float32 round trip
-    }
+    return x;  // exact, no float round trip (float64 and every other dtype)
   } else {
-#pragma unroll
-    for (int u = 0; u < VEC; ++u) out.v[u] = static_cast<cache_t>(static_cast<float>(src[u * src_step]));
+    // As ATen's casts: through float (double -> half/bfloat16 too).
+    return static_cast<cache_t>(static_cast<float>(x));
   }
-  *reinterpret_cast<Pack*>(kv + ((b * s.capacity + column) * s.heads + h) * width + e) = out;
 }
 
+// Copies key[b, t] | value[b, t] (all heads) into the cache row at `column`.
+// Threads: x walks the VEC-vectors of one head, y walks heads.
 template <typename cache_t, typename in_t, int VEC>
-__global__ void concatenate_kernel(cache_t* __restrict__ kv, const in_t* __restrict__ key,
-                                   const in_t* __restrict__ value, CopyShape shape, const int64_t* __restrict__ index,
-                                   MaskInputs mask_in, bool* __restrict__ mask, int64_t copy_vectors,
-                                   int64_t copy_blocks) {
-  if (blockIdx.x < copy_blocks) {
-    // K|V part: consecutive threads write consecutive vectors of a token row.
-    for (int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; v < copy_vectors;
-         v += copy_blocks * int64_t(blockDim.x)) {
-      copy_vector<cache_t, in_t, VEC>(kv, key, value, shape, index, mask_in.ring, position_limit(mask_in), v);
+__device__ __forceinline__ void copy_token_row(const RowParams& p, int64_t b, int64_t t, int64_t column) {
+  cache_t* dst_row = static_cast<cache_t*>(p.kv) + (b * p.capacity + column) * p.heads * p.width;
+  const in_t* key_tok = static_cast<const in_t*>(p.key) + b * p.key_stride[0] + t * p.key_stride[1];
+  const in_t* value_tok = static_cast<const in_t*>(p.value) + b * p.value_stride[0] + t * p.value_stride[1];
+  const int vecs = p.key_vecs + p.value_vecs;
+  for (int h = threadIdx.y; h < p.heads; h += blockDim.y) {
+    cache_t* dst = dst_row + h * p.width;
+    const in_t* k = key_tok + h * p.key_stride[2];
+    const in_t* v = value_tok + h * p.value_stride[2];
+    for (int x = threadIdx.x; x < vecs; x += blockDim.x) {
+      const bool is_key = x < p.key_vecs;
+      const int e = (is_key ? x : x - p.key_vecs) * VEC;  // element inside the key (or value) head row
+      const in_t* src = is_key ? k : v;
+      Vec<cache_t, VEC> out;
+      if (is_key ? p.key_dense : p.value_dense) {
+        // Wide load (one or more 16-byte loads), converted in registers.
+        const Vec<in_t, VEC> raw = *reinterpret_cast<const Vec<in_t, VEC>*>(src + e);
+#pragma unroll
+        for (int u = 0; u < VEC; ++u) out.v[u] = to_cache_type<cache_t, in_t>(raw.v[u]);
+      } else {
+        const int64_t step = is_key ? p.key_stride[3] : p.value_stride[3];
+        const in_t* s = src + e * step;
+#pragma unroll
+        for (int u = 0; u < VEC; ++u) out.v[u] = to_cache_type<cache_t, in_t>(s[u * step]);
+      }
+      *reinterpret_cast<Vec<cache_t, VEC>*>(dst + x * VEC) = out;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- mask rows
+// A chunk is 16 mask bytes held as four little-endian words, built with
+// shifts (explicit byte packing: no bool[16] / uint4 union pun).
+
+// 0x01 in each of the first n bytes (n clamped to [0, 4]), 0 in the rest.
+__device__ __forceinline__ uint32_t first_bytes(int n) {
+  return n <= 0 ? 0u : n >= 4 ? 0x01010101u : 0x01010101u & ((1u << (8 * n)) - 1u);
+}
+
+// 0x01 in each byte of x that is nonzero, 0 elsewhere (no carry crosses a byte).
+__device__ __forceinline__ uint32_t nonzero_bytes(uint32_t x) {
+  return ((((x & 0x7f7f7f7fu) + 0x7f7f7f7fu) | x) >> 7) & 0x01010101u;
+}
+
+__device__ __forceinline__ void store_chunk(uint8_t* row, int c, const uint32_t (&w)[4], int capacity, bool wide) {
+  if (wide) {  // L % 16 == 0 and an aligned row: the chunk is whole
+    *reinterpret_cast<uint4*>(row + c * kMaskChunk) = make_uint4(w[0], w[1], w[2], w[3]);
+    return;
+  }
+#pragma unroll
+  for (int u = 0; u < kMaskChunk; ++u) {
+    const int j = c * kMaskChunk + u;
+    if (j < capacity) row[j] = static_cast<uint8_t>((w[u / 4] >> (8 * (u % 4))) & 0xffu);
+  }
+}
+
+// "nonzero" for each attention-mask element type (mask_rule.h's nonzero_at, typed).
+template <typename T>
+__device__ __forceinline__ bool nonzero(T x) {
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    return (x & 0x7fffu) != 0;  // float16 / bfloat16 bits: zero iff all but the sign bit are clear
+  } else {
+    return x != T(0);
+  }
+}
+
+// Prefix-shaped row with an attention mask of element type T (any strides):
+// mask[j] = j < limit && attn[j] != 0, the limit applied before the load.
+template <typename T>
+__device__ __forceinline__ void typed_prefix_row(uint8_t* row, const void* attn_row, int64_t stride_j, int limit,
+                                                 int capacity, bool wide) {
+  const T* a = static_cast<const T*>(attn_row);
+  const int chunks = (capacity + kMaskChunk - 1) / kMaskChunk;
+  for (int c = threadIdx.y * blockDim.x + threadIdx.x; c < chunks; c += blockDim.x * blockDim.y) {
+    uint32_t w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int u = 0; u < kMaskChunk; ++u) {
+      const int j = c * kMaskChunk + u;
+      if (j < limit && nonzero<T>(a[j * stride_j])) w[u / 4] |= 1u << (8 * (u % 4));
+    }
+    store_chunk(row, c, w, capacity, wide);
+  }
+}
+
+// Writes mask row (b, i) of a block whose row b starts at `start`. Compiled
+// once (not per K/V dtype). Rows in the no-ring, no-explicit-causal, no
+// token-type case are a prefix rule (mask_rule.h prefix_limit): the limit is
+// computed once per row and bool/uint8 attention masks are read 16 bytes at a
+// time; everything else goes through the generic mask_value per column.
+__device__ __forceinline__ void write_mask_row(const RowParams* params, int64_t b, int64_t i, int64_t start,
+                                               bool writable) {
+  const RowParams& p = *params;
+  const MaskInputs& in = p.mask_in;
+  const int capacity = static_cast<int>(p.capacity);  // host-checked to fit with room for a chunk
+  uint8_t* row = p.mask + (b * p.new_tokens + i) * p.capacity;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int threads = blockDim.x * blockDim.y;
+  const int chunks = (capacity + kMaskChunk - 1) / kMaskChunk;
+  // A skipped row is all false: the prefix rule with limit 0 and no attention mask.
+  const int64_t rule_limit = writable ? prefix_limit(in, i, start) : 0;
+
+  if (rule_limit < 0) {  // ring, explicit causal mask or token types
+    for (int c = tid; c < chunks; c += threads) {
+      uint32_t w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+      for (int u = 0; u < kMaskChunk; ++u) {
+        const int j = c * kMaskChunk + u;
+        if (j < capacity && mask_value(in, b, i, j, start)) w[u / 4] |= 1u << (8 * (u % 4));
+      }
+      store_chunk(row, c, w, capacity, p.mask_wide);
     }
     return;
   }
-  // Mask part: each thread fills up to 16 consecutive columns of one row.
-  const int64_t chunks_per_row = (shape.capacity + kMaskBytesPerThread - 1) / kMaskBytesPerThread;
-  const int64_t chunk = (blockIdx.x - copy_blocks) * int64_t(blockDim.x) + threadIdx.x;
-  if (chunk >= shape.batch * shape.new_tokens * chunks_per_row) return;
-  const int64_t bi = chunk / chunks_per_row;
-  const int64_t b = bi / shape.new_tokens, i = bi % shape.new_tokens;
-  const int64_t j0 = (chunk % chunks_per_row) * kMaskBytesPerThread;
-  const int64_t start = index[b];
-  const bool writable = row_writable(start, shape.new_tokens, shape.capacity, mask_in.ring, position_limit(mask_in));
-  bool* row = mask + bi * shape.capacity;
-  if (j0 + kMaskBytesPerThread <= shape.capacity && shape.capacity % kMaskBytesPerThread == 0) {
-    // Whole, aligned 16-byte chunk: one wide store.
-    union {
-      uint4 word;
-      bool bytes[kMaskBytesPerThread];
-    } out;
-#pragma unroll
-    for (int u = 0; u < kMaskBytesPerThread; ++u) out.bytes[u] = writable && mask_value(mask_in, b, i, j0 + u, start);
-    *reinterpret_cast<uint4*>(row + j0) = out.word;
-  } else {
-    for (int64_t j = j0; j < j0 + kMaskBytesPerThread && j < shape.capacity; ++j) {
-      row[j] = writable && mask_value(mask_in, b, i, j, start);
+
+  const int limit = static_cast<int>(rule_limit < p.capacity ? rule_limit : p.capacity);
+  if (!writable || in.attn == nullptr) {
+    for (int c = tid; c < chunks; c += threads) {
+      const int n = limit - c * kMaskChunk;  // bytes of this chunk below the limit
+      const uint32_t w[4] = {first_bytes(n), first_bytes(n - 4), first_bytes(n - 8), first_bytes(n - 12)};
+      store_chunk(row, c, w, capacity, p.mask_wide);
     }
+    return;
+  }
+
+  const int64_t attn_offset = b * in.attn_stride_b + i * in.attn_stride_i;  // elements
+  if (p.attn_wide) {  // 1-byte elements, unit stride, 16-byte aligned rows, L % 16 == 0
+    const uint8_t* attn_row = static_cast<const uint8_t*>(in.attn) + attn_offset;
+    for (int c = tid; c < chunks; c += threads) {
+      const int n = limit - c * kMaskChunk;
+      uint32_t w[4] = {0u, 0u, 0u, 0u};
+      if (n > 0) {  // chunks past the limit are all false: no load
+        const uint4 a = *reinterpret_cast<const uint4*>(attn_row + c * kMaskChunk);
+        w[0] = nonzero_bytes(a.x) & first_bytes(n);
+        w[1] = nonzero_bytes(a.y) & first_bytes(n - 4);
+        w[2] = nonzero_bytes(a.z) & first_bytes(n - 8);
+        w[3] = nonzero_bytes(a.w) & first_bytes(n - 12);
+      }
+      store_chunk(row, c, w, capacity, p.mask_wide);
+    }
+    return;
+  }
+  switch (in.attn_type) {  // one switch per row, not per byte
+    case ElemType::Bool:
+    case ElemType::UInt8:
+    case ElemType::Int8:
+      typed_prefix_row<uint8_t>(row, static_cast<const uint8_t*>(in.attn) + attn_offset, in.attn_stride_j, limit,
+                                capacity, p.mask_wide);
+      break;
+    case ElemType::Int16:
+      typed_prefix_row<int16_t>(row, static_cast<const int16_t*>(in.attn) + attn_offset, in.attn_stride_j, limit,
+                                capacity, p.mask_wide);
+      break;
+    case ElemType::Int32:
+      typed_prefix_row<int32_t>(row, static_cast<const int32_t*>(in.attn) + attn_offset, in.attn_stride_j, limit,
+                                capacity, p.mask_wide);
+      break;
+    case ElemType::Int64:
+      typed_prefix_row<int64_t>(row, static_cast<const int64_t*>(in.attn) + attn_offset, in.attn_stride_j, limit,
+                                capacity, p.mask_wide);
+      break;
+    case ElemType::Float16:
+    case ElemType::BFloat16:
+      typed_prefix_row<uint16_t>(row, static_cast<const uint16_t*>(in.attn) + attn_offset, in.attn_stride_j, limit,
+                                 capacity, p.mask_wide);
+      break;
+    case ElemType::Float32:
+      typed_prefix_row<float>(row, static_cast<const float*>(in.attn) + attn_offset, in.attn_stride_j, limit, capacity,
+                              p.mask_wide);
+      break;
+    case ElemType::Float64:
+      typed_prefix_row<double>(row, static_cast<const double*>(in.attn) + attn_offset, in.attn_stride_j, limit,
+                               capacity, p.mask_wide);
+      break;
   }
 }
 
-__global__ void advance_positions_kernel(int64_t* __restrict__ index, int64_t batch, int64_t new_tokens,
-                                         int64_t capacity, bool ring, int64_t limit) {
-  const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (b < batch && row_writable(index[b], new_tokens, capacity, ring, limit)) index[b] += new_tokens;
-}
-
-template <typename T>
-bool aligned(const T* p, int bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+// Called by every block once it is done with its rows: the last block to get
+// here advances the positions of the writable rows and resets the counter.
+__device__ __forceinline__ void advance_positions_if_last(const RowParams& p, int tid) {
+  __shared__ bool is_last;
+  __syncthreads();  // every thread of this block has finished with index
+  if (tid == 0) {
+    __threadfence();
+    const unsigned done = atomicAdd(&g_block_counters[p.counter_slot], 1u);
+    is_last = done == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int64_t b = tid; b < p.batch; b += blockDim.x * blockDim.y) {
+    const int64_t start = p.index[b];
+    if (row_writable(start, p.new_tokens, p.capacity, p.ring, p.limit)) p.index[b] = start + p.new_tokens;
+  }
+  if (tid == 0) g_block_counters[p.counter_slot] = 0u;  // ready for the next call on this slot
 }
 
 template <typename cache_t, typename in_t>
-void launch(at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key, const at::Tensor& value,
-            const KVCacheDims& d, const MaskInputs& mask_in, at::Tensor& mask) {
-  CopyShape s{d.batch, d.new_tokens, d.heads, d.key_dim, d.value_dim, d.capacity, {}, {}};
-  for (int k = 0; k < 4; ++k) {
-    s.key_stride[k] = key.stride(k);
-    s.value_stride[k] = value.stride(k);
-  }
-  cache_t* kv = key_value.data_ptr<cache_t>();
-  const in_t* k_ptr = key.const_data_ptr<in_t>();
-  const in_t* v_ptr = value.const_data_ptr<in_t>();
-  const int64_t width = d.key_dim + d.value_dim;
-  // Widest store (up to 16 bytes) that divides both head dims.
-  constexpr int kWide = 16 / sizeof(cache_t) > 0 ? 16 / sizeof(cache_t) : 1;
-  const bool wide_ok = d.key_dim % kWide == 0 && d.value_dim % kWide == 0 && aligned(kv, 16);
-  const int vec =
-      wide_ok ? kWide : (d.key_dim % 2 == 0 && d.value_dim % 2 == 0 && aligned(kv, 2 * sizeof(cache_t)) ? 2 : 1);
-  const int64_t copy_vectors = d.batch * d.new_tokens * d.heads * width / vec;
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, key_value.get_device()));
-  const int max_blocks = sm_count * 8;
-  const int64_t copy_blocks = std::min<int64_t>((copy_vectors + kThreads - 1) / kThreads, max_blocks);
-  const int64_t mask_chunks = d.batch * d.new_tokens * ((d.capacity + kMaskBytesPerThread - 1) / kMaskBytesPerThread);
-  const int64_t mask_blocks = (mask_chunks + kThreads - 1) / kThreads;
-  const int64_t blocks = copy_blocks + mask_blocks;
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "concatenate_to_cache: problem too large for one launch");
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t* positions = index.const_data_ptr<int64_t>();
-  bool* mask_ptr = mask.data_ptr<bool>();
-#define LIGHTNING_CACHE_LAUNCH(VEC)                                                               \
-  concatenate_kernel<cache_t, in_t, VEC><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>( \
-      kv, k_ptr, v_ptr, s, positions, mask_in, mask_ptr, copy_vectors, copy_blocks)
-  if (vec == kWide) {
-    LIGHTNING_CACHE_LAUNCH(kWide);
-  } else if (vec == 2) {
-    LIGHTNING_CACHE_LAUNCH(2);
+__device__ __forceinline__ void copy_token_row_as(const RowParams& p, int64_t b, int64_t t, int64_t column) {
+  constexpr int kWide = static_cast<int>(16 / sizeof(cache_t));
+  if (p.wide) {
+    copy_token_row<cache_t, in_t, kWide>(p, b, t, column);
   } else {
-    LIGHTNING_CACHE_LAUNCH(1);
+    copy_token_row<cache_t, in_t, 1>(p, b, t, column);
   }
-#undef LIGHTNING_CACHE_LAUNCH
+}
+
+template <typename cache_t>
+__device__ __forceinline__ void copy_token_row_to(const RowParams& p, int64_t b, int64_t t, int64_t column) {
+  switch (p.in_type) {
+    case ElemType::Float16: copy_token_row_as<cache_t, c10::Half>(p, b, t, column); break;
+    case ElemType::BFloat16: copy_token_row_as<cache_t, c10::BFloat16>(p, b, t, column); break;
+    case ElemType::Float32: copy_token_row_as<cache_t, float>(p, b, t, column); break;
+    default: copy_token_row_as<cache_t, double>(p, b, t, column); break;  // Float64 (validated)
+  }
+}
+
+// The dtype pair is uniform over the grid: the switches cost a few
+// instructions per row, and each arm is a plain vector loop.
+__device__ __forceinline__ void copy_token_row_any(const RowParams& p, int64_t b, int64_t t, int64_t column) {
+  switch (p.cache_type) {
+    case ElemType::Float16: copy_token_row_to<c10::Half>(p, b, t, column); break;
+    case ElemType::BFloat16: copy_token_row_to<c10::BFloat16>(p, b, t, column); break;
+    case ElemType::Float32: copy_token_row_to<float>(p, b, t, column); break;
+    default: copy_token_row_to<double>(p, b, t, column); break;  // Float64 (validated)
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 4) write_rows_kernel(const __grid_constant__ RowParams p) {
+  __shared__ int64_t row_start;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const int64_t b = r / p.new_tokens, t = r - b * p.new_tokens;
+    if (tid == 0) row_start = p.index[b];  // once per row; the value, not the address, is shared
+    __syncthreads();
+    const int64_t start = row_start;
+    const bool writable = row_writable(start, p.new_tokens, p.capacity, p.ring, p.limit);
+    if (writable) copy_token_row_any(p, b, t, token_column(start, t, p.capacity, p.ring));
+    if (p.mask != nullptr) write_mask_row(&p, b, t, start, writable);
+    __syncthreads();  // row_start is overwritten for the next row
+  }
+  advance_positions_if_last(p, tid);
+}
+
+// Strides of size-1 dims never move a pointer: ignore them.
+bool dims_aligned(const at::Tensor& t, int64_t elems) {
+  for (int k = 0; k < t.dim() - 1; ++k) {
+    if (t.size(k) != 1 && t.stride(k) % elems != 0) return false;
+  }
+  return true;
+}
+
+ElemType float_elem_type(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return ElemType::Float16;
+    case at::kBFloat16: return ElemType::BFloat16;
+    case at::kFloat: return ElemType::Float32;
+    default: return ElemType::Float64;  // validated: floating point
+  }
+}
+
+// Fills the parts of RowParams every call shares and launches the kernel for
+// the (cache, input) dtype pair. `mask` is null for write_to_cache.
+void write_rows(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key, const at::Tensor& value,
+                const KVCacheDims& d, bool ring, const MaskInputs& mask_in, bool* mask) {
+  TORCH_CHECK_VALUE(d.capacity <= INT_MAX - kMaskChunk, "key_value: max_length ", d.capacity,
+                    " is larger than the CUDA kernel supports (", INT_MAX - kMaskChunk, ")");
+  TORCH_CHECK_VALUE(d.key_dim + d.value_dim <= INT_MAX, "key_value: key_dim + value_dim is too large");
+  static std::atomic<unsigned> next_slot{0};
+  RowParams p{};
+  p.kv = key_value.data_ptr();
+  p.key = key.const_data_ptr();
+  p.value = value.const_data_ptr();
+  p.index = index.data_ptr<int64_t>();
+  p.mask = reinterpret_cast<uint8_t*>(mask);
+  p.batch = d.batch;
+  p.new_tokens = d.new_tokens;
+  p.capacity = d.capacity;
+  p.rows = d.batch * d.new_tokens;
+  p.width = d.key_dim + d.value_dim;
+  p.heads = static_cast<int>(d.heads);
+  for (int k = 0; k < 4; ++k) {
+    p.key_stride[k] = key.stride(k);
+    p.value_stride[k] = value.stride(k);
+  }
+  p.ring = ring;
+  p.limit = position_limit(mask_in);
+  p.mask_wide = mask != nullptr && d.capacity % kMaskChunk == 0 && aligned_to(mask, kMaskChunk);
+  const bool byte_attn = mask_in.attn_type == ElemType::Bool || mask_in.attn_type == ElemType::UInt8 ||
+                         mask_in.attn_type == ElemType::Int8;
+  p.attn_wide = mask_in.attn != nullptr && byte_attn && mask_in.attn_stride_j == 1 && d.capacity % kMaskChunk == 0 &&
+                aligned_to(mask_in.attn, kMaskChunk) && (d.batch == 1 || mask_in.attn_stride_b % kMaskChunk == 0) &&
+                (d.new_tokens == 1 || mask_in.attn_stride_i % kMaskChunk == 0);
+  p.counter_slot = next_slot.fetch_add(1, std::memory_order_relaxed) % kCounterSlots;
+  p.mask_in = mask_in;
+  if (p.rows == 0) return;  // never a zero-sized grid (B = 0; q = 0 is rejected earlier)
+
+  // Copy vectors: 16 bytes of cache elements when both head dims allow it.
+  p.cache_type = float_elem_type(key_value.scalar_type());
+  p.in_type = float_elem_type(key.scalar_type());
+  const int64_t wide_elems = 16 / key_value.element_size();
+  p.wide = d.key_dim % wide_elems == 0 && d.value_dim % wide_elems == 0 && aligned_to(p.kv, 16);
+  const int64_t vec = p.wide ? wide_elems : 1;
+  p.key_vecs = static_cast<int>(d.key_dim / vec);
+  p.value_vecs = static_cast<int>(d.value_dim / vec);
+  // Dense: unit last stride and every vector aligned to its full width in the input dtype.
+  auto dense = [&](const at::Tensor& t) {
+    return (t.size(3) <= 1 || t.stride(3) == 1) && dims_aligned(t, vec) &&
+           aligned_to(t.const_data_ptr(), static_cast<size_t>(vec * t.element_size()));
+  };
+  p.key_dense = dense(key);
+  p.value_dense = dense(value);
+
+  // x threads per head: the power of two covering a head's vectors, at most a warp.
+  int tx = 1;
+  while (tx < 32 && tx < p.key_vecs + p.value_vecs) tx *= 2;
+  const dim3 block(tx, kThreads / tx);
+  const int64_t blocks =
+      std::min<int64_t>(p.rows, int64_t(multiprocessor_count(key_value.get_device())) * kBlocksPerSM);
+  write_rows_kernel<<<static_cast<unsigned>(blocks), block, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -172,24 +416,32 @@ at::Tensor concatenate_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, c
   if (host_checks_allowed(check_bounds)) check_positions(index, d, ring, causal_mask);
 
   at::Tensor mask = at::empty({d.batch, 1, d.new_tokens, d.capacity}, key_value.options().dtype(at::kBool));
+  if (mask.numel() == 0) return mask;  // B = 0: nothing to write, no launch
   const MaskInputs mask_in = make_mask_inputs(d, attention_mask, causal_mask, token_type_ids, is_causal, ring);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key_value.scalar_type(), "concatenate_to_cache_cuda", [&] {
-    using cache_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "concatenate_to_cache_cuda_in",
-                                    [&] { launch<cache_t, scalar_t>(key_value, index, key, value, d, mask_in, mask); });
-  });
-  const int threads = 128;
-  advance_positions_kernel<<<static_cast<unsigned>((d.batch + threads - 1) / threads), threads, 0,
-                             c10::cuda::getCurrentCUDAStream()>>>(index.data_ptr<int64_t>(), d.batch, d.new_tokens,
-                                                                  d.capacity, ring, position_limit(mask_in));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  write_rows(key_value, index, key, value, d, ring, mask_in, mask.data_ptr<bool>());
   return mask;
+}
+
+void write_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key, const at::Tensor& value,
+                         bool ring, bool check_bounds) {
+  // TODO(merge): the shared write_to_cache checker in validation.cpp replaces these two calls.
+  const KVCacheDims d =
+      check_concatenate_args(key_value, index, key, value, std::nullopt, std::nullopt, std::nullopt, false, ring);
+  const c10::cuda::CUDAGuard guard(key_value.device());
+  if (host_checks_allowed(check_bounds)) check_positions(index, d, ring, std::nullopt);
+  if (d.batch == 0) return;
+  MaskInputs no_mask;  // only position_limit (none) and the ring flag are read without a mask
+  no_mask.new_tokens = d.new_tokens;
+  no_mask.capacity = d.capacity;
+  no_mask.ring = ring;
+  write_rows(key_value, index, key, value, d, ring, no_mask, nullptr);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lightning_cache, CUDA, m) {
   m.impl("concatenate_to_cache", &concatenate_to_cache_cuda);
+  m.impl("write_to_cache", &write_to_cache_cuda);
 }
 
 }  // namespace lightning_cache
