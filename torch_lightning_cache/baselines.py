@@ -157,16 +157,20 @@ def lightning_prefill_chunked_eager(state: torch.Tensor, q: torch.Tensor, k: tor
 
     Within a block of ``c`` tokens (``lam = exp(-slope)``, block-relative ``i, j``):
     ``o_j = sum_{i<=j} lam^(j-i) (q_j . k_i) v_i + lam^(j+1) q_j S`` and
-    ``S <- lam^c S + sum_i lam^(c-1-i) k_i^T v_i``. Masked tokens (2-D
-    ``attention_mask`` 0) add nothing to the state but still decay it.
+    ``S <- lam^c S + sum_i lam^(c-1-i) k_i^T v_i``. A masked token (2-D
+    ``attention_mask`` 0) is skipped whole (no decay, no ``k^T v``, output 0):
+    distances then count unmasked tokens only, so the decays become per row.
     Accumulates in float32; ``state [B, H, Dk, Dv]`` is updated in place.
     """
     batch, tokens, heads, _ = q.shape
     qf = q.transpose(1, 2).float()  # [B, H, n, D]
     kf = k.transpose(1, 2).float()
     vf = v.transpose(1, 2).float()
+    keep = None
     if attention_mask is not None:
-        kf = kf * (attention_mask != 0).float().view(batch, 1, tokens, 1)
+        keep = (attention_mask != 0).view(batch, 1, tokens, 1)
+        qf, kf, vf = (torch.where(keep, x, 0.0) for x in (qf, kf, vf))
+        count = keep.view(batch, tokens).long().cumsum(1)  # unmasked tokens among 0..t
 
     block = min(block_size, tokens)
     s = slopes.float().view(heads, 1)
@@ -175,19 +179,30 @@ def lightning_prefill_chunked_eager(state: torch.Tensor, q: torch.Tensor, k: tor
     intra_decay = torch.exp(-s.view(heads, 1, 1) * distance).tril()  # [H, c, c]
     query_decay = torch.exp(-s * (pos + 1)).unsqueeze(-1)  # [H, c, 1]
     key_decay = torch.exp(-s * (block - 1 - pos)).unsqueeze(-1)  # [H, c, 1]
+    causal = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
 
     rows = state.float()
     outputs = []
     for begin in range(0, tokens, block):
         c = min(block, tokens - begin)
         qb, kb, vb = qf[:, :, begin:begin + c], kf[:, :, begin:begin + c], vf[:, :, begin:begin + c]
-        scores = torch.matmul(qb, kb.transpose(-1, -2)) * intra_decay[:, :c, :c]
-        outputs.append(torch.matmul(scores, vb) + torch.matmul(qb * query_decay[:, :c], rows))
+        if keep is None:
+            intra, qd, kd = intra_decay[:, :c, :c], query_decay[:, :c], key_decay[:, block - c:]
+            sd = torch.exp(-s * c).view(heads, 1, 1)
+        else:  # e: block-local count of unmasked tokens [B, 1, c, 1]; E = e[c-1]
+            e = count[:, begin:begin + c] - (count[:, begin - 1:begin] if begin else 0)
+            e = e.float().view(batch, 1, c, 1)
+            sh, total = s.view(1, heads, 1, 1), e[:, :, -1:]
+            intra = torch.where(causal[:c, :c], torch.exp(-sh * (e - e.transpose(-1, -2)).clamp_min(0)), 0.0)
+            qd, kd, sd = torch.exp(-sh * e), torch.exp(-sh * (total - e)), torch.exp(-sh * total)
+        scores = torch.matmul(qb, kb.transpose(-1, -2)) * intra
+        outputs.append(torch.matmul(scores, vb) + torch.matmul(qb * qd, rows))
         # A partial last block uses the tail of the key decays: lam^(c-1-i).
-        rows = rows * torch.exp(-s * c).view(heads, 1, 1) + torch.matmul(
-            (kb * key_decay[:, block - c:]).transpose(-1, -2), vb)
+        rows = rows * sd + torch.matmul((kb * kd).transpose(-1, -2), vb)
     state.copy_(rows)
     out = torch.cat(outputs, dim=2)
+    if keep is not None:
+        out = torch.where(keep, out, 0.0)
     if scale != 1.0:
         out = out * scale
     return out.transpose(1, 2).to(q.dtype)
