@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["concatenate_to_cache_eager", "write_to_cache_eager", "lightning_decode_eager",
-           "lightning_prefill_chunked_eager"]
+__all__ = ["concatenate_to_cache_eager", "lightning_decode_eager", "lightning_prefill_chunked_eager"]
 
 
 # --------------------------------------------------------------------------- sequence cache
@@ -99,17 +98,6 @@ def concatenate_to_cache_eager(key_value: torch.Tensor, index: torch.Tensor, key
     return mask.expand(batch, 1, new_tokens, capacity).contiguous()
 
 
-def write_to_cache_eager(key_value: torch.Tensor, index: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         ring: bool = False) -> None:
-    """``concatenate_to_cache_eager`` without the mask: the K/V scatter and the index advance."""
-    batch, capacity, new_tokens = key_value.shape[0], key_value.shape[1], key.shape[1]
-    positions = index.unsqueeze(1) + torch.arange(new_tokens, device=key_value.device)
-    columns = positions % capacity if ring else positions
-    rows = torch.arange(batch, device=key_value.device).unsqueeze(1).expand(batch, new_tokens)
-    key_value.index_put_((rows, columns), torch.cat([key, value], dim=-1).to(key_value.dtype))
-    index.add_(new_tokens)
-
-
 # --------------------------------------------------------------------------- lightning recurrent state
 
 
@@ -170,9 +158,8 @@ def lightning_prefill_chunked_eager(state: torch.Tensor, q: torch.Tensor, k: tor
     Within a block of ``c`` tokens (``lam = exp(-slope)``, block-relative ``i, j``):
     ``o_j = sum_{i<=j} lam^(j-i) (q_j . k_i) v_i + lam^(j+1) q_j S`` and
     ``S <- lam^c S + sum_i lam^(c-1-i) k_i^T v_i``. A masked token (2-D
-    ``attention_mask`` 0) is skipped whole: distances count unmasked tokens
-    only, it adds nothing and its output is 0; dropped values are selected
-    away (``where``), never multiplied by 0, so a NaN there stays there.
+    ``attention_mask`` 0) is skipped whole (no decay, no ``k^T v``, output 0):
+    distances then count unmasked tokens only, so the decays become per row.
     Accumulates in float32; ``state [B, H, Dk, Dv]`` is updated in place.
     """
     batch, tokens, heads, _ = q.shape
@@ -183,26 +170,35 @@ def lightning_prefill_chunked_eager(state: torch.Tensor, q: torch.Tensor, k: tor
     if attention_mask is not None:
         keep = (attention_mask != 0).view(batch, 1, tokens, 1)
         qf, kf, vf = (torch.where(keep, x, 0.0) for x in (qf, kf, vf))
+        count = keep.view(batch, tokens).long().cumsum(1)  # unmasked tokens among 0..t
 
     block = min(block_size, tokens)
-    s = slopes.float().view(1, heads, 1, 1)
+    s = slopes.float().view(heads, 1)
+    pos = torch.arange(block, device=q.device, dtype=torch.float32)
+    distance = (pos.view(block, 1) - pos.view(1, block)).clamp_min(0)
+    intra_decay = torch.exp(-s.view(heads, 1, 1) * distance).tril()  # [H, c, c]
+    query_decay = torch.exp(-s * (pos + 1)).unsqueeze(-1)  # [H, c, 1]
+    key_decay = torch.exp(-s * (block - 1 - pos)).unsqueeze(-1)  # [H, c, 1]
+    causal = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
+
     rows = state.float()
     outputs = []
     for begin in range(0, tokens, block):
         c = min(block, tokens - begin)
         qb, kb, vb = qf[:, :, begin:begin + c], kf[:, :, begin:begin + c], vf[:, :, begin:begin + c]
-        # e_j: unmasked tokens of this block up to and including j ([B, 1, c, 1]).
         if keep is None:
-            e = torch.arange(1, c + 1, device=q.device, dtype=torch.float32).view(1, 1, c, 1)
-        else:
-            e = keep[:, :, begin:begin + c].float().cumsum(2)
-        total = e[:, :, -1:]  # [B|1, 1, 1, 1]
-        distance = e - e.transpose(-1, -2)  # e_j - e_i
-        causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-        intra = torch.where(causal, torch.exp(-s * distance.clamp_min(0)), 0.0)  # [B|1, H, c, c]
-        scores = torch.where(causal, torch.matmul(qb, kb.transpose(-1, -2)), 0.0) * intra
-        outputs.append(torch.matmul(scores, vb) + torch.matmul(qb * torch.exp(-s * e), rows))
-        rows = rows * torch.exp(-s * total) + torch.matmul((kb * torch.exp(-s * (total - e))).transpose(-1, -2), vb)
+            intra, qd, kd = intra_decay[:, :c, :c], query_decay[:, :c], key_decay[:, block - c:]
+            sd = torch.exp(-s * c).view(heads, 1, 1)
+        else:  # e: block-local count of unmasked tokens [B, 1, c, 1]; E = e[c-1]
+            e = count[:, begin:begin + c] - (count[:, begin - 1:begin] if begin else 0)
+            e = e.float().view(batch, 1, c, 1)
+            sh, total = s.view(1, heads, 1, 1), e[:, :, -1:]
+            intra = torch.where(causal[:c, :c], torch.exp(-sh * (e - e.transpose(-1, -2)).clamp_min(0)), 0.0)
+            qd, kd, sd = torch.exp(-sh * e), torch.exp(-sh * (total - e)), torch.exp(-sh * total)
+        scores = torch.matmul(qb, kb.transpose(-1, -2)) * intra
+        outputs.append(torch.matmul(scores, vb) + torch.matmul(qb * qd, rows))
+        # A partial last block uses the tail of the key decays: lam^(c-1-i).
+        rows = rows * sd + torch.matmul((kb * kd).transpose(-1, -2), vb)
     state.copy_(rows)
     out = torch.cat(outputs, dim=2)
     if keep is not None:
