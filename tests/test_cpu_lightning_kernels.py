@@ -6,8 +6,8 @@ Oracle: ``reference.ref_lightning`` (float64, token by token; a masked token is 
 repeated slot ids: first occurrence wins). Metric and tolerances as in ``test_lightning_ops.py``
 (``rel_err`` = max abs error / max abs reference; bounds per (state dtype, input dtype)).
 
-The CPU prefill works in inner blocks of its own choosing (36 tokens at head dim 128, 12 at
-head dim <= 24), whatever ``block_size`` says; ``block_size`` only sets how CUDA chunks the work,
+The CPU prefill works in inner blocks of its own choosing (36 tokens at head dim 128, 12 for small
+heads), whatever ``block_size`` says; ``block_size`` only sets how CUDA chunks the work,
 and the result must not depend on it.
 
 Cases marked ``pending_on_cuda`` need the masked-token / first-wins / no-leak semantics that the

@@ -104,7 +104,7 @@ void decode_rows(at::Tensor& state, at::Tensor& out, const at::Tensor& query, co
   at::parallel_for(0, d.batch * heads, grain_for(tokens * dk * dv), [&](int64_t begin, int64_t end) {
     // One scratch allocation per chunk: q, k, v, o and (bfloat16 state) the widened head state.
     const bool widened = !std::is_same_v<state_t, float>;
-    std::vector<float> scratch(2 * dk + 2 * dv + (widened ? dk * dv : 0));
+    std::vector<float> scratch(2 * dk + 2 * dv + (widened ? dk * dv : 0) + 1);
     float *qf = scratch.data(), *kf = qf + dk, *vf = kf + dk, *of = vf + dv, *wide = of + dv;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
