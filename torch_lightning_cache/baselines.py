@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["concatenate_to_cache_eager", "lightning_decode_eager", "lightning_prefill_chunked_eager"]
+__all__ = ["concatenate_to_cache_eager", "write_to_cache_eager", "lightning_decode_eager",
+           "lightning_prefill_chunked_eager"]
 
 
 # --------------------------------------------------------------------------- sequence cache
@@ -96,6 +97,17 @@ def concatenate_to_cache_eager(key_value: torch.Tensor, index: torch.Tensor, key
 
     index.add_(new_tokens)
     return mask.expand(batch, 1, new_tokens, capacity).contiguous()
+
+
+def write_to_cache_eager(key_value: torch.Tensor, index: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         ring: bool = False) -> None:
+    """``concatenate_to_cache_eager`` without the mask: the K/V scatter and the index advance."""
+    batch, capacity, new_tokens = key_value.shape[0], key_value.shape[1], key.shape[1]
+    positions = index.unsqueeze(1) + torch.arange(new_tokens, device=key_value.device)
+    columns = positions % capacity if ring else positions
+    rows = torch.arange(batch, device=key_value.device).unsqueeze(1).expand(batch, new_tokens)
+    key_value.index_put_((rows, columns), torch.cat([key, value], dim=-1).to(key_value.dtype))
+    index.add_(new_tokens)
 
 
 # --------------------------------------------------------------------------- lightning recurrent state
