@@ -17,14 +17,13 @@
 // anything at all. The one product that cannot be written as a selection is
 // the intra-block (scores @ v), whose zero upper triangle would still meet a
 // later token's non-finite v (0 * Inf = NaN): it runs on v with non-finite
-// entries zeroed, and output column d of token j is then set to NaN if an
+// entries zeroed, and output column d of token j then gets a NaN added if an
 // unmasked token i <= j had a non-finite v[d] (sequential decode makes it
 // NaN or +-Inf there too).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <torch/version.h>
 
-#include <limits>
 #include <mutex>
 
 #include "ops.h"
@@ -133,10 +132,11 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
   const at::Tensor q = dense(query).view({bh, d.tokens, d.key_dim});
   const at::Tensor k = dense(key).view({bh, d.tokens, d.key_dim});
   const at::Tensor v = dense(value).view({bh, d.tokens, d.value_dim});
-  // v for the intra-block product (non-finite -> 0) and where to put NaN back.
-  const at::Tensor v_nonfinite = at::isfinite(v).logical_not_();
-  const at::Tensor v_intra = v.masked_fill(v_nonfinite, 0.0f);
-  const at::Tensor poisoned = std::get<0>(v_nonfinite.to(at::kByte).cummax(1)).to(at::kBool);  // [B*H, n, Dv]
+  // v for the intra-block product (non-finite -> 0), and the NaN to put back:
+  // v - v is 0 where v is finite and NaN where not, and a cumulative sum
+  // carries that NaN to every later token (adding 0 changes no finite value).
+  const at::Tensor v_intra = at::nan_to_num(v, 0.0, 0.0, 0.0);
+  const at::Tensor poison = (v - v).cumsum(1);  // [B*H, n, Dv]
   at::Tensor state_rows = rows.view({bh, d.key_dim, d.value_dim});
 
   const int64_t block = std::min(block_size, d.tokens);
@@ -200,7 +200,7 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
     rows.mul_(sdecay);
     state_rows.baddbmm_(times_factor(kb, kdecay).transpose(1, 2), vb);
   }
-  out.masked_fill_(poisoned, std::numeric_limits<float>::quiet_NaN());
+  out.add_(poison);
 
   out = out.view({d.batch, d.heads, d.tokens, d.value_dim});
   // masked_fill, not a multiply: skipped rows and masked tokens output zero even if their inputs are not finite.
