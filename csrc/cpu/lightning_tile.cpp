@@ -125,6 +125,8 @@ LC_AVX2 void gemm_tile_avx2_rows(int64_t cols, int64_t inner, const float* A, in
   }
 }
 
+constexpr int64_t kAheadFloats = 1024;
+
 LC_AVX2 void decode_step_avx2(float* s, const float* q, const float* k, const float* v, float* o, int64_t dk,
                               int64_t dv, float decay) {
   std::fill_n(o, dv, 0.0f);
@@ -133,6 +135,10 @@ LC_AVX2 void decode_step_avx2(float* s, const float* q, const float* k, const fl
   const __m256i tail = lane_mask(dv - body);
   for (int64_t i = 0; i < dk; ++i) {
     float* row = s + i * dv;
+    // Rows ~4 KiB ahead (past the head's end too: a prefetch never faults),
+    // since the hardware prefetcher stops at each page boundary.
+    const char* ahead = reinterpret_cast<const char*>(row + kAheadFloats);
+    for (int64_t line = 0; line < dv * 4; line += 64) __builtin_prefetch(ahead + line, 1, 3);
     const __m256 k_i = _mm256_set1_ps(k[i]), q_i = _mm256_set1_ps(q[i]);
     int64_t j = 0;
     for (; j < body; j += 8) {
