@@ -249,17 +249,20 @@ def test_empty_batch(device, op):
 
 @pytest.mark.parametrize("op", ["prefill", "decode"])
 @pytest.mark.parametrize("dims", [(0, 4), (4, 0), (0, 0)], ids=["dk0", "dv0", "dk0-dv0"])
-def test_zero_head_dims_do_not_crash(device, gen, op, dims):
-    """A zero key_dim or value_dim (no division by zero, SIGFPE before): outputs are q S = 0 / empty."""
+def test_zero_head_dims_are_a_value_error(device, gen, op, dims):
+    """A zero key_dim or value_dim is a ValueError naming the dim (SIGFPE in the CPU decode before), state kept."""
     Dk, Dv = dims
     B, n, H = 2, 5, 3
     state = torch.zeros(B, H, Dk, Dv, device=device)
     q, k = (randn((B, n, H, Dk), gen, device=device) for _ in range(2))
     v = randn((B, n, H, Dv), gen, device=device)
     slopes = tlc.lightning_slopes(H, device=device)
-    out = (tlc.lightning_prefill(state, q, k, v, slopes, block_size=2) if op == "prefill"
-           else tlc.lightning_decode(state, q, k, v, slopes))
-    assert out.shape == (B, n, H, Dv) and not out.any()
+    name = "key_dim" if Dk == 0 else "value_dim"
+    with pytest.raises(ValueError, match=name):
+        if op == "prefill":
+            tlc.lightning_prefill(state, q, k, v, slopes, block_size=2)
+        else:
+            tlc.lightning_decode(state, q, k, v, slopes)
 
 
 # --------------------------------------------------------------------------- decode
