@@ -38,7 +38,7 @@ namespace {
 class FullFloat32Matmul {
  public:
   FullFloat32Matmul() {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 12)
     std::lock_guard<std::mutex> lock(mutex());
     if (depth()++ == 0) {
       auto& ctx = at::globalContext();
@@ -54,7 +54,7 @@ class FullFloat32Matmul {
 #endif
   }
   ~FullFloat32Matmul() {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 12)
     std::lock_guard<std::mutex> lock(mutex());
     if (--depth() == 0) {
       auto& ctx = at::globalContext();
@@ -72,7 +72,7 @@ class FullFloat32Matmul {
 
  private:
   at::NoTF32Guard no_tf32_;
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 12)
   static std::mutex& mutex() {
     static std::mutex m;
     return m;

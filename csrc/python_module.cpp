@@ -3,13 +3,17 @@
 // how it was built.
 #include <torch/extension.h>
 
+#ifdef LIGHTNING_CACHE_WITH_CUDA
+#include <cuda_runtime_api.h>  // CUDART_VERSION (torch's headers stopped pulling in cuda.h's CUDA_VERSION)
+#endif
+
 namespace {
 
 pybind11::dict build_info() {
   pybind11::dict info;
 #ifdef LIGHTNING_CACHE_WITH_CUDA
   info["cuda"] = true;
-  info["cuda_version"] = std::to_string(CUDA_VERSION / 1000) + "." + std::to_string((CUDA_VERSION % 1000) / 10);
+  info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string((CUDART_VERSION % 1000) / 10);
 #else
   info["cuda"] = false;
   info["cuda_version"] = pybind11::none();

@@ -416,7 +416,7 @@ at::Tensor concatenate_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, c
   if (host_checks_allowed(check_bounds)) check_positions(index, d, ring, causal_mask);
 
   at::Tensor mask = at::empty({d.batch, 1, d.new_tokens, d.capacity}, key_value.options().dtype(at::kBool));
-  if (mask.numel() == 0) return mask;  // B = 0: nothing to write, no launch
+  if (is_empty_call(d)) return mask;  // B = 0 or q = 0: nothing to write, no launch
   const MaskInputs mask_in = make_mask_inputs(d, attention_mask, causal_mask, token_type_ids, is_causal, ring);
   write_rows(key_value, index, key, value, d, ring, mask_in, mask.data_ptr<bool>());
   return mask;
@@ -424,12 +424,10 @@ at::Tensor concatenate_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, c
 
 void write_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key, const at::Tensor& value,
                          bool ring, bool check_bounds) {
-  // TODO(merge): the shared write_to_cache checker in validation.cpp replaces these two calls.
-  const KVCacheDims d =
-      check_concatenate_args(key_value, index, key, value, std::nullopt, std::nullopt, std::nullopt, false, ring);
+  const KVCacheDims d = check_write_args(key_value, index, key, value, ring);
   const c10::cuda::CUDAGuard guard(key_value.device());
   if (host_checks_allowed(check_bounds)) check_positions(index, d, ring, std::nullopt);
-  if (d.batch == 0) return;
+  if (is_empty_call(d)) return;  // B = 0 or q = 0: nothing to write, no launch
   MaskInputs no_mask;  // only position_limit (none) and the ring flag are read without a mask
   no_mask.new_tokens = d.new_tokens;
   no_mask.capacity = d.capacity;
