@@ -32,7 +32,7 @@ def extension():
         nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-DLIGHTNING_CACHE_WITH_CUDA"]
         return cpp_extension.CUDAExtension(
             "torch_lightning_cache._C",
-            srcs + sources("cuda/*.cu"),
+            srcs + sources("cuda/*.cpp") + sources("cuda/*.cu"),
             extra_compile_args={"cxx": cxx_flags + ["-DLIGHTNING_CACHE_WITH_CUDA"], "nvcc": nvcc_flags},
         )
     return cpp_extension.CppExtension("torch_lightning_cache._C", srcs, extra_compile_args={"cxx": cxx_flags})

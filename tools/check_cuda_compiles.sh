@@ -30,7 +30,7 @@ if [[ $# -gt 0 ]]; then
   files=("$@")
 else
   shopt -s nullglob
-  files=("$ROOT"/csrc/cuda/*.cu)
+  files=("$ROOT"/csrc/cuda/*.cu "$ROOT"/csrc/cuda/*.cpp)
   shopt -u nullglob
 fi
 if [[ ${#files[@]} -eq 0 ]]; then
@@ -91,7 +91,7 @@ compile() {  # compile <index> <file>: log to $work/<index>.log, status to $work
   echo "$rc" >"$work/$1.rc"
   if [[ -n "${OBJ_DIR:-}" ]]; then
     local name
-    name="$(basename "$2" .cu)"
+    name="$(basename "${2%.*}")"
     cp "$work/$1.log" "$OBJ_DIR/$name.log"
     [[ $rc -eq 0 ]] && cp "$work/$1.o" "$OBJ_DIR/$name.o"
   fi

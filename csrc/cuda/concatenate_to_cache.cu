@@ -15,7 +15,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <atomic>
 #include <climits>
@@ -24,8 +23,8 @@
 
 #include "../mask_rule.h"
 #include "../validation.h"
-#include "host_checks.cuh"
 #include "launch_utils.cuh"
+#include "launchers.h"
 
 namespace lightning_cache {
 namespace {
@@ -345,11 +344,11 @@ ElemType float_elem_type(at::ScalarType t) {
 
 // Fills the parts of RowParams every call shares and launches the kernel for
 // the (cache, input) dtype pair. `mask` is null for write_to_cache.
-void write_rows(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key, const at::Tensor& value,
-                const KVCacheDims& d, bool ring, const MaskInputs& mask_in, bool* mask) {
-  TORCH_CHECK_VALUE(d.capacity <= INT_MAX - kMaskChunk, "key_value: max_length ", d.capacity,
-                    " is larger than the CUDA kernel supports (", INT_MAX - kMaskChunk, ")");
-  TORCH_CHECK_VALUE(d.key_dim + d.value_dim <= INT_MAX, "key_value: key_dim + value_dim is too large");
+}  // namespace
+
+cudaError_t launch_write_rows(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key,
+                              const at::Tensor& value, const KVCacheDims& d, bool ring, const MaskInputs& mask_in,
+                              bool* mask) noexcept {
   static std::atomic<unsigned> next_slot{0};
   RowParams p{};
   p.kv = key_value.data_ptr();
@@ -377,7 +376,7 @@ void write_rows(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key,
                 (d.new_tokens == 1 || mask_in.attn_stride_i % kMaskChunk == 0);
   p.counter_slot = next_slot.fetch_add(1, std::memory_order_relaxed) % kCounterSlots;
   p.mask_in = mask_in;
-  if (p.rows == 0) return;  // never a zero-sized grid (B = 0; q = 0 is rejected earlier)
+  if (p.rows == 0) return cudaSuccess;  // never a zero-sized grid
 
   // Copy vectors: 16 bytes of cache elements when both head dims allow it.
   p.cache_type = float_elem_type(key_value.scalar_type());
@@ -402,44 +401,7 @@ void write_rows(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key,
   const int64_t blocks =
       std::min<int64_t>(p.rows, int64_t(multiprocessor_count(key_value.get_device())) * kBlocksPerSM);
   write_rows_kernel<<<static_cast<unsigned>(blocks), block, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-at::Tensor concatenate_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key,
-                                     const at::Tensor& value, const std::optional<at::Tensor>& attention_mask,
-                                     const std::optional<at::Tensor>& causal_mask,
-                                     const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring,
-                                     bool check_bounds) {
-  const KVCacheDims d = check_concatenate_args(key_value, index, key, value, attention_mask, causal_mask,
-                                               token_type_ids, is_causal, ring);
-  const c10::cuda::CUDAGuard guard(key_value.device());
-  if (host_checks_allowed(check_bounds)) check_positions(index, d, ring, causal_mask);
-
-  at::Tensor mask = at::empty({d.batch, 1, d.new_tokens, d.capacity}, key_value.options().dtype(at::kBool));
-  if (is_empty_call(d)) return mask;  // B = 0 or q = 0: nothing to write, no launch
-  const MaskInputs mask_in = make_mask_inputs(d, attention_mask, causal_mask, token_type_ids, is_causal, ring);
-  write_rows(key_value, index, key, value, d, ring, mask_in, mask.data_ptr<bool>());
-  return mask;
-}
-
-void write_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key, const at::Tensor& value,
-                         bool ring, bool check_bounds) {
-  const KVCacheDims d = check_write_args(key_value, index, key, value, ring);
-  const c10::cuda::CUDAGuard guard(key_value.device());
-  if (host_checks_allowed(check_bounds)) check_positions(index, d, ring, std::nullopt);
-  if (is_empty_call(d)) return;  // B = 0 or q = 0: nothing to write, no launch
-  MaskInputs no_mask;  // only position_limit (none) and the ring flag are read without a mask
-  no_mask.new_tokens = d.new_tokens;
-  no_mask.capacity = d.capacity;
-  no_mask.ring = ring;
-  write_rows(key_value, index, key, value, d, ring, no_mask, nullptr);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(lightning_cache, CUDA, m) {
-  m.impl("concatenate_to_cache", &concatenate_to_cache_cuda);
-  m.impl("write_to_cache", &write_to_cache_cuda);
+  return cudaGetLastError();
 }
 
 }  // namespace lightning_cache

@@ -1,7 +1,6 @@
 // Small host-side helpers for the CUDA launches.
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -18,8 +17,13 @@ inline int multiprocessor_count(int device) {
     const int known = cached[device].load(std::memory_order_relaxed);
     if (known > 0) return known;
   }
+  // Never throws (the launchers are noexcept): on a failed query the grid is
+  // sized for one SM, which is slower but correct, and the error is cleared.
   int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
   if (count < 1) count = 1;
   if (device >= 0 && device < kMaxDevices) cached[device].store(count, std::memory_order_relaxed);
   return count;

@@ -20,14 +20,13 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <climits>
 #include <type_traits>
 
-#include "../ops.h"
-#include "host_checks.cuh"
+#include "../validation.h"
 #include "launch_utils.cuh"
+#include "launchers.h"
 
 namespace lightning_cache {
 namespace {
@@ -205,15 +204,12 @@ __global__ void scatter_rows_kernel(state_t* __restrict__ state, const float* __
   }
 }
 
-void scatter_state_rows_cuda(at::Tensor& state, const at::Tensor& rows, const std::optional<at::Tensor>& slot_ids) {
-  if (!slot_ids.has_value()) {
-    state.copy_(rows);
-    return;
-  }
-  const int64_t batch = rows.size(0);
-  const int64_t row_elems = rows.size(1) * rows.size(2) * rows.size(3);  // no rows[0]: B may be 0
-  if (batch == 0 || row_elems == 0) return;                              // never a zero-sized grid
-  const at::Tensor src = rows.contiguous();
+}  // namespace
+
+cudaError_t launch_scatter_rows(at::Tensor& state, const at::Tensor& src, const at::Tensor& slot_ids) noexcept {
+  const int64_t batch = src.size(0);
+  const int64_t row_elems = src.size(1) * src.size(2) * src.size(3);  // no src[0]: B may be 0
+  if (batch == 0 || row_elems == 0) return cudaSuccess;               // never a zero-sized grid
   const int threads = 256;
   // About 4 blocks per SM in all; each block scans the earlier slot ids once.
   const int64_t target = int64_t(multiprocessor_count(state.get_device())) * 4;
@@ -223,20 +219,22 @@ void scatter_state_rows_cuda(at::Tensor& state, const at::Tensor& rows, const st
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto launch = [&](auto state_tag) {  // state: float32 or bfloat16 (validated)
     using state_t = decltype(state_tag);
-    scatter_rows_kernel<state_t><<<grid, threads, 0, stream>>>(state.data_ptr<state_t>(), src.const_data_ptr<float>(),
-                                                               slot_ids->const_data_ptr<int64_t>(), batch, row_elems,
-                                                               state.size(0));
+    scatter_rows_kernel<state_t><<<grid, threads, 0, stream>>>(
+        static_cast<state_t*>(state.data_ptr()), static_cast<const float*>(src.const_data_ptr()),
+        static_cast<const int64_t*>(slot_ids.const_data_ptr()), batch, row_elems, state.size(0));
   };
   if (state.scalar_type() == at::kFloat) {
     launch(float{});
   } else {
     launch(at::BFloat16{});
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return cudaGetLastError();
 }
 
+namespace {
+
 template <typename state_t, typename in_t, int ROWS, int GROUPS>
-void launch_decode(const DecodeParams& p, cudaStream_t stream) {
+void launch_decode_config(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.value_dim + kTileColumns - 1) / kTileColumns),
                   static_cast<unsigned>(std::min<int64_t>(p.batch * p.heads, 65535)));
   const dim3 block(kTileColumns, GROUPS);
@@ -247,29 +245,19 @@ void launch_decode(const DecodeParams& p, cudaStream_t stream) {
   }
 }
 
-at::Tensor lightning_decode_cuda(at::Tensor& state, const at::Tensor& query, const at::Tensor& key,
-                                 const at::Tensor& value, const at::Tensor& slopes,
-                                 const std::optional<at::Tensor>& slot_ids, double scale, bool check_bounds) {
-  const LightningDims d =
-      check_lightning_args("lightning_decode", state, query, key, value, slopes, std::nullopt, slot_ids, 1);
-  TORCH_CHECK_VALUE(d.key_dim <= 512, "lightning_decode: key_dim ", d.key_dim,
-                    " is larger than the CUDA kernel supports (512)");
-  TORCH_CHECK_VALUE(d.key_dim * d.value_dim <= INT_MAX, "lightning_decode: key_dim * value_dim (", d.key_dim, " * ",
-                    d.value_dim, ") is larger than the CUDA kernel supports");
-  const c10::cuda::CUDAGuard guard(state.device());
-  const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, host_checks_allowed(check_bounds));
-  at::Tensor out = at::empty({d.batch, d.tokens, d.heads, d.value_dim}, query.options());
-  if (out.numel() == 0) return out;  // B, H or Dv = 0: nothing to compute, no zero-sized grid
-  const at::Tensor slopes_f = slopes.to(at::kFloat).contiguous();
+}  // namespace
 
+cudaError_t launch_decode(at::Tensor& state, at::Tensor& out, const at::Tensor& query, const at::Tensor& key,
+                          const at::Tensor& value, const at::Tensor& slopes_f, const int64_t* slots,
+                          const LightningDims& d, float scale) noexcept {
   DecodeParams p{};
   p.state = state.data_ptr();
   p.out = out.data_ptr();
   p.query = query.const_data_ptr();
   p.key = key.const_data_ptr();
   p.value = value.const_data_ptr();
-  p.slopes = slopes_f.const_data_ptr<float>();
-  p.slots = slots ? slots->const_data_ptr<int64_t>() : nullptr;
+  p.slopes = static_cast<const float*>(slopes_f.const_data_ptr());
+  p.slots = slots;
   p.batch = d.batch;
   p.tokens = d.tokens;
   p.heads = d.heads;
@@ -281,7 +269,7 @@ at::Tensor lightning_decode_cuda(at::Tensor& state, const at::Tensor& query, con
     p.k_stride[k] = key.stride(k);
     p.v_stride[k] = value.stride(k);
   }
-  p.scale = static_cast<float>(scale);
+  p.scale = scale;
   auto stream = c10::cuda::getCurrentCUDAStream();
 
   // (ROWS, GROUPS): 8 x 8 (Dk <= 64), 16 x 8 (<= 128), 16 x 16 (<= 256), 16 x 32 (<= 512).
@@ -289,13 +277,13 @@ at::Tensor lightning_decode_cuda(at::Tensor& state, const at::Tensor& query, con
     using state_t = decltype(state_tag);
     using in_t = decltype(in_tag);
     if (d.key_dim <= 64) {
-      launch_decode<state_t, in_t, 8, 8>(p, stream);
+      launch_decode_config<state_t, in_t, 8, 8>(p, stream);
     } else if (d.key_dim <= 128) {
-      launch_decode<state_t, in_t, 16, 8>(p, stream);
+      launch_decode_config<state_t, in_t, 16, 8>(p, stream);
     } else if (d.key_dim <= 256) {
-      launch_decode<state_t, in_t, 16, 16>(p, stream);
+      launch_decode_config<state_t, in_t, 16, 16>(p, stream);
     } else {
-      launch_decode<state_t, in_t, 16, 32>(p, stream);
+      launch_decode_config<state_t, in_t, 16, 32>(p, stream);
     }
   };
   auto with_state = [&](auto in_tag) {
@@ -310,28 +298,7 @@ at::Tensor lightning_decode_cuda(at::Tensor& state, const at::Tensor& query, con
     case at::kHalf: with_state(at::Half{}); break;
     default: with_state(at::BFloat16{}); break;
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
-at::Tensor lightning_prefill_cuda(at::Tensor& state, const at::Tensor& query, const at::Tensor& key,
-                                  const at::Tensor& value, const at::Tensor& slopes,
-                                  const std::optional<at::Tensor>& attention_mask,
-                                  const std::optional<at::Tensor>& slot_ids, int64_t block_size, double scale,
-                                  bool check_bounds) {
-  const LightningDims d =
-      check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask, slot_ids, block_size);
-  const c10::cuda::CUDAGuard guard(state.device());
-  const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, host_checks_allowed(check_bounds));
-  return lightning_prefill_chunked(state, query, key, value, slopes, attention_mask, slots, d, block_size, scale,
-                                   &scatter_state_rows_cuda);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(lightning_cache, CUDA, m) {
-  m.impl("lightning_decode", &lightning_decode_cuda);
-  m.impl("lightning_prefill", &lightning_prefill_cuda);
+  return cudaGetLastError();
 }
 
 }  // namespace lightning_cache

@@ -1,0 +1,110 @@
+// The CUDA entry points of every op: validation, host checks, allocation, and
+// a call into the launchers of csrc/cuda/*.cu. This file is host C++ on
+// purpose: every exception an op raises (bad arguments, host position checks)
+// is thrown and unwound here and in validation.cpp, never through
+// nvcc-compiled code (see launchers.h).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <climits>
+
+#include "../ops.h"
+#include "host_checks.cuh"
+#include "launchers.h"
+
+namespace lightning_cache {
+namespace {
+
+// The kernels index inside a row with 32-bit offsets.
+constexpr int64_t kMaskChunk = 16;
+
+void check_kernel_limits(const KVCacheDims& d) {
+  TORCH_CHECK_VALUE(d.capacity <= INT_MAX - kMaskChunk, "key_value: max_length ", d.capacity,
+                    " is larger than the CUDA kernel supports (", INT_MAX - kMaskChunk, ")");
+  TORCH_CHECK_VALUE(d.key_dim + d.value_dim <= INT_MAX, "key_value: key_dim + value_dim is too large");
+}
+
+at::Tensor concatenate_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key,
+                                     const at::Tensor& value, const std::optional<at::Tensor>& attention_mask,
+                                     const std::optional<at::Tensor>& causal_mask,
+                                     const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring,
+                                     bool check_bounds) {
+  const KVCacheDims d = check_concatenate_args(key_value, index, key, value, attention_mask, causal_mask,
+                                               token_type_ids, is_causal, ring);
+  check_kernel_limits(d);
+  const c10::cuda::CUDAGuard guard(key_value.device());
+  if (host_checks_allowed(check_bounds)) check_positions(index, d, ring, causal_mask);
+
+  at::Tensor mask = at::empty({d.batch, 1, d.new_tokens, d.capacity}, key_value.options().dtype(at::kBool));
+  if (is_empty_call(d)) return mask;  // B = 0 or q = 0: nothing to write, no launch
+  const MaskInputs mask_in = make_mask_inputs(d, attention_mask, causal_mask, token_type_ids, is_causal, ring);
+  C10_CUDA_CHECK(launch_write_rows(key_value, index, key, value, d, ring, mask_in, mask.data_ptr<bool>()));
+  return mask;
+}
+
+void write_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key, const at::Tensor& value,
+                         bool ring, bool check_bounds) {
+  const KVCacheDims d = check_write_args(key_value, index, key, value, ring);
+  check_kernel_limits(d);
+  const c10::cuda::CUDAGuard guard(key_value.device());
+  if (host_checks_allowed(check_bounds)) check_positions(index, d, ring, std::nullopt);
+  if (is_empty_call(d)) return;  // B = 0 or q = 0: nothing to write, no launch
+  MaskInputs no_mask;  // only position_limit (none) and the ring flag are read without a mask
+  no_mask.new_tokens = d.new_tokens;
+  no_mask.capacity = d.capacity;
+  no_mask.ring = ring;
+  C10_CUDA_CHECK(launch_write_rows(key_value, index, key, value, d, ring, no_mask, nullptr));
+}
+
+at::Tensor lightning_decode_cuda(at::Tensor& state, const at::Tensor& query, const at::Tensor& key,
+                                 const at::Tensor& value, const at::Tensor& slopes,
+                                 const std::optional<at::Tensor>& slot_ids, double scale, bool check_bounds) {
+  const LightningDims d =
+      check_lightning_args("lightning_decode", state, query, key, value, slopes, std::nullopt, slot_ids, 1);
+  TORCH_CHECK_VALUE(d.key_dim <= 512, "lightning_decode: key_dim ", d.key_dim,
+                    " is larger than the CUDA kernel supports (512)");
+  TORCH_CHECK_VALUE(d.key_dim * d.value_dim <= INT_MAX, "lightning_decode: key_dim * value_dim (", d.key_dim, " * ",
+                    d.value_dim, ") is larger than the CUDA kernel supports");
+  const c10::cuda::CUDAGuard guard(state.device());
+  const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, host_checks_allowed(check_bounds));
+  at::Tensor out = at::empty({d.batch, d.tokens, d.heads, d.value_dim}, query.options());
+  if (out.numel() == 0) return out;  // B or n = 0: nothing to compute, no zero-sized grid
+  const at::Tensor slopes_f = slopes.to(at::kFloat).contiguous();
+  C10_CUDA_CHECK(launch_decode(state, out, query, key, value, slopes_f,
+                               slots ? slots->const_data_ptr<int64_t>() : nullptr, d, static_cast<float>(scale)));
+  return out;
+}
+
+void scatter_state_rows_cuda(at::Tensor& state, const at::Tensor& rows, const std::optional<at::Tensor>& slot_ids) {
+  if (!slot_ids.has_value()) {
+    state.copy_(rows);
+    return;
+  }
+  C10_CUDA_CHECK(launch_scatter_rows(state, rows.contiguous(), *slot_ids));
+}
+
+at::Tensor lightning_prefill_cuda(at::Tensor& state, const at::Tensor& query, const at::Tensor& key,
+                                  const at::Tensor& value, const at::Tensor& slopes,
+                                  const std::optional<at::Tensor>& attention_mask,
+                                  const std::optional<at::Tensor>& slot_ids, int64_t block_size, double scale,
+                                  bool check_bounds) {
+  const LightningDims d =
+      check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask, slot_ids, block_size);
+  const c10::cuda::CUDAGuard guard(state.device());
+  const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, host_checks_allowed(check_bounds));
+  return lightning_prefill_chunked(state, query, key, value, slopes, attention_mask, slots, d, block_size, scale,
+                                   &scatter_state_rows_cuda);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lightning_cache, CUDA, m) {
+  m.impl("concatenate_to_cache", &concatenate_to_cache_cuda);
+  m.impl("write_to_cache", &write_to_cache_cuda);
+  m.impl("lightning_decode", &lightning_decode_cuda);
+  m.impl("lightning_prefill", &lightning_prefill_cuda);
+}
+
+}  // namespace lightning_cache
