@@ -133,3 +133,16 @@ def lightning_inputs(layout, B, n, H, Dk, Dv, gen, dtype=torch.float32, device="
     """``q, k [B, n, H, Dk]`` and ``v [B, n, H, Dv]``: standard normal / sqrt(D), so of size ~1."""
     return make_inputs(layout, B, n, H, (Dk, Dk, Dv), gen, dtype, device,
                        scales=(1 / math.sqrt(Dk), 1 / math.sqrt(Dk), 1 / math.sqrt(Dv)))
+
+
+# (output, state) relative-error bounds of the lightning ops against the float64
+# reference, by (state dtype, input dtype); measured values in the README's table.
+TOLERANCES = {
+    (torch.float32, torch.float32): (3e-5, 3e-5),
+    (torch.float32, torch.float16): (6e-4, 3e-5),
+    (torch.float32, torch.bfloat16): (5e-3, 3e-5),
+    (torch.bfloat16, torch.float32): (1e-2, 3e-2),
+    (torch.bfloat16, torch.float16): (1e-2, 3e-2),
+    (torch.bfloat16, torch.bfloat16): (1e-2, 3e-2),
+}
+F32_TOL = TOLERANCES[(torch.float32, torch.float32)][0]

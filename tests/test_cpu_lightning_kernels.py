@@ -26,18 +26,9 @@ import pytest
 import torch
 
 import torch_lightning_cache as tlc
-from conftest import LAYOUTS, lightning_inputs, random_mask, randn, rel_err
+from conftest import F32_TOL, LAYOUTS, TOLERANCES, lightning_inputs, random_mask, randn, rel_err
 from reference import ref_lightning
 
-TOLERANCES = {  # (output, state) rel_err bounds, as in test_lightning_ops.py
-    (torch.float32, torch.float32): (3e-5, 3e-5),
-    (torch.float32, torch.float16): (6e-4, 3e-5),
-    (torch.float32, torch.bfloat16): (5e-3, 3e-5),
-    (torch.bfloat16, torch.float32): (1e-2, 3e-2),
-    (torch.bfloat16, torch.float16): (1e-2, 3e-2),
-    (torch.bfloat16, torch.bfloat16): (1e-2, 3e-2),
-}
-F32_TOL = TOLERANCES[(torch.float32, torch.float32)][0]
 
 
 def pending_on_cuda(request, device):

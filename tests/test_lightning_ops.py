@@ -45,21 +45,11 @@ import pytest
 import torch
 
 import torch_lightning_cache as tlc
-from conftest import HAS_CUDA, lightning_inputs, random_mask, randn, rel_err
+from conftest import F32_TOL, HAS_CUDA, TOLERANCES, lightning_inputs, random_mask, randn, rel_err
 from reference import ref_lightning, ref_lightning_slopes
 
 ops = torch.ops.lightning_cache
 
-# (output tolerance, state tolerance) by (state dtype, input dtype); see the module docstring.
-TOLERANCES = {
-    (torch.float32, torch.float32): (3e-5, 3e-5),
-    (torch.float32, torch.float16): (6e-4, 3e-5),
-    (torch.float32, torch.bfloat16): (5e-3, 3e-5),
-    (torch.bfloat16, torch.float32): (1e-2, 3e-2),
-    (torch.bfloat16, torch.float16): (1e-2, 3e-2),
-    (torch.bfloat16, torch.bfloat16): (1e-2, 3e-2),
-}
-F32_TOL = TOLERANCES[(torch.float32, torch.float32)][0]
 INPUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 STATE_DTYPES = [torch.float32, torch.bfloat16]
 
