@@ -388,16 +388,18 @@ class LightningCache:
         # where torch's own indexing still refuses out-of-range ids (IndexError on CPU, a device-side
         # assert on CUDA) and never writes outside a buffer.
         if check_bounds and buffers and not torch.compiler.is_compiling():
-            rows = {buffer.shape[0] for _, buffer in buffers}
+            smallest_name, smallest = min(buffers, key=lambda named: named[1].shape[0])
+            rows = smallest.shape[0]  # an id must be a row of every layer
             for name, t in ids.items():
-                values = t.tolist()
-                for i, v in enumerate(values):
-                    bad = [f"{bn} has {b.shape[0]} rows" for bn, b in buffers if not 0 <= v < b.shape[0]]
-                    if bad:
-                        raise IndexError(f"{op}: {name}[{i}] = {v} is out of range ({bad[0]}; rows {sorted(rows)})")
-                if name in unique and len(set(values)) != len(values):
-                    first = next(v for i, v in enumerate(values) if v in values[:i])
-                    raise IndexError(f"{op}: {name} repeats row {first} (each row may be written once)")
+                seen = set()
+                for i, v in enumerate(t.tolist()):
+                    if not 0 <= v < rows:
+                        raise IndexError(f"{op}: {name}[{i}] = {v} is out of range [0, {rows}) "
+                                         f"({smallest_name} has {rows} rows)")
+                    if name in unique and v in seen:
+                        raise IndexError(f"{op}: {name} repeats row {v} at {name}[{i}] (each row may be "
+                                         "written once)")
+                    seen.add(v)
         return buffers
 
     def reorder_cache(self, beam_idx: torch.Tensor, check_bounds: bool = True) -> None:
