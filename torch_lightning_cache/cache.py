@@ -351,6 +351,110 @@ class LightningCache:
             if view is not None:
                 view.reset()
 
+    # ------------------------------------------------- beam search and forking
+
+    def _pool_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        """Every allocated per-row buffer (row = dim 0): attention ``key_value``/``index``, lightning states."""
+        buffers = []
+        for i, view in enumerate(self.views):
+            if view is None or view.key_value is None:
+                continue
+            buffers.append((f"layer {i} key_value", view.key_value))
+            if view.index is not None:
+                buffers.append((f"layer {i} index", view.index))
+        return buffers
+
+    def _check_ids(self, op: str, check_bounds: bool, unique: tuple[str, ...] = (),
+                   **ids: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Type/shape/dtype/device checks (free, no sync), then, with ``check_bounds`` outside captured code,
+        the value checks (one host sync): ids in ``[0, rows)``, and no repeats in the arguments named in
+        ``unique``. Returns the buffers to update. Everything is checked before anything is written."""
+        ops.check_types(op, check_bounds=(check_bounds, "bool"), **{name: (t, "tensor") for name, t in ids.items()})
+        for name, t in ids.items():
+            if t.dtype != torch.int64:
+                raise TypeError(f"{op}: {name} must be an int64 tensor, got {t.dtype}")
+            if t.dim() != 1:
+                raise ValueError(f"{op}: {name} must be 1-D, got shape {tuple(t.shape)}")
+        lengths = {name: t.shape[0] for name, t in ids.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"{op}: " + " and ".join(ids) + f" must have the same length, got {lengths}")
+        buffers = self._pool_buffers()
+        for name, t in ids.items():
+            for buffer_name, buffer in buffers:
+                if t.device != buffer.device:
+                    raise ValueError(f"{op}: {name} must be on the cache's device ({buffer_name} is on "
+                                     f"{buffer.device}), got {t.device}")
+        # The value checks need the ids on the host: skipped in captured code (no sync, no graph break),
+        # where torch's own indexing still refuses out-of-range ids (IndexError on CPU, a device-side
+        # assert on CUDA) and never writes outside a buffer.
+        if check_bounds and buffers and not torch.compiler.is_compiling():
+            smallest_name, smallest = min(buffers, key=lambda named: named[1].shape[0])
+            rows = smallest.shape[0]  # an id must be a row of every layer
+            for name, t in ids.items():
+                seen = set()
+                for i, v in enumerate(t.tolist()):
+                    if not 0 <= v < rows:
+                        raise IndexError(f"{op}: {name}[{i}] = {v} is out of range [0, {rows}) "
+                                         f"({smallest_name} has {rows} rows)")
+                    if name in unique and v in seen:
+                        raise IndexError(f"{op}: {name} repeats row {v} at {name}[{i}] (each row may be "
+                                         "written once)")
+                    seen.add(v)
+        return buffers
+
+    def reorder_cache(self, beam_idx: torch.Tensor, check_bounds: bool = True) -> None:
+        """Beam search (Hugging Face's name): new row ``b`` = old row ``beam_idx[b]``, in every layer.
+
+        Attention layers' K/V rows and positions and lightning layers' states are gathered in place:
+        the buffers keep their addresses (CUDA graphs stay valid). ``beam_idx`` is a 1-D int64 tensor on
+        the cache's device whose length is the number of rows; repeats are allowed (a beam kept twice).
+        Compile-safe: no host sync under ``torch.compile`` (see ``check_bounds`` in :meth:`copy_slots`).
+        """
+        op = "LightningCache.reorder_cache"
+        buffers = self._check_ids(op, check_bounds, beam_idx=beam_idx)
+        for name, buffer in buffers:
+            if buffer.shape[0] != beam_idx.shape[0]:
+                raise ValueError(f"{op}: beam_idx must have one entry per cache row: {name} has "
+                                 f"{buffer.shape[0]} rows, beam_idx has {beam_idx.shape[0]}")
+        for _, buffer in buffers:
+            buffer.copy_(buffer.index_select(0, beam_idx))
+
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor, check_bounds: bool = True) -> None:
+        """Forks pool rows: row ``dst[i]`` becomes a copy of row ``src[i]``, in every layer.
+
+        All sources are read before anything is written, so swaps (``src=[0, 1], dst=[1, 0]``) and
+        overlapping ``src``/``dst`` work. Other rows stay bit-identical. ``src`` and ``dst`` are 1-D int64
+        tensors of one length on the cache's device.
+
+        ``check_bounds=True`` (default) checks the ids on the host (one sync) and raises ``IndexError``
+        for an id outside ``[0, rows)`` or a repeated ``dst``, before any write. Under ``torch.compile``,
+        and with ``check_bounds=False``, there is no sync: out-of-range ids are refused by torch's own
+        indexing (``IndexError`` on CPU, a device-side assert on CUDA), never written outside a buffer,
+        and for a repeated ``dst`` the first occurrence wins (deterministically).
+        """
+        op = "LightningCache.copy_slots"
+        buffers = self._check_ids(op, check_bounds, unique=("dst",), src=src, dst=dst)
+        if dst.shape[0] == 0:  # argmax below needs a non-empty dim; nothing to copy anyway
+            return
+        # Later duplicates of a dst copy the first occurrence's source: every write to a row then
+        # carries the same value, so index_copy_'s unordered duplicate writes are deterministic.
+        first = (dst.unsqueeze(1) == dst.unsqueeze(0)).to(torch.uint8).argmax(dim=1)
+        src = src.index_select(0, first)
+        for _, buffer in buffers:
+            buffer.index_copy_(0, dst, buffer.index_select(0, src))
+
+    def reset_slots(self, ids: torch.Tensor, check_bounds: bool = True) -> None:
+        """Forgets rows ``ids`` in every layer: positions 0, K/V 0, states 0; other rows bit-identical.
+
+        ``ids`` is a 1-D int64 tensor on the cache's device; repeats are harmless. ``check_bounds`` as in
+        :meth:`copy_slots` (repeats are not an error here).
+        """
+        op = "LightningCache.reset_slots"
+        buffers = self._check_ids(op, check_bounds, ids=ids)
+        for _, buffer in buffers:
+            # index_copy_, not index_fill_: index_fill_ wraps a negative id onto another row.
+            buffer.index_copy_(0, ids, buffer.new_zeros((ids.shape[0], *buffer.shape[1:])))
+
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(\n  " + "\n  ".join(str(view) for view in self.views) + "\n)"
 
