@@ -55,7 +55,7 @@ TORCH_LIBRARY(lightning_cache, m) {
       "ScalarType? dtype=None, Device? device=None) -> Tensor");
   m.def(
       "lightning_decode(Tensor(a!) state, Tensor query, Tensor key, Tensor value, Tensor slopes, "
-      "Tensor? slot_ids=None, float scale=1.0, bool check_bounds=True) -> Tensor output");
+      "Tensor? slot_ids=None, float scale=1.0, bool check_bounds=True, Tensor(b!)? step_states=None) -> Tensor output");
   m.def(
       "lightning_prefill(Tensor(a!) state, Tensor query, Tensor key, Tensor value, Tensor slopes, "
       "Tensor? attention_mask=None, Tensor? slot_ids=None, int block_size=256, float scale=1.0, "

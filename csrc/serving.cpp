@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "serving.h"
 #include "validation.h"
 
 namespace lightning_cache {
@@ -136,6 +137,19 @@ void lightning_accept(at::Tensor& state, const at::Tensor& step_states, const at
 }
 
 }  // namespace
+
+void store_initial_step_states(const at::Tensor& step_states, const at::Tensor& state,
+                               const std::optional<at::Tensor>& slots, const LightningDims& d) {
+  if (d.batch == 0 || d.slots == 0) return;
+  at::Tensor first = step_states.select(1, 0);
+  if (!slots.has_value()) {  // batch == slots, no row skipped
+    first.copy_(state);
+    return;
+  }
+  const at::Tensor keep = slots->ge(0);  // sanitized: -1 is the only skip
+  const at::Tensor src = state.index_select(0, at::where(keep, *slots, at::zeros({}, slots->options())));
+  first.copy_(at::where(keep.view({d.batch, 1, 1, 1}), src, first));
+}
 
 // ATen-only, so one registration covers CPU, CUDA and every other backend.
 TORCH_LIBRARY_IMPL(lightning_cache, CompositeExplicitAutograd, m) {

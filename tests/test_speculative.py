@@ -1,8 +1,11 @@
-"""Speculative decoding (SPEC section 7): ``rewind_cache`` and ``lightning_accept``.
+"""Speculative decoding (SPEC section 7): ``rewind_cache``, ``lightning_accept`` and
+``lightning_decode(..., step_states=...)``.
 
 Oracles: ``reference.ref_rewind_cache`` / ``ref_lightning_accept`` (plain Python loops,
-first occurrence of a slot wins, bad rows skipped) and ``write_to_cache`` itself (a
-rewound cache rewritten equals one that never saw the rejected tokens).
+first occurrence of a slot wins, bad rows skipped), ``write_to_cache`` itself (a
+rewound cache rewritten equals one that never saw the rejected tokens) and
+``ref_lightning`` (float64 sequential recurrence that sees only the accepted tokens;
+``rel_err`` within ``F32_TOL``).
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ import pytest
 import torch
 
 import torch_lightning_cache as tlc
-from conftest import randn
-from reference import ref_lightning_accept, ref_rewind_cache
+from conftest import F32_TOL, lightning_inputs, randn, rel_err
+from reference import ref_lightning, ref_lightning_accept, ref_rewind_cache
 
 ops = torch.ops.lightning_cache
 
@@ -180,3 +183,116 @@ def test_compile_rewind_and_accept_fullgraph(device, gen):
     step(state, steps, num, index)
     assert torch.equal(state.cpu(), expected)
     assert index.cpu().tolist() == [4, 2, 5]
+
+
+# --------------------------------------------------------------------------- lightning_decode(step_states=...)
+
+
+def _decode_inputs(gen, device, B, n, H, Dk, Dv):
+    return lightning_inputs("fused", B, n, H, Dk, Dv, gen, device=device)
+
+
+@pytest.mark.parametrize("use_slots", [False, True])
+def test_draft_accept_continue_equals_reference(device, gen, use_slots):
+    B, n, m, H, Dk, Dv = 4, 5, 3, 3, 8, 6
+    P = 6 if use_slots else B
+    slots = _long([4, 0, -1, 2], device) if use_slots else None
+    slopes = tlc.lightning_slopes(H, layer_index=1, num_layers=4, device=device)
+    state = randn((P, H, Dk, Dv), gen, device=device)
+    start = state.clone()
+    q, k, v = _decode_inputs(gen, device, B, n, H, Dk, Dv)
+    steps = torch.full((B, n + 1, H, Dk, Dv), 7.0, device=device)
+    draft_out = tlc.lightning_decode(state, q, k, v, slopes, slot_ids=slots, step_states=steps)
+    accepted = torch.randint(0, n + 1, (B,), generator=gen).tolist()
+    tlc.lightning_accept(state, steps, _long(accepted, device), slot_ids=slots)
+    q2, k2, v2 = _decode_inputs(gen, device, B, m, H, Dk, Dv)
+    next_out = tlc.lightning_decode(state, q2, k2, v2, slopes, slot_ids=slots)
+
+    expected_state = start.double().cpu().clone()
+    for b in range(B):
+        row = int(slots[b]) if use_slots else b
+        if row < 0:  # skipped: step_states untouched, outputs zero
+            assert torch.equal(steps[b].cpu(), torch.full_like(steps[b].cpu(), 7.0))
+            assert not draft_out[b].any() and not next_out[b].any()
+            continue
+        a = accepted[b]
+        # The reference sees only the accepted draft tokens, then the continuation.
+        seq = [torch.cat([x[b:b + 1, :a], y[b:b + 1]], dim=1) for x, y in ((q, q2), (k, k2), (v, v2))]
+        ref_state, ref_out = ref_lightning(start[row:row + 1], *seq, slopes)
+        expected_state[row] = ref_state[0]
+        if a > 0:
+            assert rel_err(draft_out[b, :a], ref_out[0, :a]) <= F32_TOL
+        assert rel_err(next_out[b], ref_out[0, a:]) <= F32_TOL
+        for t in range(n + 1):  # every step state against the reference after t tokens
+            ref_t, _ = ref_lightning(start[row:row + 1], q[b:b + 1, :t], k[b:b + 1, :t], v[b:b + 1, :t], slopes)
+            assert rel_err(steps[b, t], ref_t[0]) <= F32_TOL
+    assert rel_err(state, expected_state) <= F32_TOL
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_step_states_last_equals_final_state(device, gen, state_dtype):
+    B, n, H, Dk, Dv = 2, 4, 2, 4, 3
+    slopes = tlc.lightning_slopes(H, device=device)
+    state = randn((B, H, Dk, Dv), gen, device=device).to(state_dtype)
+    before = state.clone()
+    q, k, v = _decode_inputs(gen, device, B, n, H, Dk, Dv)
+    steps = torch.zeros((B, n + 1, H, Dk, Dv), dtype=state_dtype, device=device)
+    out = tlc.lightning_decode(state, q, k, v, slopes, step_states=steps)
+    assert torch.equal(steps[:, 0], before) and torch.equal(steps[:, n], state)
+    # The same call without step_states gives the same results.
+    again = before.clone()
+    assert torch.equal(tlc.lightning_decode(again, q, k, v, slopes), out) and torch.equal(again, state)
+
+
+def test_step_states_zero_tokens_and_bad_shapes(device, gen):
+    B, H, Dk, Dv = 3, 2, 4, 3
+    slopes = tlc.lightning_slopes(H, device=device)
+    state = randn((B, H, Dk, Dv), gen, device=device)
+    q, k, v = _decode_inputs(gen, device, B, 0, H, Dk, Dv)
+    steps = torch.zeros((B, 1, H, Dk, Dv), device=device)
+    tlc.lightning_decode(state, q, k, v, slopes, step_states=steps)
+    assert torch.equal(steps[:, 0], state)
+    q, k, v = _decode_inputs(gen, device, B, 2, H, Dk, Dv)
+    before = state.clone()
+    for bad, err in ((torch.zeros((B, 2, H, Dk, Dv), device=device), ValueError),
+                     (torch.zeros((B, 3, H, Dk, Dv), dtype=torch.bfloat16, device=device), TypeError),
+                     (torch.zeros((B, 3, H, Dv, Dk), device=device), ValueError),
+                     (torch.zeros((B, 3, H, Dk, 2 * Dv), device=device)[..., ::2], ValueError)):
+        with pytest.raises(err, match="step_states"):
+            tlc.lightning_decode(state, q, k, v, slopes, step_states=bad)
+    assert torch.equal(state, before)
+
+
+def test_opcheck_lightning_decode_step_states(device, gen):
+    B, n, H, Dk, Dv = 2, 3, 2, 4, 3
+    slopes = tlc.lightning_slopes(H, device=device)
+    q, k, v = _decode_inputs(gen, device, B, n, H, Dk, Dv)
+    state = randn((3, H, Dk, Dv), gen, device=device)
+    steps = torch.zeros((B, n + 1, H, Dk, Dv), device=device)
+    torch.library.opcheck(ops.lightning_decode.default, (state, q, k, v, slopes),
+                          {"slot_ids": _long([2, 0], device), "step_states": steps})
+
+
+def test_compile_decode_accept_fullgraph(device, gen):
+    B, n, H, Dk, Dv = 2, 3, 2, 4, 3
+    slopes = tlc.lightning_slopes(H, device=device)
+    state = randn((B, H, Dk, Dv), gen, device=device)
+    steps = torch.zeros((B, n + 1, H, Dk, Dv), device=device)
+    index = _long([9, 9], device)
+
+    @torch.compile(fullgraph=True)
+    def speculate(state, steps, index, q, k, v, num):
+        out = tlc.lightning_decode(state, q, k, v, slopes, check_bounds=False, step_states=steps)
+        tlc.lightning_accept(state, steps, num, check_bounds=False)
+        tlc.rewind_cache(index, n - num, check_bounds=False)
+        return out
+
+    eager_state, eager_steps, eager_index = state.clone(), steps.clone(), index.clone()
+    for _ in range(2):  # a second step reuses the compiled graph
+        q, k, v = _decode_inputs(gen, device, B, n, H, Dk, Dv)
+        num = _long(torch.randint(0, n + 1, (B,), generator=gen).tolist(), device)
+        out = speculate(state, steps, index, q, k, v, num)
+        ref = tlc.lightning_decode(eager_state, q, k, v, slopes, step_states=eager_steps)
+        tlc.lightning_accept(eager_state, eager_steps, num)
+        tlc.rewind_cache(eager_index, n - num)
+        assert torch.equal(out, ref) and torch.equal(state, eager_state) and torch.equal(index, eager_index)

@@ -123,7 +123,10 @@ def _lightning_fake(op, state, query, key, value, slopes, attention_mask=None, s
 
 
 @torch.library.register_fake("lightning_cache::lightning_decode")
-def _lightning_decode_fake(state, query, key, value, slopes, slot_ids=None, scale=1.0, check_bounds=True):
+def _lightning_decode_fake(state, query, key, value, slopes, slot_ids=None, scale=1.0, check_bounds=True,
+                           step_states=None):
+    if step_states is not None:
+        _check_one_device("lightning_decode", state=state, step_states=step_states)
     return _lightning_fake("lightning_decode", state, query, key, value, slopes, slot_ids=slot_ids)
 
 
@@ -214,12 +217,17 @@ def init_state(batch_size: int, num_heads: int, key_dim: int, value_dim: int, dt
 
 def lightning_decode(state: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      slopes: torch.Tensor, slot_ids: torch.Tensor | None = None, scale: float = 1.0,
-                     check_bounds: bool = True) -> torch.Tensor:
-    """Applies each of the ``n`` tokens in order: ``S = exp(-slope) S + k^T v``, ``o = scale * q S``."""
+                     check_bounds: bool = True, step_states: torch.Tensor | None = None) -> torch.Tensor:
+    """Applies each of the ``n`` tokens in order: ``S = exp(-slope) S + k^T v``, ``o = scale * q S``.
+
+    ``step_states [B, n + 1, H, Dk, Dv]`` (state dtype, contiguous), if given, receives the
+    state before the call (index 0) and after each token (``t + 1``), for ``lightning_accept``;
+    skipped rows leave theirs untouched.
+    """
     check_types("lightning_decode", state=(state, "tensor"), query=(query, "tensor"), key=(key, "tensor"),
                 value=(value, "tensor"), slopes=(slopes, "tensor"), slot_ids=(slot_ids, "tensor?"),
-                scale=(scale, "float"), check_bounds=(check_bounds, "bool"))
-    return _ops.lightning_decode(state, query, key, value, slopes, slot_ids, scale, check_bounds)
+                scale=(scale, "float"), check_bounds=(check_bounds, "bool"), step_states=(step_states, "tensor?"))
+    return _ops.lightning_decode(state, query, key, value, slopes, slot_ids, scale, check_bounds, step_states)
 
 
 def lightning_prefill(state: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
