@@ -117,10 +117,10 @@ __global__ void __launch_bounds__(kTileColumns* GROUPS,
     }
     // Speculative decoding: step_states[b, t] is the state after t tokens; each
     // thread stores its own cells (the state before the call at t = 0).
-    state_t* steps = p.step_states == nullptr
-                         ? nullptr
-                         : static_cast<state_t*>(p.step_states) + (b * (p.tokens + 1) * p.heads + h) * p.key_dim * p.value_dim;
     const int64_t steps_stride = p.heads * p.key_dim * p.value_dim;  // next t, same head
+    state_t* steps = p.step_states == nullptr ? nullptr
+                                              : static_cast<state_t*>(p.step_states) +
+                                                    (b * (p.tokens + 1) * p.heads + h) * p.key_dim * p.value_dim;
     if (steps != nullptr) {
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
