@@ -55,11 +55,19 @@ TORCH_LIBRARY(lightning_cache, m) {
       "ScalarType? dtype=None, Device? device=None) -> Tensor");
   m.def(
       "lightning_decode(Tensor(a!) state, Tensor query, Tensor key, Tensor value, Tensor slopes, "
-      "Tensor? slot_ids=None, float scale=1.0, bool check_bounds=True) -> Tensor output");
+      "Tensor? slot_ids=None, float scale=1.0, bool check_bounds=True, Tensor(b!)? step_states=None) -> Tensor output");
   m.def(
       "lightning_prefill(Tensor(a!) state, Tensor query, Tensor key, Tensor value, Tensor slopes, "
       "Tensor? attention_mask=None, Tensor? slot_ids=None, int block_size=256, float scale=1.0, "
       "bool check_bounds=True) -> Tensor output");
+  // Speculative decoding (csrc/serving.cpp): move positions back by the rejected
+  // tokens; set each state row to the step state after its accepted tokens.
+  m.def(
+      "rewind_cache(Tensor(a!) index, Tensor num_tokens, Tensor? slot_ids=None, bool ring=False, "
+      "bool check_bounds=True) -> ()");
+  m.def(
+      "lightning_accept(Tensor(a!) state, Tensor step_states, Tensor num_accepted, Tensor? slot_ids=None, "
+      "bool check_bounds=True) -> ()");
 }
 
 // Factory ops take no tensors, so they are registered for every backend at once.

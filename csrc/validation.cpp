@@ -263,6 +263,19 @@ LightningDims check_lightning_args(const char* op, const at::Tensor& state, cons
   return d;
 }
 
+void check_step_states(const at::Tensor& step_states, const at::Tensor& state, const LightningDims& d) {
+  TORCH_CHECK_VALUE(step_states.dim() == 5 && step_states.size(0) == d.batch && step_states.size(1) == d.tokens + 1 &&
+                        step_states.size(2) == d.heads && step_states.size(3) == d.key_dim &&
+                        step_states.size(4) == d.value_dim,
+                    "lightning_decode: step_states must be [batch, tokens + 1, heads, key_dim, value_dim] = [", d.batch,
+                    ", ", d.tokens + 1, ", ", d.heads, ", ", d.key_dim, ", ", d.value_dim, "], got shape ",
+                    shape_of(step_states));
+  TORCH_CHECK_TYPE(step_states.scalar_type() == state.scalar_type(), "lightning_decode: step_states must have the "
+                   "state's dtype ", state.scalar_type(), ", got ", step_states.scalar_type());
+  check_same_device(step_states, "step_states", state, "state");
+  TORCH_CHECK_VALUE(step_states.is_contiguous(), "lightning_decode: step_states must be contiguous");
+}
+
 at::Tensor empty_lightning_output(const LightningDims& d, const at::Tensor& query) {
   return at::empty({d.batch, d.tokens, d.heads, d.value_dim}, query.options());
 }

@@ -63,6 +63,10 @@ LightningDims check_lightning_args(const char* op, const at::Tensor& state, cons
                                    const std::optional<at::Tensor>& attention_mask,
                                    const std::optional<at::Tensor>& slot_ids, int64_t block_size);
 
+// step_states of lightning_decode: [B, n + 1, H, Dk, Dv], the state's dtype and
+// device, contiguous (the kernels write it with flat offsets).
+void check_step_states(const at::Tensor& step_states, const at::Tensor& state, const LightningDims& d);
+
 // B = 0 or n = 0: the output is empty and the state is left as it is.
 inline bool is_empty_call(const LightningDims& d) { return d.batch == 0 || d.tokens == 0; }
 

@@ -249,3 +249,40 @@ def ref_lightning_slopes(num_heads: int, layer_index: int = 0, num_layers: int =
     base = 2.0 ** (-8.0 / num_heads)
     factor = 1.0 - layer_index / (num_layers - 1 + 1e-5) + 1e-5
     return torch.tensor([math.pow(base, h + 1) * factor for h in range(num_heads)], dtype=torch.float64)
+
+
+def _first_valid_rows(slot_ids, batch, pool, ok):
+    """Batch row -> pool row for the serving ops: ``slot_ids[b]`` (or ``b``) when it is in
+    ``[0, pool)``, ``ok(b)`` holds and no earlier kept row took it (first occurrence wins)."""
+    rows, taken = {}, set()
+    for b in range(batch):
+        row = int(slot_ids[b]) if slot_ids is not None else b
+        if 0 <= row < pool and row not in taken and ok(b):
+            taken.add(row)
+            rows[b] = row
+    return rows
+
+
+def ref_rewind_cache(index, num_tokens, slot_ids=None):
+    """Pool row ``slot_ids[b]`` (or ``b``) moves back by ``num_tokens[b]``, never below 0.
+
+    Rows with a bad slot, a repeated slot or a negative count are skipped; a negative
+    position is left as it is. Returns the new ``index`` (int64, CPU)."""
+    out = index.detach().cpu().clone()
+    n = num_tokens.detach().cpu()
+    for b, row in _first_valid_rows(slot_ids, n.shape[0], out.shape[0], lambda b: int(n[b]) >= 0).items():
+        if int(out[row]) >= 0:
+            out[row] = max(int(out[row]) - int(n[b]), 0)
+    return out
+
+
+def ref_lightning_accept(state, step_states, num_accepted, slot_ids=None):
+    """State row ``slot_ids[b]`` (or ``b``) becomes ``step_states[b, num_accepted[b]]``.
+
+    Rows with a bad slot, a repeated slot or a count outside ``[0, n]`` keep their state."""
+    out = state.detach().cpu().clone()
+    steps = step_states.shape[1]
+    n = num_accepted.detach().cpu()
+    for b, row in _first_valid_rows(slot_ids, n.shape[0], out.shape[0], lambda b: 0 <= int(n[b]) < steps).items():
+        out[row] = step_states[b, int(n[b])].detach().cpu()
+    return out

@@ -17,9 +17,11 @@ from .ops import (
     concatenate_to_cache,
     init_kv_cache,
     init_state,
+    lightning_accept,
     lightning_decode,
     lightning_prefill,
     lightning_slopes,
+    rewind_cache,
     split_key_value,
     write_to_cache,
 )
@@ -35,9 +37,11 @@ __all__ = [
     "concatenate_to_cache",
     "init_kv_cache",
     "init_state",
+    "lightning_accept",
     "lightning_decode",
     "lightning_prefill",
     "lightning_slopes",
+    "rewind_cache",
     "split_key_value",
     "write_to_cache",
 ]

@@ -123,7 +123,10 @@ def _lightning_fake(op, state, query, key, value, slopes, attention_mask=None, s
 
 
 @torch.library.register_fake("lightning_cache::lightning_decode")
-def _lightning_decode_fake(state, query, key, value, slopes, slot_ids=None, scale=1.0, check_bounds=True):
+def _lightning_decode_fake(state, query, key, value, slopes, slot_ids=None, scale=1.0, check_bounds=True,
+                           step_states=None):
+    if step_states is not None:
+        _check_one_device("lightning_decode", state=state, step_states=step_states)
     return _lightning_fake("lightning_decode", state, query, key, value, slopes, slot_ids=slot_ids)
 
 
@@ -131,6 +134,20 @@ def _lightning_decode_fake(state, query, key, value, slopes, slot_ids=None, scal
 def _lightning_prefill_fake(state, query, key, value, slopes, attention_mask=None, slot_ids=None, block_size=256,
                             scale=1.0, check_bounds=True):
     return _lightning_fake("lightning_prefill", state, query, key, value, slopes, attention_mask, slot_ids)
+
+
+@torch.library.register_fake("lightning_cache::rewind_cache")
+def _rewind_cache_fake(index, num_tokens, slot_ids=None, ring=False, check_bounds=True):
+    _check_one_device("rewind_cache", index=index, num_tokens=num_tokens, slot_ids=slot_ids)
+    torch._check_value(not ring, lambda: "rewind_cache: ring=True is not supported")
+    torch._check(index.dim() == 1 and num_tokens.dim() == 1, lambda: "index and num_tokens must be 1-D")
+
+
+@torch.library.register_fake("lightning_cache::lightning_accept")
+def _lightning_accept_fake(state, step_states, num_accepted, slot_ids=None, check_bounds=True):
+    _check_one_device("lightning_accept", state=state, step_states=step_states, num_accepted=num_accepted,
+                      slot_ids=slot_ids)
+    torch._check(state.dim() == 4 and step_states.dim() == 5, lambda: "state must be 4-D and step_states 5-D")
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -200,12 +217,17 @@ def init_state(batch_size: int, num_heads: int, key_dim: int, value_dim: int, dt
 
 def lightning_decode(state: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      slopes: torch.Tensor, slot_ids: torch.Tensor | None = None, scale: float = 1.0,
-                     check_bounds: bool = True) -> torch.Tensor:
-    """Applies each of the ``n`` tokens in order: ``S = exp(-slope) S + k^T v``, ``o = scale * q S``."""
+                     check_bounds: bool = True, step_states: torch.Tensor | None = None) -> torch.Tensor:
+    """Applies each of the ``n`` tokens in order: ``S = exp(-slope) S + k^T v``, ``o = scale * q S``.
+
+    ``step_states [B, n + 1, H, Dk, Dv]`` (state dtype, contiguous), if given, receives the
+    state before the call (index 0) and after each token (``t + 1``), for ``lightning_accept``;
+    skipped rows leave theirs untouched.
+    """
     check_types("lightning_decode", state=(state, "tensor"), query=(query, "tensor"), key=(key, "tensor"),
                 value=(value, "tensor"), slopes=(slopes, "tensor"), slot_ids=(slot_ids, "tensor?"),
-                scale=(scale, "float"), check_bounds=(check_bounds, "bool"))
-    return _ops.lightning_decode(state, query, key, value, slopes, slot_ids, scale, check_bounds)
+                scale=(scale, "float"), check_bounds=(check_bounds, "bool"), step_states=(step_states, "tensor?"))
+    return _ops.lightning_decode(state, query, key, value, slopes, slot_ids, scale, check_bounds, step_states)
 
 
 def lightning_prefill(state: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -219,6 +241,40 @@ def lightning_prefill(state: torch.Tensor, query: torch.Tensor, key: torch.Tenso
                 check_bounds=(check_bounds, "bool"))
     return _ops.lightning_prefill(state, query, key, value, slopes, attention_mask, slot_ids, block_size, scale,
                                   check_bounds)
+
+
+def rewind_cache(index: torch.Tensor, num_tokens: torch.Tensor, slot_ids: torch.Tensor | None = None,
+                 ring: bool = False, check_bounds: bool = True) -> torch.Tensor:
+    """Moves sequence-cache positions back by ``num_tokens[b]`` (never below 0), in place.
+
+    For speculative decoding: after writing ``n`` draft tokens, rewind by the rejected
+    ones; the next write overwrites them. Batch row ``b`` rewinds pool row
+    ``slot_ids[b]`` (or ``b``); ``-1`` skips it. Out-of-range or repeated ids and
+    negative counts raise ``IndexError`` with ``check_bounds``, else the row is skipped
+    (first occurrence wins). ``ring=True`` is a ``ValueError``: rewound ring columns
+    already hold overwritten tokens. Returns ``index``.
+    """
+    check_types("rewind_cache", index=(index, "tensor"), num_tokens=(num_tokens, "tensor"),
+                slot_ids=(slot_ids, "tensor?"), ring=(ring, "bool"), check_bounds=(check_bounds, "bool"))
+    _ops.rewind_cache(index, num_tokens, slot_ids, ring, check_bounds)
+    return index
+
+
+def lightning_accept(state: torch.Tensor, step_states: torch.Tensor, num_accepted: torch.Tensor,
+                     slot_ids: torch.Tensor | None = None, check_bounds: bool = True) -> torch.Tensor:
+    """Sets each state row to ``step_states[b, num_accepted[b]]``, in place.
+
+    ``step_states [B, n + 1, H, Dk, Dv]`` comes from ``lightning_decode(...,
+    step_states=...)``; index ``t`` is the state after the first ``t`` tokens. Batch
+    row ``b`` writes state row ``slot_ids[b]`` (or ``b``); ``-1`` skips it. A count
+    outside ``[0, n]``, an out-of-range or repeated id raise ``IndexError`` with
+    ``check_bounds``, else the row is skipped (first occurrence wins). Returns ``state``.
+    """
+    check_types("lightning_accept", state=(state, "tensor"), step_states=(step_states, "tensor"),
+                num_accepted=(num_accepted, "tensor"), slot_ids=(slot_ids, "tensor?"),
+                check_bounds=(check_bounds, "bool"))
+    _ops.lightning_accept(state, step_states, num_accepted, slot_ids, check_bounds)
+    return state
 
 
 def lightning_slopes(num_heads: int, layer_index: int = 0, num_layers: int = 1,

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "../serving.h"
 #include "lightning_tile.h"
 
 namespace lightning_cache {
@@ -79,6 +80,16 @@ void prefetch_row(const T* src, int64_t s3, int64_t size) {
   __builtin_prefetch(last, 0, 1);
 }
 
+// dst[e] = src[e] for e < size, rounded to the state dtype.
+template <typename state_t>
+void store_state(state_t* dst, const float* src, int64_t size) {
+  if constexpr (std::is_same_v<state_t, float>) {
+    std::memcpy(dst, src, size * sizeof(float));
+  } else {
+    for (int64_t e = 0; e < size; ++e) dst[e] = static_cast<state_t>(src[e]);
+  }
+}
+
 template <typename T>
 void narrow_store(T* dst, const float* src, int64_t size, float factor) {
   for (int64_t e = 0; e < size; ++e) dst[e] = static_cast<T>(src[e] * factor);
@@ -93,10 +104,12 @@ int64_t grain_for(int64_t work_per_task) {
 // ------------------------------------------------------------------ decode
 
 // For each token in order: S = lam * S + k^T v, then o = scale * q S.
+// `steps` (null, or contiguous [B, n + 1, H, Dk, Dv]) receives the head's state
+// before the call (t = 0) and after each token (t + 1); skipped rows leave it.
 template <typename state_t, typename in_t>
 void decode_rows(at::Tensor& state, at::Tensor& out, const at::Tensor& query, const at::Tensor& key,
                  const at::Tensor& value, const float* slope, const std::vector<int64_t>& rows,
-                 const LightningDims& d, float scale) {
+                 const LightningDims& d, float scale, state_t* steps) {
   const Strided<in_t> q(query), k(key), v(value);
   state_t* state_data = state.data_ptr<state_t>();
   in_t* out_data = out.data_ptr<in_t>();
@@ -123,12 +136,16 @@ void decode_rows(at::Tensor& state, at::Tensor& out, const at::Tensor& query, co
         s = wide;
       }
       const float decay = std::exp(-slope[h]);
+      // step t of this (row, head) at + t * heads * dk * dv
+      state_t* step_row = steps == nullptr ? nullptr : steps + (b * (tokens + 1) * heads + h) * dk * dv;
+      if (step_row != nullptr) store_state(step_row, s, dk * dv);
       for (int64_t t = 0; t < tokens; ++t) {
         widen(qf, 1, q.at(b, t, h), q.s3, dk);
         widen(kf, 1, k.at(b, t, h), k.s3, dk);
         widen(vf, 1, v.at(b, t, h), v.s3, dv);
         cpu::decode_step(s, qf, kf, vf, of, dk, dv, decay);
         narrow_store(o_row + t * heads * dv, of, dv, scale);
+        if (step_row != nullptr) store_state(step_row + (t + 1) * heads * dk * dv, s, dk * dv);
       }
       if constexpr (!std::is_same_v<state_t, float>) {
         for (int64_t e = 0; e < dk * dv; ++e) s_raw[e] = static_cast<state_t>(wide[e]);
@@ -302,17 +319,24 @@ void dispatch_lightning(const at::Tensor& state, const at::Tensor& query, Fn&& f
 
 at::Tensor lightning_decode_cpu(at::Tensor& state, const at::Tensor& query, const at::Tensor& key,
                                 const at::Tensor& value, const at::Tensor& slopes,
-                                const std::optional<at::Tensor>& slot_ids, double scale, bool check_bounds) {
+                                const std::optional<at::Tensor>& slot_ids, double scale, bool check_bounds,
+                                const std::optional<at::Tensor>& step_states) {
   const LightningDims d =
       check_lightning_args("lightning_decode", state, query, key, value, slopes, std::nullopt, slot_ids, 1);
+  if (step_states.has_value()) check_step_states(*step_states, state, d);
   const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, check_bounds);
   at::Tensor out = at::empty({d.batch, d.tokens, d.heads, d.value_dim}, query.options());
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) {
+    if (step_states.has_value()) store_initial_step_states(*step_states, state, slots, d);
+    return out;
+  }
   const std::vector<int64_t> rows = resolve_rows(slots, d);
   const at::Tensor slopes_f = slopes.to(at::kFloat).contiguous();
   dispatch_lightning(state, query, [&](auto state_tag, auto in_tag) {
-    decode_rows<decltype(state_tag), decltype(in_tag)>(state, out, query, key, value,
-                                                       slopes_f.const_data_ptr<float>(), rows, d, float(scale));
+    using state_t = decltype(state_tag);
+    state_t* steps = step_states.has_value() ? step_states->data_ptr<state_t>() : nullptr;
+    decode_rows<state_t, decltype(in_tag)>(state, out, query, key, value, slopes_f.const_data_ptr<float>(), rows, d,
+                                           float(scale), steps);
   });
   return out;
 }

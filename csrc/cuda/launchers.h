@@ -20,10 +20,12 @@ cudaError_t launch_write_rows(at::Tensor& key_value, at::Tensor& index, const at
                               bool* mask) noexcept;
 
 // lightning_decode into `out` [B, n, H, Dv]; `slopes_f` float32 contiguous;
-// `slots` sanitized slot ids (prepare_slot_ids) or null. Needs key_dim <= 512.
+// `slots` sanitized slot ids (prepare_slot_ids) or null. Needs key_dim <= 512
+// and n >= 1. `step_states` (null, or contiguous [B, n + 1, H, Dk, Dv] of the
+// state's dtype) receives the state before the call and after each token.
 cudaError_t launch_decode(at::Tensor& state, at::Tensor& out, const at::Tensor& query, const at::Tensor& key,
                           const at::Tensor& value, const at::Tensor& slopes_f, const int64_t* slots,
-                          const LightningDims& d, float scale) noexcept;
+                          const LightningDims& d, float scale, void* step_states) noexcept;
 
 // state[slot_ids[b]] = src[b] (float32 [B, H, Dk, Dv], contiguous) for every
 // b whose slot is in range and not taken by an earlier row.

@@ -41,6 +41,7 @@ struct DecodeParams {
   const void* value;
   const float* slopes;   // [H]
   const int64_t* slots;  // [B] or null (row b is state row b)
+  void* step_states;     // [B, n + 1, H, Dk, Dv] (state dtype), contiguous, or null
   int64_t batch, tokens, heads, key_dim, value_dim, num_slots;
   int64_t q_stride[4], k_stride[4], v_stride[4];  // elements
   float scale;
@@ -114,6 +115,18 @@ __global__ void __launch_bounds__(kTileColumns* GROUPS,
     for (int r = 0; r < ROWS; ++r) {
       cell[r] = column_ok && r < valid_rows ? to_float(S[(ty + r * GROUPS) * value_dim + jj]) : 0.0f;
     }
+    // Speculative decoding: step_states[b, t] is the state after t tokens; each
+    // thread stores its own cells (the state before the call at t = 0).
+    const int64_t steps_stride = p.heads * p.key_dim * p.value_dim;  // next t, same head
+    state_t* steps = p.step_states == nullptr ? nullptr
+                                              : static_cast<state_t*>(p.step_states) +
+                                                    (b * (p.tokens + 1) * p.heads + h) * p.key_dim * p.value_dim;
+    if (steps != nullptr) {
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        if (column_ok && r < valid_rows) steps[(ty + r * GROUPS) * value_dim + jj] = static_cast<state_t>(cell[r]);
+      }
+    }
 
     const in_t* qp =
         static_cast<const in_t*>(p.query) + b * p.q_stride[0] + h * p.q_stride[2] + qk_elem * p.q_stride[3];
@@ -156,6 +169,13 @@ __global__ void __launch_bounds__(kTileColumns* GROUPS,
         cell[r] = decay * cell[r] + k_sh[cur][i] * v_j;
         const float term = q_sh[cur][i] * cell[r];
         acc += r < valid_rows ? term : 0.0f;
+      }
+      if (steps != nullptr) {
+        state_t* after = steps + (n + 1) * steps_stride;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+          if (column_ok && r < valid_rows) after[(ty + r * GROUPS) * value_dim + jj] = static_cast<state_t>(cell[r]);
+        }
       }
       partial[cur][ty][tx] = acc;
       if (has_next) {  // the other buffer was last read before the previous barrier
@@ -249,7 +269,7 @@ void launch_decode_config(const DecodeParams& p, cudaStream_t stream) {
 
 cudaError_t launch_decode(at::Tensor& state, at::Tensor& out, const at::Tensor& query, const at::Tensor& key,
                           const at::Tensor& value, const at::Tensor& slopes_f, const int64_t* slots,
-                          const LightningDims& d, float scale) noexcept {
+                          const LightningDims& d, float scale, void* step_states) noexcept {
   DecodeParams p{};
   p.state = state.data_ptr();
   p.out = out.data_ptr();
@@ -258,6 +278,7 @@ cudaError_t launch_decode(at::Tensor& state, at::Tensor& out, const at::Tensor& 
   p.value = value.const_data_ptr();
   p.slopes = static_cast<const float*>(slopes_f.const_data_ptr());
   p.slots = slots;
+  p.step_states = step_states;
   p.batch = d.batch;
   p.tokens = d.tokens;
   p.heads = d.heads;

@@ -11,6 +11,7 @@
 #include <climits>
 
 #include "../ops.h"
+#include "../serving.h"
 #include "host_checks.cuh"
 #include "launchers.h"
 
@@ -60,9 +61,11 @@ void write_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, const at::Ten
 
 at::Tensor lightning_decode_cuda(at::Tensor& state, const at::Tensor& query, const at::Tensor& key,
                                  const at::Tensor& value, const at::Tensor& slopes,
-                                 const std::optional<at::Tensor>& slot_ids, double scale, bool check_bounds) {
+                                 const std::optional<at::Tensor>& slot_ids, double scale, bool check_bounds,
+                                 const std::optional<at::Tensor>& step_states) {
   const LightningDims d =
       check_lightning_args("lightning_decode", state, query, key, value, slopes, std::nullopt, slot_ids, 1);
+  if (step_states.has_value()) check_step_states(*step_states, state, d);
   TORCH_CHECK_VALUE(d.key_dim <= 512, "lightning_decode: key_dim ", d.key_dim,
                     " is larger than the CUDA kernel supports (512)");
   TORCH_CHECK_VALUE(d.key_dim * d.value_dim <= INT_MAX, "lightning_decode: key_dim * value_dim (", d.key_dim, " * ",
@@ -70,10 +73,14 @@ at::Tensor lightning_decode_cuda(at::Tensor& state, const at::Tensor& query, con
   const c10::cuda::CUDAGuard guard(state.device());
   const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, host_checks_allowed(check_bounds));
   at::Tensor out = at::empty({d.batch, d.tokens, d.heads, d.value_dim}, query.options());
-  if (out.numel() == 0) return out;  // B or n = 0: nothing to compute, no zero-sized grid
+  if (out.numel() == 0) {  // B or n = 0: nothing to compute, no zero-sized grid
+    if (step_states.has_value()) store_initial_step_states(*step_states, state, slots, d);
+    return out;
+  }
   const at::Tensor slopes_f = slopes.to(at::kFloat).contiguous();
   C10_CUDA_CHECK(launch_decode(state, out, query, key, value, slopes_f,
-                               slots ? slots->const_data_ptr<int64_t>() : nullptr, d, static_cast<float>(scale)));
+                               slots ? slots->const_data_ptr<int64_t>() : nullptr, d, static_cast<float>(scale),
+                               step_states ? step_states->data_ptr() : nullptr));
   return out;
 }
 
