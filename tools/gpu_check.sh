@@ -10,7 +10,7 @@
 # The device machine has torch+Triton, hypothesis and pytest-xdist but not
 # flash-linear-attention; carry it as a wheel (pure Python). Here, once:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl fla-core==0.6.0
-# then: run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=390).
+# then: run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=420).
 # STAGES (default "build checks bench") picks stages; BENCH_ARGS replaces the bench options.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +47,7 @@ if want checks; then
   # The first GPU run (H100, torch 2.11) died with SIGSEGV wherever a CUDA op raised; this
   # says in seconds whether raising works, before the long stages.
   for dev in cpu cuda; do
-    timeout 60 python3 - "$dev" <<'PY' 2>&1 | tail -1 | tee -a "$SUMMARY"
+    timeout 45 python3 - "$dev" <<'PY' 2>&1 | tail -1 | tee -a "$SUMMARY"
 import sys
 import torch
 import torch_lightning_cache as tlc
