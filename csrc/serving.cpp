@@ -50,17 +50,7 @@ void rewind_cache(at::Tensor& index, const at::Tensor& num_tokens, const std::op
                     " like index, got ", num_tokens.device());
   const int64_t batch = num_tokens.size(0);
   const int64_t pool = index.size(0);
-  if (slot_ids.has_value()) {
-    const at::Tensor& s = *slot_ids;
-    TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == batch, "rewind_cache: slot_ids must be [batch] = [", batch,
-                      "], got ", s.sizes());
-    TORCH_CHECK_TYPE(s.scalar_type() == at::kLong, "rewind_cache: slot_ids must be int64, got ", s.scalar_type());
-    TORCH_CHECK_VALUE(s.device() == index.device(), "rewind_cache: slot_ids must be on ", index.device(),
-                      " like index, got ", s.device());
-  } else {
-    TORCH_CHECK_VALUE(batch == pool, "rewind_cache: without slot_ids num_tokens (", batch,
-                      " rows) must have one entry per index row (", pool, ")");
-  }
+  check_slot_ids("rewind_cache", slot_ids, batch, "num_tokens", index, "index");
   if (check_bounds && batch > 0) {  // a sync on CUDA, like every host check
     const int64_t smallest = num_tokens.min().item<int64_t>();
     TORCH_CHECK_INDEX(smallest >= 0, "rewind_cache: num_tokens must be non-negative, got ", smallest);
@@ -101,18 +91,7 @@ void lightning_accept(at::Tensor& state, const at::Tensor& step_states, const at
                    num_accepted.scalar_type());
   TORCH_CHECK_VALUE(num_accepted.device() == state.device(), "lightning_accept: num_accepted must be on ",
                     state.device(), " like state, got ", num_accepted.device());
-  if (slot_ids.has_value()) {
-    const at::Tensor& s = *slot_ids;
-    TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == batch, "lightning_accept: slot_ids must be [batch] = [", batch,
-                      "], got ", s.sizes());
-    TORCH_CHECK_TYPE(s.scalar_type() == at::kLong, "lightning_accept: slot_ids must be int64, got ",
-                     s.scalar_type());
-    TORCH_CHECK_VALUE(s.device() == state.device(), "lightning_accept: slot_ids must be on ", state.device(),
-                      " like state, got ", s.device());
-  } else {
-    TORCH_CHECK_VALUE(batch == pool, "lightning_accept: without slot_ids step_states (", batch,
-                      " rows) must have one row per state row (", pool, ")");
-  }
+  check_slot_ids("lightning_accept", slot_ids, batch, "step_states", state, "state");
   if (check_bounds && batch > 0) {  // a sync on CUDA, like every host check
     const at::Tensor bad = num_accepted.lt(0).logical_or(num_accepted.ge(steps));
     if (bad.any().item<bool>()) {

@@ -249,16 +249,7 @@ LightningDims check_lightning_args(const char* op, const at::Tensor& state, cons
     elem_type(m, "attention_mask");
     check_same_device(m, "attention_mask", state, "state");
   }
-  if (slot_ids.has_value()) {
-    const at::Tensor& s = *slot_ids;
-    TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == d.batch, op, ": slot_ids must be [batch] = [", d.batch,
-                      "], got shape ", shape_of(s));
-    TORCH_CHECK_TYPE(s.scalar_type() == at::kLong, op, ": slot_ids must be int64, got ", s.scalar_type());
-    check_same_device(s, "slot_ids", state, "state");
-  } else {
-    TORCH_CHECK_VALUE(d.batch == d.slots, op, ": without slot_ids the batch (", d.batch,
-                      ") must equal the number of state rows (", d.slots, ")");
-  }
+  check_slot_ids(op, slot_ids, d.batch, "query", state, "state");
   TORCH_CHECK_VALUE(block_size >= 1, op, ": block_size must be at least 1, got ", block_size);
   return d;
 }
@@ -278,6 +269,21 @@ void check_step_states(const at::Tensor& step_states, const at::Tensor& state, c
 
 at::Tensor empty_lightning_output(const LightningDims& d, const at::Tensor& query) {
   return at::empty({d.batch, d.tokens, d.heads, d.value_dim}, query.options());
+}
+
+void check_slot_ids(const char* op, const std::optional<at::Tensor>& slot_ids, int64_t batch, const char* batch_from,
+                    const at::Tensor& pool, const char* pool_name) {
+  if (slot_ids.has_value()) {
+    const at::Tensor& s = *slot_ids;
+    TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == batch, op, ": slot_ids must be [batch] = [", batch,
+                      "], got shape ", shape_of(s));
+    TORCH_CHECK_TYPE(s.scalar_type() == at::kLong, op, ": slot_ids must be int64, got ", s.scalar_type());
+    check_same_device(s, "slot_ids", pool, pool_name);
+  } else {
+    TORCH_CHECK_VALUE(batch == pool.size(0), op, ": without slot_ids the batch (", batch,
+                      ") must equal the number of ", pool_name, " rows (", pool.size(0), "); the batch is ", batch_from,
+                      "'s first dimension");
+  }
 }
 
 std::optional<at::Tensor> prepare_slot_ids(const std::optional<at::Tensor>& slot_ids, const LightningDims& d,

@@ -73,6 +73,12 @@ inline bool is_empty_call(const LightningDims& d) { return d.batch == 0 || d.tok
 // The empty output [B, n, H, Dv] of an empty lightning call.
 at::Tensor empty_lightning_output(const LightningDims& d, const at::Tensor& query);
 
+// Shape, dtype and device of optional slot_ids [batch] picking rows of `pool`
+// (state rows, or index rows of a pool); without them, batch (the first
+// dimension of `batch_from`) must equal its rows.
+void check_slot_ids(const char* op, const std::optional<at::Tensor>& slot_ids, int64_t batch, const char* batch_from,
+                    const at::Tensor& pool, const char* pool_name);
+
 // The slot ids every kernel reads: contiguous int64 [B] in which each entry is
 // a state row in [0, slots) or -1 (skip the batch row: state untouched, output
 // zeros). With `host_checks` (a sync on CUDA) an out-of-range (< -1 or >= slots)

@@ -15,7 +15,6 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
-#include <unordered_set>
 #include <vector>
 
 #include "../ops.h"
@@ -27,22 +26,18 @@ namespace {
 
 using cpu::kTileRows;
 
-// Batch row -> state row, -1 where the row is skipped: slot_ids[b] (or b)
-// when in range and not already taken by an earlier batch row (first
-// occurrence wins, so two tasks never share a state row). Slot ids are CPU
-// data here, so this is a cheap host pass.
+// Batch row -> state row, -1 where the row is skipped: slot_ids[b] (or b).
+// Slot ids are CPU data here, so this is a cheap host pass.
 std::vector<int64_t> resolve_rows(const std::optional<at::Tensor>& slot_ids, const LightningDims& d) {
   std::vector<int64_t> rows(d.batch);
   if (!slot_ids.has_value()) {
     for (int64_t b = 0; b < d.batch; ++b) rows[b] = b;
     return rows;
   }
+  // prepare_slot_ids has already made the ids unique (first occurrence wins)
+  // or raised; the range test stays so that no id can index outside `state`.
   const int64_t* slots = slot_ids->const_data_ptr<int64_t>();
-  std::unordered_set<int64_t> taken;
-  for (int64_t b = 0; b < d.batch; ++b) {
-    const int64_t slot = slots[b];
-    rows[b] = slot >= 0 && slot < d.slots && taken.insert(slot).second ? slot : -1;
-  }
+  for (int64_t b = 0; b < d.batch; ++b) rows[b] = slots[b] >= 0 && slots[b] < d.slots ? slots[b] : -1;
   return rows;
 }
 
