@@ -1,0 +1,419 @@
+"""Hugging Face transformers' ``MiniMaxForCausalLM`` on this package's ops.
+
+    from torch_lightning_cache.integrations.transformers import LightningMiniMaxCache, patch_minimax
+    patch_minimax(model)                                  # once; idempotent
+    cache = LightningMiniMaxCache(model.config, batch_size=2, max_length=64)
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=16)
+
+``patch_minimax`` replaces, on this model instance only, the forward of every ``MiniMaxAttention`` (the K/V go
+through ``concatenate_to_cache`` with the on-the-fly causal mask, then SDPA over the cache) and every
+``MiniMaxLightningAttention`` (``lightning_prefill`` / ``lightning_decode`` on a float32 state, with float32
+slopes from ``lightning_slopes``), and wraps ``MiniMaxModel.forward`` so the layers get the 2-D padding mask and
+the cache's own length rather than the 4-D masks Hugging Face builds from its cache. Layer kinds come from
+``config.layer_types``, in any order.
+
+What the cache adds over Hugging Face's ``MiniMaxCache`` (transformers 5.23):
+
+* ``get_seq_length()`` is right whatever layer 0 is (Hugging Face's reports 0 when a linear layer comes first);
+* ``reorder_cache(beam_idx)`` gathers the attention rows *and* the recurrent states (beam search);
+* ``crop(n)`` (assisted / prompt-lookup decoding): the K/V positions go back with ``rewind_cache``; a recurrent
+  state cannot be un-decayed, so while past recording is on (``generate`` turns it on for assisted decoding) each
+  forward of at most ``max_rewind`` unpadded tokens runs ``lightning_decode(..., step_states=...)``, keeping the
+  state after every token, and ``crop`` restores the right one with ``lightning_accept``. Snapshots, not
+  recomputation: a crop costs one gather. Tokens older than the last ``max_rewind`` recorded ones, or behind a
+  longer or padded forward, cannot be cropped (``ValueError``);
+* ``generate`` makes one itself when none is passed (prefill chunking and assisted decoding work without one).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from transformers.models.minimax import modeling_minimax as _hf
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("torch_lightning_cache.integrations.transformers needs Hugging Face transformers "
+                      "(pip install 'transformers>=5.23')") from error
+
+from .. import ops
+from ..cache import ATTENTION, LIGHTNING, LightningCache, LightningCacheMetaData, LightningCacheView
+
+__all__ = ["LightningMiniMaxCache", "patch_minimax"]
+
+_KINDS = {"full_attention": ATTENTION, "linear_attention": LIGHTNING}
+
+
+def _layer_kinds(config) -> list[str]:
+    kinds = []
+    for i, name in enumerate(config.layer_types):
+        if name not in _KINDS:
+            raise ValueError(f"config.layer_types[{i}] = {name!r}: expected 'full_attention' or 'linear_attention'")
+        kinds.append(_KINDS[name])
+    if len(kinds) != config.num_hidden_layers:
+        raise ValueError(f"config.layer_types has {len(kinds)} entries, num_hidden_layers is "
+                         f"{config.num_hidden_layers}")
+    return kinds
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LightningMiniMaxCache(_hf.MiniMaxCache):
+    """The cache to pass as ``past_key_values`` to a model patched by :func:`patch_minimax`.
+
+    Attention layers keep a unified K|V buffer ``[rows, max_length, kv_heads, 2 * head_dim]`` (``dtype``:
+    the model's unless given) and lightning layers a float32 state ``[rows, heads, head_dim, head_dim]``, as
+    :class:`~torch_lightning_cache.LightningCache` views. Buffers are allocated at the first forward (on its
+    device); ``rows`` is then that forward's batch, which must be a multiple of ``batch_size`` (``generate``
+    with ``num_beams`` or ``num_return_sequences`` runs ``k * batch_size`` rows). Like Hugging Face's caches,
+    every row holds the same number of tokens (left padding included): ``get_seq_length()``.
+
+    ``max_rewind``: how many recent tokens :meth:`crop` can take back while recording (see the module doc).
+    ``growable``: grow ``max_length`` when a forward would overflow it (the caches ``generate`` and the
+    patched forward make themselves); otherwise overflowing is a ``ValueError``.
+    """
+
+    @property
+    def is_compileable(self) -> bool:  # type: ignore[override]
+        return False  # generate must not build 4-D masks for it
+
+    @property
+    def batch_size(self) -> int:  # type: ignore[override]
+        return self._rows() if self.lightning is not None else self.rows_per_batch
+
+    @property
+    def is_initialized(self) -> bool:  # type: ignore[override]
+        return self.lightning is not None
+
+    def __init__(self, config, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, max_rewind: int = 32, growable: bool = False):
+        super().__init__()
+        ops.check_types("LightningMiniMaxCache", batch_size=(batch_size, "int"), max_length=(max_length, "int"),
+                        dtype=(dtype, "dtype?"), device=(device, "device?"), max_rewind=(max_rewind, "int"),
+                        growable=(growable, "bool"))
+        for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+            if value <= 0:
+                raise ValueError(f"LightningMiniMaxCache: {name} must be positive, got {value}")
+        if max_rewind < 0:
+            raise ValueError(f"LightningMiniMaxCache: max_rewind must be >= 0, got {max_rewind}")
+        if getattr(config, "sliding_window", None) is not None:
+            raise NotImplementedError("LightningMiniMaxCache: config.sliding_window is not supported")
+        self.config = config
+        self.kinds = _layer_kinds(config)
+        self.rows_per_batch = batch_size  # (Cache.batch_size is a read-only property: the rows held)
+        self.max_length = max_length
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else None
+        self.max_rewind = max_rewind
+        self.growable = growable
+        self.lightning: LightningCache | None = None  # allocated at the first forward
+        self._length = 0  # tokens held by every row (the index of every attention layer)
+        self._recording = False
+        self._history: list[tuple[int, dict[int, torch.Tensor]]] = []  # (tokens, step_states per lightning layer)
+        self._step: dict | None = None  # the current forward's masks (set by the patched MiniMaxModel.forward)
+
+    # ------------------------------------------------------------------ Hugging Face's Cache interface
+
+    @property
+    def is_croppable(self) -> bool:  # type: ignore[override]
+        return True
+
+    def __len__(self) -> int:
+        return self.config.num_hidden_layers
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        """Tokens seen by every row (padding included), the same for every layer."""
+        return self._length
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.max_length
+
+    def activate_past_recording(self) -> None:
+        """From now on, keep per-token states so :meth:`crop` can take tokens back (``generate`` calls this)."""
+        self._recording = True
+
+    def update(self, *args, **kwargs):
+        raise RuntimeError("LightningMiniMaxCache is used by a patched model: call "
+                           "torch_lightning_cache.integrations.transformers.patch_minimax(model) first")
+
+    def get_linear_cache(self, layer_idx: int):
+        self.update()
+
+    def reset(self) -> None:
+        if self.lightning is not None:
+            self.lightning.reset()
+        self._length = 0
+        self._history.clear()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``b`` becomes old row ``beam_idx[b]``, in every layer, recurrent states included."""
+        if self.lightning is None:
+            return
+        self.lightning.reorder_cache(beam_idx.to(device=self._device(), dtype=torch.int64))
+        self._history.clear()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_rows(lambda t: t[indices.to(t.device)].contiguous())
+
+    def crop(self, max_length: int) -> None:
+        """Hugging Face's convention: ``max_length <= 0`` removes ``-max_length`` tokens, ``> 0`` keeps that many.
+
+        Only tokens recorded since :meth:`activate_past_recording` (at most ``max_rewind``) can be removed.
+        """
+        ops.check_types("LightningMiniMaxCache.crop", max_length=(max_length, "int"))
+        remove = -max_length if max_length <= 0 else max(self._length - max_length, 0)
+        if remove == 0:
+            return
+        recorded = sum(n for n, _ in self._history)
+        if remove > recorded:
+            raise ValueError(f"LightningMiniMaxCache.crop: cannot remove {remove} tokens: only the last {recorded} "
+                             f"are recorded (activate_past_recording() must precede the forwards to undo; each "
+                             f"forward must have at most max_rewind={self.max_rewind} unpadded tokens)")
+        rows = self._rows()
+        counts = torch.full((rows,), remove, dtype=torch.int64, device=self._device())
+        for view in self.lightning:
+            if view.layer_kind == ATTENTION:
+                ops.rewind_cache(view.index, counts)
+        remaining = remove
+        while True:
+            tokens, states = self._history[-1]
+            if remaining < tokens:
+                keep = tokens - remaining
+                self._history[-1] = (keep, {i: s[:, :keep + 1] for i, s in states.items()})
+                break
+            self._history.pop()
+            remaining -= tokens
+            if remaining == 0:
+                keep = 0
+                break
+        accepted = torch.full((rows,), keep, dtype=torch.int64, device=self._device())
+        for i, step_states in states.items():
+            ops.lightning_accept(self.lightning[i].key_value, step_states, accepted)
+        self._length -= remove
+
+    # ------------------------------------------------------------------ storage
+
+    def _device(self) -> torch.device:
+        return self.lightning[0].key_value.device
+
+    def _rows(self) -> int:
+        return self.lightning[0].key_value.shape[0]
+
+    def _map_rows(self, fn) -> None:
+        if self.lightning is None:
+            return
+        for view in self.lightning:
+            view.key_value = fn(view.key_value)
+            if view.index is not None:
+                view.index = fn(view.index)
+        self._history.clear()
+
+    def _allocate(self, rows: int, dtype: torch.dtype, device: torch.device) -> None:
+        c = self.config
+        num_layers = c.num_hidden_layers
+        dtype = self.dtype or dtype
+        device = self.device or device
+        attention = LightningCacheMetaData.create(batch_size=rows, num_heads=c.num_key_value_heads,
+                                                  head_dim=_head_dim(c), max_length=self.max_length, dtype=dtype,
+                                                  device=device)
+        lightning = LightningCacheMetaData.create(batch_size=rows, num_heads=c.num_attention_heads,
+                                                  head_dim=_head_dim(c), device=device, block_size=c.block_size)
+        self.lightning = LightningCache([
+            LightningCacheView.init(attention if kind == ATTENTION else lightning, i, kind, num_layers=num_layers)
+            for i, kind in enumerate(self.kinds)])
+        for view in self.lightning:
+            if view.layer_kind == LIGHTNING:
+                view.layer_slopes(device)  # float32, whatever the model's dtype
+
+    def _grow(self, needed: int) -> None:
+        new_length = max(needed, 2 * self.max_length)
+        for view in self.lightning:
+            if view.layer_kind == ATTENTION:
+                old = view.key_value
+                view.key_value = old.new_zeros((old.shape[0], new_length, *old.shape[2:]))
+                view.key_value[:, :old.shape[1]].copy_(old)
+        self.max_length = new_length
+
+    def _begin(self, rows: int, tokens: int, attention_mask: torch.Tensor | None, dtype: torch.dtype,
+               device: torch.device) -> None:
+        """Called once per forward, before the layers: allocation, capacity, the masks every layer uses."""
+        if self.lightning is None or (self._length == 0 and rows != self._rows()):
+            if rows % self.rows_per_batch != 0:
+                raise ValueError(f"LightningMiniMaxCache: the batch has {rows} rows, not a multiple of batch_size="
+                                 f"{self.rows_per_batch}")
+            self._allocate(rows, dtype, device)
+        elif rows != self._rows():
+            raise ValueError(f"LightningMiniMaxCache: the batch has {rows} rows but the cache holds {self._rows()} "
+                             f"(with {self._length} tokens); reset() it or make a new one")
+        total = self._length + tokens
+        if total > self.max_length:
+            if not self.growable:
+                raise ValueError(f"LightningMiniMaxCache: {self._length} cached + {tokens} new tokens exceed "
+                                 f"max_length={self.max_length}")
+            self._grow(total)
+        full_mask = new_mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != rows or attention_mask.shape[1] != total:
+                raise ValueError(f"LightningMiniMaxCache: attention_mask must be the 2-D padding mask [batch, cached "
+                                 f"+ new tokens] = [{rows}, {total}], got {tuple(attention_mask.shape)}")
+            mask = attention_mask.to(device=device, dtype=torch.bool)
+            if not bool(mask.all()):  # one host sync per forward, as Hugging Face's own mask code does
+                full_mask = F.pad(mask, (0, self.max_length - total))
+                new_mask = mask[:, self._length:]
+                if bool(new_mask.all()):
+                    new_mask = None
+        record = self._recording and tokens <= self.max_rewind and new_mask is None
+        if record:
+            self._history.append((tokens, {}))
+            while sum(n for n, _ in self._history) > self.max_rewind:
+                self._history.pop(0)
+        else:
+            self._history.clear()
+        self._step = {"full_mask": full_mask, "new_mask": new_mask, "tokens": tokens, "total": total,
+                      "record": record}
+
+    def _end(self) -> None:
+        self._length += self._step["tokens"]
+        self._step = None
+
+    def __repr__(self) -> str:
+        return (f"LightningMiniMaxCache(layers={self.kinds}, batch_size={self.rows_per_batch}, max_length="
+                f"{self.max_length}, seq_length={self._length}, recording={self._recording})")
+
+
+# --------------------------------------------------------------------------- the patched forwards
+
+
+def _attention_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    cache = past_key_values
+    step = cache._step
+    b, q = hidden_states.shape[:2]
+    hidden_shape = (b, q, -1, self.head_dim)
+    query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    query, key = _hf.apply_rotary_pos_emb(query, key, cos, sin)
+    view = cache.lightning[self.layer_idx]
+    mask = ops.concatenate_to_cache(view.key_value, view.index, key.transpose(1, 2), value.transpose(1, 2),
+                                    attention_mask=step["full_mask"], is_causal=True)[2]
+    total = step["total"]
+    mask = mask[..., :total]
+    # A padding query sees no column; give it every column so SDPA stays finite (its output reaches nothing:
+    # later queries never see a padding key, and the lightning layers skip padding tokens).
+    mask = mask | ~mask.any(dim=-1, keepdim=True)
+    keys = view.key_value[:, :total, :, :self.head_dim].transpose(1, 2)
+    values = view.key_value[:, :total, :, self.head_dim:].transpose(1, 2)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling,
+                                         enable_gqa=keys.shape[1] != query.shape[1])
+    out = out.transpose(1, 2).reshape(b, q, -1)
+    return self.o_proj(out), None
+
+
+def _lightning_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                       **kwargs):
+    cache = past_key_values
+    step = cache._step
+    b, n = hidden_states.shape[:2]
+    heads, d = self.num_attention_heads, self.head_dim
+    qkv = self.act_fn(self.qkv_proj(hidden_states)).view(b, n, heads, 3 * d)
+    query, key, value = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]  # strided views, no copies
+    view = cache.lightning[self.layer_idx]
+    state, slopes = view.key_value, view.slopes
+    new_mask = step["new_mask"]
+    if step["record"]:
+        step_states = state.new_empty((b, n + 1, *state.shape[1:]))
+        out = ops.lightning_decode(state, query, key, value, slopes, step_states=step_states)
+        cache._history[-1][1][self.layer_idx] = step_states
+    elif n == 1:
+        slot_ids = None
+        if new_mask is not None:  # a padding token: skip the row (state kept, output 0)
+            rows = torch.arange(b, device=state.device)
+            slot_ids = torch.where(new_mask[:, 0], rows, torch.full_like(rows, -1))
+        out = ops.lightning_decode(state, query, key, value, slopes, slot_ids=slot_ids)
+    else:
+        out = ops.lightning_prefill(state, query, key, value, slopes, attention_mask=new_mask,
+                                    block_size=self.block_size)
+    out = self.norm(out.reshape(b, n, heads * d))
+    out = torch.sigmoid(self.output_gate(hidden_states)) * out
+    return self.out_proj(out), None
+
+
+def _wrap_model_forward(model, original):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if tokens is None:
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        rows, length = tokens.shape[0], tokens.shape[1]
+        cache = past_key_values
+        if cache is None:  # no cache given: a private one (returned when use_cache)
+            cache = LightningMiniMaxCache(self.config, rows, max(length, 1), growable=True)
+        elif not isinstance(cache, LightningMiniMaxCache):
+            raise TypeError(f"a model patched by patch_minimax needs past_key_values=LightningMiniMaxCache(...), got "
+                            f"{type(cache).__name__}")
+        if isinstance(attention_mask, dict):
+            raise TypeError("a model patched by patch_minimax takes the 2-D padding mask, not a dict of masks")
+        dtype = self.embed_tokens.weight.dtype
+        cache._begin(rows, length, attention_mask, dtype, tokens.device)
+        try:
+            masks = {"full_attention": None, "linear_attention": None}  # the layers read the cache's masks
+            out = original(input_ids=input_ids, attention_mask=masks, position_ids=position_ids,
+                           past_key_values=cache, inputs_embeds=inputs_embeds, use_cache=True, **kwargs)
+        except BaseException:
+            cache._step = None
+            raise
+        cache._end()
+        out.past_key_values = cache if use_cache else None
+        return out
+
+    return types.MethodType(forward, model)
+
+
+def _wrap_prepare_cache(model, original):
+    def prepare(self, generation_config, model_kwargs, *args, **kwargs):
+        if (model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False
+                and generation_config.cache_implementation is None):
+            batch_size = kwargs.get("batch_size", args[1] if len(args) > 1 else 1)
+            max_length = kwargs.get("max_cache_length", args[2] if len(args) > 2 else None) or 256
+            cache = LightningMiniMaxCache(self.config, batch_size, max(int(max_length), 1), growable=True)
+            if getattr(generation_config, "is_assistant", False):
+                cache.activate_past_recording()
+            model_kwargs["past_key_values"] = cache
+        return original(generation_config, model_kwargs, *args, **kwargs)
+
+    return types.MethodType(prepare, model)
+
+
+def patch_minimax(model):
+    """Runs a ``MiniMaxForCausalLM`` (or ``MiniMaxModel``) on this package's ops; idempotent. Returns ``model``.
+
+    Only this instance changes. Afterwards its forward takes ``past_key_values=LightningMiniMaxCache(...)``
+    (or none: it then makes one), and ``generate`` makes one when none is passed.
+    """
+    if getattr(model, "_lightning_cache_patched", False):
+        return model
+    base = model.model if isinstance(model, _hf.MiniMaxForCausalLM) else model
+    if not isinstance(base, _hf.MiniMaxModel):
+        raise TypeError(f"patch_minimax: expected a MiniMaxForCausalLM or MiniMaxModel, got {type(model).__name__}")
+    if getattr(base.config, "sliding_window", None) is not None:
+        raise NotImplementedError("patch_minimax: config.sliding_window is not supported")
+    _layer_kinds(base.config)
+    for module in base.modules():
+        if isinstance(module, _hf.MiniMaxLightningAttention):
+            module.forward = types.MethodType(_lightning_forward, module)
+        elif isinstance(module, _hf.MiniMaxAttention):
+            module.forward = types.MethodType(_attention_forward, module)
+    base.forward = _wrap_model_forward(base, base.forward)
+    if hasattr(model, "_prepare_cache_for_generation"):
+        model._prepare_cache_for_generation = _wrap_prepare_cache(model, model._prepare_cache_for_generation)
+    model._lightning_cache_patched = True
+    return model
