@@ -42,10 +42,14 @@ setup(
     name="torch_lightning_cache",
     version="0.1.0",
     description="Cache operators for Lightning-attention (MiniMax-style hybrid) models, in C++ and CUDA",
-    packages=["torch_lightning_cache"],
+    packages=["torch_lightning_cache", "torch_lightning_cache.integrations"],
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)},
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
+    # The test dependencies; transformers is pinned: the integration tests also measure where its own
+    # MiniMaxCache fails, which is version-specific.
+    extras_require={"test": ["pytest", "hypothesis", "numpy", "matplotlib", "transformers==5.23.0"],
+                    "transformers": ["transformers>=5.23"]},
     entry_points={"console_scripts": ["lightning-cache=torch_lightning_cache.__main__:main"]},
 )
