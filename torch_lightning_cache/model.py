@@ -78,11 +78,16 @@ class CachedAttention(nn.Module):
         self.register_buffer("index", index, persistent=False)
 
     def forward(self, x: torch.Tensor, row_start: int = 0) -> torch.Tensor:
-        b, n = x.shape[0], x.shape[1]
-        q, k, v = _split_qkv(self.qkv(x), self.heads, self.head_dim)
+        b = x.shape[0]
         key_value, index = self.key_value, self.index
         if b != key_value.shape[0]:  # a slice of the batch rows (ragged prefill)
             key_value, index = key_value.narrow(0, row_start, b), index.narrow(0, row_start, b)
+        return self.attend(x, key_value, index)
+
+    def attend(self, x: torch.Tensor, key_value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``forward`` on the given cache tensors (``[B, L, H, 2D]`` and ``[B]``) instead of the buffers."""
+        b, n = x.shape[0], x.shape[1]
+        q, k, v = _split_qkv(self.qkv(x), self.heads, self.head_dim)
         mask = torch.ops.lightning_cache.concatenate_to_cache(key_value, index, k, v, None, None, None, True, False,
                                                               self.check_bounds)
         keys = key_value[..., : self.head_dim].transpose(1, 2)
@@ -123,11 +128,15 @@ class LightningAttention(nn.Module):
         return self.out(o)
 
     def forward(self, x: torch.Tensor, row_start: int = 0) -> torch.Tensor:
-        b, n = x.shape[0], x.shape[1]
-        q, k, v = _split_qkv(F.silu(self.qkv(x)), self.heads, self.head_dim)
         state = self.state
-        if b != state.shape[0]:
-            state = state.narrow(0, row_start, b)
+        if x.shape[0] != state.shape[0]:
+            state = state.narrow(0, row_start, x.shape[0])
+        return self.recur(x, state)
+
+    def recur(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """``forward`` on the given state ``[B, H, D, D]`` instead of the buffer."""
+        n = x.shape[1]
+        q, k, v = _split_qkv(F.silu(self.qkv(x)), self.heads, self.head_dim)
         if n == 1:
             o = torch.ops.lightning_cache.lightning_decode(state, q, k, v, self.slopes, None, 1.0, self.check_bounds)
         else:
@@ -201,6 +210,27 @@ class HybridLM(nn.Module):
         x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x, row_start)
+        return self.lm_head(self.final_norm(x)).float()
+
+    @torch.jit.unused
+    def forward_with_caches(self, input_ids: torch.Tensor, caches: list[torch.Tensor]) -> torch.Tensor:
+        """``forward`` on caller-owned caches, ordered as :meth:`cache_buffers` orders them (for each attention
+        layer ``key_value`` then ``index``, for each lightning layer its state), updated in place.
+
+        The form ``torch.export`` / AOTInductor compile: the caches are inputs, so a program keeps them alive
+        across calls (and several compiled programs, prefill and decode, can share them).
+        """
+        x = self.embed(input_ids)
+        i = 0
+        for layer in self.layers:
+            h = layer.input_norm(x)
+            if layer.kind == ATTENTION:
+                h = layer.mixer.attend(h, caches[i], caches[i + 1])
+                i += 2
+            else:
+                h = layer.mixer.recur(h, caches[i])
+                i += 1
+            x = layer._mlp(x + h)
         return self.lm_head(self.final_norm(x)).float()
 
     @torch.jit.unused
