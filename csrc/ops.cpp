@@ -59,7 +59,7 @@ TORCH_LIBRARY(lightning_cache, m) {
   m.def(
       "lightning_prefill(Tensor(a!) state, Tensor query, Tensor key, Tensor value, Tensor slopes, "
       "Tensor? attention_mask=None, Tensor? slot_ids=None, int block_size=256, float scale=1.0, "
-      "bool check_bounds=True) -> Tensor output");
+      "bool check_bounds=True, Tensor(b!)? checkpoints=None, int checkpoint_every=0) -> Tensor output");
   // Speculative decoding (csrc/serving.cpp): move positions back by the rejected
   // tokens; set each state row to the step state after its accepted tokens.
   m.def(

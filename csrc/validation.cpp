@@ -1,6 +1,7 @@
 #include "validation.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <limits>
@@ -265,6 +266,29 @@ void check_step_states(const at::Tensor& step_states, const at::Tensor& state, c
                    "state's dtype ", state.scalar_type(), ", got ", step_states.scalar_type());
   check_same_device(step_states, "step_states", state, "state");
   TORCH_CHECK_VALUE(step_states.is_contiguous(), "lightning_decode: step_states must be contiguous");
+}
+
+int64_t check_checkpoints(const std::optional<at::Tensor>& checkpoints, int64_t checkpoint_every,
+                          const at::Tensor& state, const LightningDims& d) {
+  TORCH_CHECK_VALUE(checkpoint_every >= 0, "lightning_prefill: checkpoint_every must be non-negative, got ",
+                    checkpoint_every);
+  if (!checkpoints.has_value()) return 0;
+  const at::Tensor& c = *checkpoints;
+  TORCH_CHECK_VALUE(checkpoint_every > 0, "lightning_prefill: checkpoints were given but checkpoint_every is 0; pass "
+                    "the number of tokens between checkpoints");
+  TORCH_CHECK_VALUE(c.dim() == 5 && c.size(0) == d.batch && c.size(2) == d.heads && c.size(3) == d.key_dim &&
+                        c.size(4) == d.value_dim,
+                    "lightning_prefill: checkpoints must be [batch, num_checkpoints, heads, key_dim, value_dim] = [",
+                    d.batch, ", C, ", d.heads, ", ", d.key_dim, ", ", d.value_dim, "], got shape ", shape_of(c));
+  TORCH_CHECK_TYPE(c.scalar_type() == state.scalar_type(),
+                   "lightning_prefill: checkpoints must have the state's dtype ", state.scalar_type(), ", got ",
+                   c.scalar_type());
+  check_same_device(c, "checkpoints", state, "state");
+  TORCH_CHECK_VALUE(c.is_contiguous(), "lightning_prefill: checkpoints must be contiguous");
+  const at::MemOverlapStatus overlap = at::get_overlap_status(c, state);
+  TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
+                    "lightning_prefill: checkpoints must not share memory with state");
+  return checkpoints_written(d.tokens, c.size(1), checkpoint_every);
 }
 
 at::Tensor empty_lightning_output(const LightningDims& d, const at::Tensor& query) {

@@ -67,6 +67,24 @@ LightningDims check_lightning_args(const char* op, const at::Tensor& state, cons
 // device, contiguous (the kernels write it with flat offsets).
 void check_step_states(const at::Tensor& step_states, const at::Tensor& state, const LightningDims& d);
 
+// checkpoints of lightning_prefill: [B, C, H, Dk, Dv], the state's dtype and
+// device, contiguous, not overlapping the state; checkpoint_every >= 0, and
+// positive when checkpoints are given (checkpoint_every without checkpoints
+// stores nothing). Returns how many checkpoints the call writes (see
+// checkpoints_written).
+int64_t check_checkpoints(const std::optional<at::Tensor>& checkpoints, int64_t checkpoint_every,
+                          const at::Tensor& state, const LightningDims& d);
+
+// Checkpoint c (c < C) holds the state after the first (c + 1) * every tokens
+// of the call, masked tokens counted (they leave the state as it is): it is
+// written when (c + 1) * every <= n. Counted by division, so no product can
+// overflow for any int64 `every`.
+inline int64_t checkpoints_written(int64_t tokens, int64_t count, int64_t every) {
+  if (every <= 0 || count <= 0) return 0;
+  const int64_t reached = tokens / every;
+  return reached < count ? reached : count;
+}
+
 // B = 0 or n = 0: the output is empty and the state is left as it is.
 inline bool is_empty_call(const LightningDims& d) { return d.batch == 0 || d.tokens == 0; }
 

@@ -286,3 +286,26 @@ def ref_lightning_accept(state, step_states, num_accepted, slot_ids=None):
     for b, row in _first_valid_rows(slot_ids, n.shape[0], out.shape[0], lambda b: 0 <= int(n[b]) < steps).items():
         out[row] = step_states[b, int(n[b])].detach().cpu()
     return out
+
+
+def ref_lightning_checkpoints(state, q, k, v, slopes, checkpoint_every, num_checkpoints, attention_mask=None,
+                              slot_ids=None, scale=1.0):
+    """The checkpoints ``lightning_prefill(..., checkpoints, checkpoint_every)`` writes, in float64.
+
+    Returns ``{(b, c): S [H, Dk, Dv]}``: for every batch row ``b`` that is not skipped (same rule
+    as :func:`ref_lightning`) and every ``c < num_checkpoints`` with ``(c + 1) * checkpoint_every <= n``,
+    the state of row ``b`` after the first ``(c + 1) * checkpoint_every`` tokens of the call,
+    masked ones counted (they leave the state as it is). Entries not in the dict are not written.
+    """
+    n = q.shape[1]
+    rows = _first_valid_rows(slot_ids, q.shape[0], state.shape[0], lambda b: True)
+    out = {}
+    for c in range(num_checkpoints):
+        end = (c + 1) * checkpoint_every
+        if end > n:
+            break
+        mask = attention_mask[:, :end] if attention_mask is not None else None
+        S, _ = ref_lightning(state, q[:, :end], k[:, :end], v[:, :end], slopes, mask, slot_ids, scale)
+        for b, row in rows.items():
+            out[(b, c)] = S[row]
+    return out

@@ -132,7 +132,10 @@ def _lightning_decode_fake(state, query, key, value, slopes, slot_ids=None, scal
 
 @torch.library.register_fake("lightning_cache::lightning_prefill")
 def _lightning_prefill_fake(state, query, key, value, slopes, attention_mask=None, slot_ids=None, block_size=256,
-                            scale=1.0, check_bounds=True):
+                            scale=1.0, check_bounds=True, checkpoints=None, checkpoint_every=0):
+    if checkpoints is not None:
+        _check_one_device("lightning_prefill", state=state, checkpoints=checkpoints)
+        torch._check(checkpoints.dim() == 5, lambda: "lightning_prefill: checkpoints must be 5-D")
     return _lightning_fake("lightning_prefill", state, query, key, value, slopes, attention_mask, slot_ids)
 
 
@@ -233,14 +236,26 @@ def lightning_decode(state: torch.Tensor, query: torch.Tensor, key: torch.Tensor
 def lightning_prefill(state: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       slopes: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       slot_ids: torch.Tensor | None = None, block_size: int = 256, scale: float = 1.0,
-                      check_bounds: bool = True) -> torch.Tensor:
-    """Chunked equivalent of ``n`` decode steps from the current state; a masked token is skipped whole."""
+                      check_bounds: bool = True, checkpoints: torch.Tensor | None = None,
+                      checkpoint_every: int = 0) -> torch.Tensor:
+    """Chunked equivalent of ``n`` decode steps from the current state; a masked token is skipped whole.
+
+    Prefix caching: ``checkpoints [B, C, H, Dk, Dv]`` (state dtype, contiguous), if given,
+    receives in ``checkpoints[b, c]`` the state of row ``b`` after the first
+    ``(c + 1) * checkpoint_every`` tokens of this call, for every ``c`` with
+    ``(c + 1) * checkpoint_every <= n`` (one at exactly ``n`` is written; later ones and
+    skipped rows are left untouched). Tokens are counted by position: a masked token
+    counts and leaves the state as it is. Prefilling from ``checkpoints[:, c]`` the
+    tokens after it gives the same outputs and final state. ``checkpoint_every`` must
+    be positive when ``checkpoints`` is given (without, it stores nothing).
+    """
     check_types("lightning_prefill", state=(state, "tensor"), query=(query, "tensor"), key=(key, "tensor"),
                 value=(value, "tensor"), slopes=(slopes, "tensor"), attention_mask=(attention_mask, "tensor?"),
                 slot_ids=(slot_ids, "tensor?"), block_size=(block_size, "int"), scale=(scale, "float"),
-                check_bounds=(check_bounds, "bool"))
+                check_bounds=(check_bounds, "bool"), checkpoints=(checkpoints, "tensor?"),
+                checkpoint_every=(checkpoint_every, "int"))
     return _ops.lightning_prefill(state, query, key, value, slopes, attention_mask, slot_ids, block_size, scale,
-                                  check_bounds)
+                                  check_bounds, checkpoints, checkpoint_every)
 
 
 def rewind_cache(index: torch.Tensor, num_tokens: torch.Tensor, slot_ids: torch.Tensor | None = None,

@@ -96,13 +96,15 @@ at::Tensor lightning_prefill_cuda(at::Tensor& state, const at::Tensor& query, co
                                   const at::Tensor& value, const at::Tensor& slopes,
                                   const std::optional<at::Tensor>& attention_mask,
                                   const std::optional<at::Tensor>& slot_ids, int64_t block_size, double scale,
-                                  bool check_bounds) {
+                                  bool check_bounds, const std::optional<at::Tensor>& checkpoints,
+                                  int64_t checkpoint_every) {
   const LightningDims d =
       check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask, slot_ids, block_size);
+  check_checkpoints(checkpoints, checkpoint_every, state, d);
   const c10::cuda::CUDAGuard guard(state.device());
   const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, host_checks_allowed(check_bounds));
   return lightning_prefill_chunked(state, query, key, value, slopes, attention_mask, slots, d, block_size, scale,
-                                   &scatter_state_rows_cuda);
+                                   &scatter_state_rows_cuda, checkpoints, checkpoint_every);
 }
 
 }  // namespace
