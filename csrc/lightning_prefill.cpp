@@ -98,7 +98,8 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
                                      const at::Tensor& value, const at::Tensor& slopes,
                                      const std::optional<at::Tensor>& attention_mask,
                                      const std::optional<at::Tensor>& slot_ids, const LightningDims& d,
-                                     int64_t block_size, double scale, ScatterStateRows scatter) {
+                                     int64_t block_size, double scale, ScatterStateRows scatter,
+                                     const std::optional<at::Tensor>& checkpoints, int64_t checkpoint_every) {
   if (is_empty_call(d)) return empty_lightning_output(d, query);  // nothing read, nothing written
   const FullFloat32Matmul full_float32;
   const auto f32 = at::TensorOptions().device(state.device()).dtype(at::kFloat);
@@ -165,9 +166,27 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
     return (x.view({d.batch, d.heads, c, x.size(2)}) * factor).view({bh, c, x.size(2)});
   };
 
+  // Checkpoint k (k < written) is the working state after position (k + 1) * every.
+  const int64_t written =
+      checkpoints.has_value() ? checkpoints_written(d.tokens, checkpoints->size(1), checkpoint_every) : 0;
+  int64_t next_checkpoint = 0;
+  auto store_checkpoint = [&](int64_t k) {
+    at::Tensor dst = checkpoints->select(1, k);  // [B, H, Dk, Dv], state dtype
+    if (row_valid.has_value()) {
+      // Skipped rows keep what they hold, by selection (their working row is a stand-in).
+      dst.copy_(at::where(row_valid->view({d.batch, 1, 1, 1}), rows, dst));
+    } else {
+      dst.copy_(rows);
+    }
+  };
+
   at::Tensor out = at::empty({bh, d.tokens, d.value_dim}, f32);
-  for (int64_t start = 0; start < d.tokens; start += block) {
-    const int64_t c = std::min(block, d.tokens - start);
+  for (int64_t start = 0, c = 0; start < d.tokens; start += c) {
+    // Blocks start at multiples of `block` unless a checkpoint ends one early
+    // (a checkpoint at a multiple of the block costs only its store).
+    int64_t end = std::min(start + block - start % block, d.tokens);
+    if (next_checkpoint < written) end = std::min(end, (next_checkpoint + 1) * checkpoint_every);
+    c = end - start;
     const at::Tensor qb = q.narrow(1, start, c);
     const at::Tensor kb = k.narrow(1, start, c);
     const at::Tensor vb = v.narrow(1, start, c);
@@ -175,7 +194,7 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
     if (!keep.has_value()) {
       intra = intra_decay.narrow(1, 0, c).narrow(2, 0, c);
       qdecay = query_decay.narrow(1, 0, c);
-      kdecay = key_decay.narrow(1, block - c, c);  // a partial last block uses the tail
+      kdecay = key_decay.narrow(1, block - c, c);  // a partial block (the last, or cut by a checkpoint): the tail
       sdecay = c == block ? full_block_decay : at::exp(-s * static_cast<double>(c));
     } else {
       // e_t within the block, per row: [B, 1, c, 1]; E = e_{c-1}: [B, 1, 1, 1].
@@ -199,6 +218,9 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
     // S = lam^E S + (k * lam^(E-e_i))^T v, with the raw v: every token here is before the block's end.
     rows.mul_(sdecay);
     state_rows.baddbmm_(times_factor(kb, kdecay).transpose(1, 2), vb);
+    if (next_checkpoint < written && end == (next_checkpoint + 1) * checkpoint_every) {
+      store_checkpoint(next_checkpoint++);
+    }
   }
   out.add_(poison);
 

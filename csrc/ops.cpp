@@ -45,11 +45,11 @@ TORCH_LIBRARY(lightning_cache, m) {
   m.def(
       "concatenate_to_cache(Tensor(a!) key_value, Tensor(b!) index, Tensor key, Tensor value, "
       "Tensor? attention_mask=None, Tensor? causal_mask=None, Tensor? token_type_ids=None, "
-      "bool is_causal=False, bool ring=False, bool check_bounds=True) -> Tensor mask");
+      "bool is_causal=False, bool ring=False, bool check_bounds=True, Tensor? slot_ids=None) -> Tensor mask");
   // concatenate_to_cache without the mask, for attention kernels that take lengths.
   m.def(
       "write_to_cache(Tensor(a!) key_value, Tensor(b!) index, Tensor key, Tensor value, bool ring=False, "
-      "bool check_bounds=True) -> ()");
+      "bool check_bounds=True, Tensor? slot_ids=None) -> ()");
   m.def(
       "init_state(int batch_size, int num_heads, int key_dim, int value_dim, "
       "ScalarType? dtype=None, Device? device=None) -> Tensor");
@@ -59,7 +59,7 @@ TORCH_LIBRARY(lightning_cache, m) {
   m.def(
       "lightning_prefill(Tensor(a!) state, Tensor query, Tensor key, Tensor value, Tensor slopes, "
       "Tensor? attention_mask=None, Tensor? slot_ids=None, int block_size=256, float scale=1.0, "
-      "bool check_bounds=True) -> Tensor output");
+      "bool check_bounds=True, Tensor(b!)? checkpoints=None, int checkpoint_every=0) -> Tensor output");
   // Speculative decoding (csrc/serving.cpp): move positions back by the rejected
   // tokens; set each state row to the step state after its accepted tokens.
   m.def(

@@ -15,11 +15,15 @@ namespace lightning_cache {
 using ScatterStateRows = void (*)(at::Tensor& state, const at::Tensor& rows, const std::optional<at::Tensor>& slot_ids);
 
 // Chunked prefill shared by both backends: ATen batched matmuls over all rows
-// and heads at once, one loop iteration per block of `block_size` tokens.
+// and heads at once, one loop iteration per block of `block_size` tokens (a
+// block is split where a checkpoint falls inside it). `checkpoints` (validated
+// by check_checkpoints, or none) receives the state after every
+// `checkpoint_every` tokens; skipped rows leave theirs untouched.
 at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query, const at::Tensor& key,
                                      const at::Tensor& value, const at::Tensor& slopes,
                                      const std::optional<at::Tensor>& attention_mask,
                                      const std::optional<at::Tensor>& slot_ids, const LightningDims& dims,
-                                     int64_t block_size, double scale, ScatterStateRows scatter);
+                                     int64_t block_size, double scale, ScatterStateRows scatter,
+                                     const std::optional<at::Tensor>& checkpoints, int64_t checkpoint_every);
 
 }  // namespace lightning_cache

@@ -1,6 +1,7 @@
 #include "validation.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <limits>
@@ -50,7 +51,8 @@ at::Tensor causal_matrix(const at::Tensor& causal_mask) {
 }  // namespace
 
 KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
-                             const at::Tensor& value, bool ring) {
+                             const at::Tensor& value, bool ring, const std::optional<at::Tensor>& slot_ids,
+                             const char* op) {
   TORCH_CHECK_VALUE(key_value.dim() == 4,
                     "key_value must be [batch, max_length, heads, key_dim + value_dim], got shape ",
                     shape_of(key_value));
@@ -58,7 +60,7 @@ KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& inde
                    "key_value must be float32, float16, bfloat16 or float64, got ", key_value.scalar_type());
   TORCH_CHECK_VALUE(key_value.is_contiguous(), "key_value must be contiguous (as init_kv_cache makes it)");
   KVCacheDims d;
-  d.batch = key_value.size(0);
+  d.pool = key_value.size(0);
   d.capacity = key_value.size(1);
   d.heads = key_value.size(2);
   TORCH_CHECK_VALUE(d.capacity > 0, "key_value must have max_length > 0");
@@ -69,8 +71,13 @@ KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& inde
   d.new_tokens = key.size(1);
   d.key_dim = key.size(3);
   d.value_dim = value.size(3);
-  TORCH_CHECK_VALUE(key.size(0) == d.batch, "key has batch ", key.size(0), " but key_value has batch ", d.batch);
-  TORCH_CHECK_VALUE(value.size(0) == d.batch, "value has batch ", value.size(0), " but key_value has batch ", d.batch);
+  // Without slot_ids batch row b is cache row b; with them key_value and
+  // index are a pool of P rows and the batch is key's.
+  d.batch = slot_ids.has_value() ? key.size(0) : d.pool;
+  const char* batch_from = slot_ids.has_value() ? "slot_ids" : "key_value";
+  TORCH_CHECK_VALUE(key.size(0) == d.batch, "key has batch ", key.size(0), " but ", batch_from, " has batch ", d.batch);
+  TORCH_CHECK_VALUE(value.size(0) == d.batch, "value has batch ", value.size(0), " but ", batch_from, " has batch ",
+                    d.batch);
   TORCH_CHECK_VALUE(value.size(1) == d.new_tokens, "value has ", value.size(1), " new tokens but key has ",
                     d.new_tokens);
   TORCH_CHECK_VALUE(key.size(2) == d.heads, "key has ", key.size(2), " heads but key_value has ", d.heads);
@@ -88,21 +95,23 @@ KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& inde
   TORCH_CHECK_VALUE(!ring || d.new_tokens <= d.capacity, "with ring=True at most max_length (", d.capacity,
                     ") tokens can be written per call, got ", d.new_tokens);
 
-  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == d.batch, "index must be [batch] = [", d.batch, "], got shape ",
-                    shape_of(index));
+  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == d.pool, "index must be [", slot_ids ? "pool" : "batch",
+                    "] = [", d.pool, "], got shape ", shape_of(index));
   TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, "index must be int64, got ", index.scalar_type());
   TORCH_CHECK_VALUE(index.is_contiguous(), "index must be contiguous (as init_kv_cache makes it)");
   check_same_device(index, "index", key_value, "key_value");
   check_same_device(key, "key", key_value, "key_value");
   check_same_device(value, "value", key_value, "key_value");
+  check_slot_ids(op, slot_ids, d.batch, "key", key_value, "key_value");
   return d;
 }
 
 KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
                                    const at::Tensor& value, const std::optional<at::Tensor>& attention_mask,
                                    const std::optional<at::Tensor>& causal_mask,
-                                   const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring) {
-  const KVCacheDims d = check_write_args(key_value, index, key, value, ring);
+                                   const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring,
+                                   const std::optional<at::Tensor>& slot_ids) {
+  const KVCacheDims d = check_write_args(key_value, index, key, value, ring, slot_ids, "concatenate_to_cache");
   if (attention_mask.has_value()) {
     const at::Tensor& m = *attention_mask;
     check_same_device(m, "attention_mask", key_value, "key_value");
@@ -138,24 +147,37 @@ KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor
 }
 
 void check_positions(const at::Tensor& index, const KVCacheDims& d, bool ring,
-                     const std::optional<at::Tensor>& causal_mask) {
+                     const std::optional<at::Tensor>& causal_mask, const std::optional<at::Tensor>& slots) {
   const at::Tensor index_cpu = index.cpu();
-  const int64_t* start = index_cpu.const_data_ptr<int64_t>();
+  const int64_t* position = index_cpu.const_data_ptr<int64_t>();
+  const at::Tensor slots_cpu = slots.has_value() ? slots->cpu().contiguous() : at::Tensor();
+  const int64_t* slot = slots.has_value() ? slots_cpu.const_data_ptr<int64_t>() : nullptr;
   const int64_t horizon = causal_mask.has_value() ? causal_mask->size(-1) : kNoPositionLimit;
   for (int64_t b = 0; b < d.batch; ++b) {
+    const int64_t r = slot != nullptr ? slot[b] : b;  // the cache row batch row b writes (validated slot ids)
+    if (r < 0) continue;                             // slot -1: skipped, nothing to check
+    const int64_t start = position[r];
     // The same predicate the kernels use, so the host check and the in-kernel
     // skip cannot disagree; the branches below only pick the message.
-    if (row_writable(start[b], d.new_tokens, d.capacity, ring, horizon)) continue;
-    TORCH_CHECK_INDEX(start[b] >= 0, "index[", b, "] = ", start[b], " is negative; positions start at 0");
-    TORCH_CHECK_INDEX(ring || start[b] <= d.capacity - d.new_tokens, "cache overflow in row ", b, ": position ",
-                      start[b], " + ", d.new_tokens, " new tokens exceeds max_length ", d.capacity,
+    if (row_writable(start, d.new_tokens, d.capacity, ring, horizon)) continue;
+    TORCH_CHECK_INDEX(start >= 0, "index[", r, "] = ", start, " is negative; positions start at 0");
+    TORCH_CHECK_INDEX(ring || start <= d.capacity - d.new_tokens, "cache overflow in row ", r, ": position ", start,
+                      " + ", d.new_tokens, " new tokens exceeds max_length ", d.capacity,
                       " (nothing was written; use a larger max_length or ring=True)");
-    TORCH_CHECK_INDEX(start[b] > kNoPositionLimit - d.new_tokens || start[b] <= horizon - d.new_tokens,
-                      "causal_mask covers T = ", horizon, " positions but row ", b, " starts at position ", start[b],
+    TORCH_CHECK_INDEX(start > kNoPositionLimit - d.new_tokens || start <= horizon - d.new_tokens,
+                      "causal_mask covers T = ", horizon, " positions but row ", r, " starts at position ", start,
                       " and needs ", d.new_tokens, " more");
-    TORCH_CHECK_INDEX(false, "index[", b, "] = ", start[b], " + ", d.new_tokens,
+    TORCH_CHECK_INDEX(false, "index[", r, "] = ", start, " + ", d.new_tokens,
                       " new tokens overflows int64 (nothing was written)");
   }
+}
+
+std::optional<at::Tensor> prepare_slot_ids(const std::optional<at::Tensor>& slot_ids, const KVCacheDims& d,
+                                           bool host_checks) {
+  LightningDims rows;
+  rows.batch = d.batch;
+  rows.slots = d.pool;
+  return prepare_slot_ids(slot_ids, rows, host_checks);
 }
 
 MaskInputs make_mask_inputs(const KVCacheDims& d, const std::optional<at::Tensor>& attention_mask,
@@ -265,6 +287,29 @@ void check_step_states(const at::Tensor& step_states, const at::Tensor& state, c
                    "state's dtype ", state.scalar_type(), ", got ", step_states.scalar_type());
   check_same_device(step_states, "step_states", state, "state");
   TORCH_CHECK_VALUE(step_states.is_contiguous(), "lightning_decode: step_states must be contiguous");
+}
+
+int64_t check_checkpoints(const std::optional<at::Tensor>& checkpoints, int64_t checkpoint_every,
+                          const at::Tensor& state, const LightningDims& d) {
+  TORCH_CHECK_VALUE(checkpoint_every >= 0, "lightning_prefill: checkpoint_every must be non-negative, got ",
+                    checkpoint_every);
+  if (!checkpoints.has_value()) return 0;
+  const at::Tensor& c = *checkpoints;
+  TORCH_CHECK_VALUE(checkpoint_every > 0, "lightning_prefill: checkpoints were given but checkpoint_every is 0; pass "
+                    "the number of tokens between checkpoints");
+  TORCH_CHECK_VALUE(c.dim() == 5 && c.size(0) == d.batch && c.size(2) == d.heads && c.size(3) == d.key_dim &&
+                        c.size(4) == d.value_dim,
+                    "lightning_prefill: checkpoints must be [batch, num_checkpoints, heads, key_dim, value_dim] = [",
+                    d.batch, ", C, ", d.heads, ", ", d.key_dim, ", ", d.value_dim, "], got shape ", shape_of(c));
+  TORCH_CHECK_TYPE(c.scalar_type() == state.scalar_type(),
+                   "lightning_prefill: checkpoints must have the state's dtype ", state.scalar_type(), ", got ",
+                   c.scalar_type());
+  check_same_device(c, "checkpoints", state, "state");
+  TORCH_CHECK_VALUE(c.is_contiguous(), "lightning_prefill: checkpoints must be contiguous");
+  const at::MemOverlapStatus overlap = at::get_overlap_status(c, state);
+  TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
+                    "lightning_prefill: checkpoints must not share memory with state");
+  return checkpoints_written(d.tokens, c.size(1), checkpoint_every);
 }
 
 at::Tensor empty_lightning_output(const LightningDims& d, const at::Tensor& query) {

@@ -11,7 +11,8 @@
 namespace lightning_cache {
 
 struct KVCacheDims {
-  int64_t batch = 0;       // B
+  int64_t pool = 0;        // P: rows of key_value and index (== B without slot_ids)
+  int64_t batch = 0;       // B: rows of key, value and the mask
   int64_t capacity = 0;    // L
   int64_t heads = 0;       // H
   int64_t key_dim = 0;     // Dk
@@ -20,22 +21,30 @@ struct KVCacheDims {
 };
 
 // Shapes, dtypes and devices of the arguments write_to_cache and
-// concatenate_to_cache share (the cache, its positions, the new keys/values).
-// Zero heads, key_dim or value_dim are a ValueError; B = 0 or q = 0 pass (an
-// empty call, see is_empty_call).
+// concatenate_to_cache share (the cache, its positions, the new keys/values,
+// the optional slot ids [B] into a pool key_value [P, ...] / index [P]; without
+// them P == B). Zero heads, key_dim or value_dim are a ValueError; B = 0 or
+// q = 0 pass (an empty call, see is_empty_call). `op` names the op in messages.
 KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
-                             const at::Tensor& value, bool ring);
+                             const at::Tensor& value, bool ring,
+                             const std::optional<at::Tensor>& slot_ids = std::nullopt,
+                             const char* op = "write_to_cache");
 
-// check_write_args plus the mask arguments of concatenate_to_cache.
+// check_write_args plus the mask arguments of concatenate_to_cache (masks and
+// token types are per batch row: [B, ...]).
 KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
                                    const at::Tensor& value, const std::optional<at::Tensor>& attention_mask,
                                    const std::optional<at::Tensor>& causal_mask,
-                                   const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring);
+                                   const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring,
+                                   const std::optional<at::Tensor>& slot_ids = std::nullopt);
 
-// Value checks on the positions. They live on the device, so on CUDA this
-// copies them to the host (a sync): call only where that is allowed.
+// Value checks on the positions of the rows the call writes: index[slots[b]]
+// (slots = prepare_slot_ids' result; -1 skips), or index[b] without slots.
+// They live on the device, so on CUDA this copies them to the host (a sync):
+// call only where that is allowed.
 void check_positions(const at::Tensor& index, const KVCacheDims& dims, bool ring,
-                     const std::optional<at::Tensor>& causal_mask);
+                     const std::optional<at::Tensor>& causal_mask,
+                     const std::optional<at::Tensor>& slots = std::nullopt);
 
 // The mask rule's inputs as raw pointers and strides (see mask_rule.h).
 MaskInputs make_mask_inputs(const KVCacheDims& dims, const std::optional<at::Tensor>& attention_mask,
@@ -67,6 +76,24 @@ LightningDims check_lightning_args(const char* op, const at::Tensor& state, cons
 // device, contiguous (the kernels write it with flat offsets).
 void check_step_states(const at::Tensor& step_states, const at::Tensor& state, const LightningDims& d);
 
+// checkpoints of lightning_prefill: [B, C, H, Dk, Dv], the state's dtype and
+// device, contiguous, not overlapping the state; checkpoint_every >= 0, and
+// positive when checkpoints are given (checkpoint_every without checkpoints
+// stores nothing). Returns how many checkpoints the call writes (see
+// checkpoints_written).
+int64_t check_checkpoints(const std::optional<at::Tensor>& checkpoints, int64_t checkpoint_every,
+                          const at::Tensor& state, const LightningDims& d);
+
+// Checkpoint c (c < C) holds the state after the first (c + 1) * every tokens
+// of the call, masked tokens counted (they leave the state as it is): it is
+// written when (c + 1) * every <= n. Counted by division, so no product can
+// overflow for any int64 `every`.
+inline int64_t checkpoints_written(int64_t tokens, int64_t count, int64_t every) {
+  if (every <= 0 || count <= 0) return 0;
+  const int64_t reached = tokens / every;
+  return reached < count ? reached : count;
+}
+
 // B = 0 or n = 0: the output is empty and the state is left as it is.
 inline bool is_empty_call(const LightningDims& d) { return d.batch == 0 || d.tokens == 0; }
 
@@ -87,6 +114,12 @@ void check_slot_ids(const char* op, const std::optional<at::Tensor>& slot_ids, i
 // batch row's (the first occurrence wins), so no two rows ever race for a
 // state row. The one place this rule lives; kernels just skip -1.
 std::optional<at::Tensor> prepare_slot_ids(const std::optional<at::Tensor>& slot_ids, const LightningDims& dims,
+                                           bool host_checks);
+
+// prepare_slot_ids for the sequence-cache writes: batch row b -> pool row of
+// key_value / index, the same rule (checks raise IndexError; without, bad or
+// repeated ids become -1, first occurrence wins).
+std::optional<at::Tensor> prepare_slot_ids(const std::optional<at::Tensor>& slot_ids, const KVCacheDims& dims,
                                            bool host_checks);
 
 // Shape/dtype checks of the two factory ops.

@@ -24,6 +24,7 @@ __all__ = [
     "held_position",
     "ref_concatenate_to_cache",
     "ref_write_to_cache",
+    "ref_pool_rows",
     "seed_concatenate_to_cache",
     "ref_lightning",
     "ref_lightning_slopes",
@@ -57,13 +58,33 @@ def row_writable(start: int, q: int, capacity: int, ring: bool, T: int | None = 
     return start >= 0 and end <= INT64_MAX and (ring or end <= capacity) and (T is None or end <= T)
 
 
-def ref_write_to_cache(key_value, index, key, value, ring=False, check_bounds=True):
+def ref_pool_rows(slot_ids, batch: int, pool: int, check_bounds: bool) -> list[int | None]:
+    """SPEC 6/7: the pool row each batch row writes, or ``None`` (skipped).
+
+    Without ``slot_ids`` row ``b`` is pool row ``b``. ``-1`` skips. An id outside
+    ``[-1, pool)`` or one an earlier batch row already took raises ``IndexError``
+    with ``check_bounds``, else that batch row is skipped (first occurrence wins).
+    """
+    if slot_ids is None:
+        return list(range(batch))
+    rows, seen = [], set()
+    for b, s in enumerate(int(x) for x in slot_ids.cpu()):
+        bad = not -1 <= s < pool or (s >= 0 and s in seen)
+        if bad and check_bounds:
+            raise IndexError(f"slot_ids[{b}] = {s} is out of range or repeated")
+        rows.append(None if bad or s == -1 else s)
+        if s >= 0:
+            seen.add(s)
+    return rows
+
+
+def ref_write_to_cache(key_value, index, key, value, ring=False, check_bounds=True, slot_ids=None):
     """``write_to_cache``: the K/V part of :func:`ref_concatenate_to_cache` (no mask).
 
     Returns ``(new_key_value, new_index)``.
     """
     new_kv, new_index, _ = ref_concatenate_to_cache(key_value, index, key, value, ring=ring,
-                                                    check_bounds=check_bounds)
+                                                    check_bounds=check_bounds, slot_ids=slot_ids)
     return new_kv, new_index
 
 
@@ -72,7 +93,7 @@ def _nonzero(x: torch.Tensor) -> bool:
 
 
 def ref_concatenate_to_cache(key_value, index, key, value, attention_mask=None, causal_mask=None,
-                             token_type_ids=None, is_causal=False, ring=False, check_bounds=True):
+                             token_type_ids=None, is_causal=False, ring=False, check_bounds=True, slot_ids=None):
     """SPEC section 2 on a unified cache ``key_value [B, L, H, Dk + Dv]``.
 
     Returns ``(new_key_value, new_index, mask)`` with ``mask [B, 1, q, L]`` bool.
@@ -87,8 +108,14 @@ def ref_concatenate_to_cache(key_value, index, key, value, attention_mask=None, 
     kept, mask row all false). A row can be written when its position is
     ``>= 0``, ``index + q`` fits the cache (unless ring), the explicit causal
     mask (``index + q <= T``) and int64.
+
+    ``slot_ids [B]`` (SPEC 7): ``key_value [P, L, ...]`` / ``index [P]`` are a pool;
+    batch row ``b`` writes pool row ``slot_ids[b]`` (:func:`ref_pool_rows`), its
+    mask row ``b`` follows that row's position; masks and token types are read at
+    batch row ``b``. Every check runs before any write.
     """
-    B, L, H, W = key_value.shape
+    P, L, H, W = key_value.shape
+    B = key.shape[0]
     q = key.shape[1]
     Dk = key.shape[3]
     assert Dk + value.shape[3] == W
@@ -107,21 +134,25 @@ def ref_concatenate_to_cache(key_value, index, key, value, attention_mask=None, 
     key_c = key.cpu()
     value_c = value.cpu()
 
-    for b in range(B):
-        start = int(index[b])
+    rows = ref_pool_rows(slot_ids, B, P, check_bounds)
+    if check_bounds:  # every row is checked before anything is written
+        for b, r in enumerate(rows):
+            if r is not None and not row_writable(int(index[r]), q, L, ring, T):
+                raise IndexError(f"row {r} cannot be written at position {int(index[r])}")
+    for b, r in enumerate(rows):
+        if r is None:
+            continue  # slot -1 or a bad/repeated id with checks off: mask row stays all false
+        start = int(index[r])
         end = start + q
-        writable = row_writable(start, q, L, ring, T)
-        if check_bounds and not writable:
-            raise IndexError(f"row {b} cannot be written at position {start}")
-        if not writable:
+        if not row_writable(start, q, L, ring, T):
             continue  # row skipped whole: mask row stays all false, index kept
 
         # The write: new token t goes to column (start + t) (mod L with a ring).
         for t in range(q):
             column = (start + t) % L if ring else start + t
-            new_kv[b, column, :, :Dk] = key_c[b, t].to(key_value.dtype)
-            new_kv[b, column, :, Dk:] = value_c[b, t].to(key_value.dtype)
-        new_index[b] = end
+            new_kv[r, column, :, :Dk] = key_c[b, t].to(key_value.dtype)
+            new_kv[r, column, :, Dk:] = value_c[b, t].to(key_value.dtype)
+        new_index[r] = end
 
         # The mask.
         for i in range(q):
@@ -285,4 +316,27 @@ def ref_lightning_accept(state, step_states, num_accepted, slot_ids=None):
     n = num_accepted.detach().cpu()
     for b, row in _first_valid_rows(slot_ids, n.shape[0], out.shape[0], lambda b: 0 <= int(n[b]) < steps).items():
         out[row] = step_states[b, int(n[b])].detach().cpu()
+    return out
+
+
+def ref_lightning_checkpoints(state, q, k, v, slopes, checkpoint_every, num_checkpoints, attention_mask=None,
+                              slot_ids=None, scale=1.0):
+    """The checkpoints ``lightning_prefill(..., checkpoints, checkpoint_every)`` writes, in float64.
+
+    Returns ``{(b, c): S [H, Dk, Dv]}``: for every batch row ``b`` that is not skipped (same rule
+    as :func:`ref_lightning`) and every ``c < num_checkpoints`` with ``(c + 1) * checkpoint_every <= n``,
+    the state of row ``b`` after the first ``(c + 1) * checkpoint_every`` tokens of the call,
+    masked ones counted (they leave the state as it is). Entries not in the dict are not written.
+    """
+    n = q.shape[1]
+    rows = _first_valid_rows(slot_ids, q.shape[0], state.shape[0], lambda b: True)
+    out = {}
+    for c in range(num_checkpoints):
+        end = (c + 1) * checkpoint_every
+        if end > n:
+            break
+        mask = attention_mask[:, :end] if attention_mask is not None else None
+        S, _ = ref_lightning(state, q[:, :end], k[:, :end], v[:, :end], slopes, mask, slot_ids, scale)
+        for b, row in rows.items():
+            out[(b, c)] = S[row]
     return out

@@ -216,7 +216,8 @@ class LightningCacheView:
     def concatenate_to_cache(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, kv_sharding: tp.Any = None,
                              quantizer: tp.Any = None, causal_mask: torch.Tensor | bool | None = None,
-                             token_type_ids: torch.Tensor | None = None):
+                             token_type_ids: torch.Tensor | None = None, slot_ids: torch.Tensor | None = None,
+                             check_bounds: bool = True):
         """Writes the new keys/values at each row's position; returns ``(key_cache, value_cache, mask)``.
 
         ``causal_mask`` may be a ``[T, T]`` / ``[1, 1, T, T]`` tensor, ``True``
@@ -224,11 +225,15 @@ class LightningCacheView:
         (no causal term, as in the seed). ``kv_sharding`` is accepted for the
         seed's signature: each rank works on its local shard as given.
         ``quantizer`` must be ``None`` (quantized storage is not implemented).
+        ``slot_ids [B]`` make this layer's buffers a pool (rows of ``metadata.batch_size``):
+        batch row ``b`` writes pool row ``slot_ids[b]`` (``-1`` skips it; see
+        :func:`ops.concatenate_to_cache`); the returned views are of the whole pool.
         """
         self._require(ATTENTION, "concatenate_to_cache")
         op = "LightningCacheView.concatenate_to_cache"
         ops.check_types(op, query=(query, "tensor?"), key=(key, "tensor"), value=(value, "tensor"),
-                        attention_mask=(attention_mask, "tensor?"), token_type_ids=(token_type_ids, "tensor?"))
+                        attention_mask=(attention_mask, "tensor?"), token_type_ids=(token_type_ids, "tensor?"),
+                        slot_ids=(slot_ids, "tensor?"), check_bounds=(check_bounds, "bool"))
         if not (causal_mask is None or isinstance(causal_mask, (bool, torch.Tensor))):
             raise TypeError(f"{op}: causal_mask must be a torch.Tensor, a bool or None, got "
                             f"{type(causal_mask).__name__} {causal_mask!r}")
@@ -242,13 +247,16 @@ class LightningCacheView:
                     raise ValueError("max_length is unknown: give LightningCacheMetaData.create(max_length=...) "
                                      "or an attention_mask whose last dimension is the capacity")
                 max_length = attention_mask.shape[-1]
+            if slot_ids is not None and self.metadata.batch_size is None:
+                raise ValueError("with slot_ids, the pool size must be given as batch_size in the metadata")
             batch = self.metadata.batch_size or key.shape[0]
             self._allocate(batch, max_length, self.metadata.dtype or key.dtype, key.device)
         is_causal = causal_mask is True
         causal_tensor = causal_mask if isinstance(causal_mask, torch.Tensor) else None
         return ops.concatenate_to_cache(self.key_value, self.index, key, value, attention_mask=attention_mask,
                                         causal_mask=causal_tensor, token_type_ids=token_type_ids,
-                                        is_causal=is_causal, ring=self.metadata.ring)
+                                        is_causal=is_causal, ring=self.metadata.ring, check_bounds=check_bounds,
+                                        slot_ids=slot_ids)
 
     # ---------------------------------------------------------- lightning path
 

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from . import serve
 from .model import HybridConfig, HybridLM
 
 # Largest allowed |cached - recomputed| logit difference, by model dtype.
@@ -46,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=256, help="cache capacity in tokens (default: 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    serve.add_arguments(parser)  # --serve and its options (torch_lightning_cache/serve.py)
 
 
 def _check_options(args: argparse.Namespace) -> torch.device:
@@ -126,6 +128,8 @@ def generate_without_cache(model: HybridLM, prompts: list[torch.Tensor], tokens:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "serve", False):
+        return serve.run(args)
     try:
         device = _check_options(args)
     except DemoError as error:

@@ -16,6 +16,7 @@ lightning recurrence): the demo and the tests check the cached path against it.
 from __future__ import annotations
 
 import dataclasses
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -77,19 +78,27 @@ class CachedAttention(nn.Module):
         self.register_buffer("key_value", key_value, persistent=False)
         self.register_buffer("index", index, persistent=False)
 
-    def forward(self, x: torch.Tensor, row_start: int = 0) -> torch.Tensor:
-        b = x.shape[0]
+    def forward(self, x: torch.Tensor, row_start: int = 0, slot_ids: Optional[torch.Tensor] = None,
+                checkpoints: Optional[torch.Tensor] = None, checkpoint_every: int = 0,
+                step_states: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # checkpoints, checkpoint_every and step_states are the lightning layers' (one signature for both mixers).
         key_value, index = self.key_value, self.index
-        if b != key_value.shape[0]:  # a slice of the batch rows (ragged prefill)
-            key_value, index = key_value.narrow(0, row_start, b), index.narrow(0, row_start, b)
-        return self.attend(x, key_value, index)
+        if slot_ids is None and x.shape[0] != key_value.shape[0]:  # a slice of the batch rows (ragged prefill)
+            key_value, index = key_value.narrow(0, row_start, x.shape[0]), index.narrow(0, row_start, x.shape[0])
+        return self.attend(x, key_value, index, slot_ids)
 
-    def attend(self, x: torch.Tensor, key_value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """``forward`` on the given cache tensors (``[B, L, H, 2D]`` and ``[B]``) instead of the buffers."""
+    def attend(self, x: torch.Tensor, key_value: torch.Tensor, index: torch.Tensor,
+               slot_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``forward`` on the given cache tensors (``[B or P, L, H, 2D]`` and ``[B or P]``) instead of the buffers."""
         b, n = x.shape[0], x.shape[1]
         q, k, v = _split_qkv(self.qkv(x), self.heads, self.head_dim)
-        mask = torch.ops.lightning_cache.concatenate_to_cache(key_value, index, k, v, None, None, None, True, False,
-                                                              self.check_bounds)
+        if slot_ids is not None:  # batch row i is pool row slot_ids[i]; attention reads that row
+            mask = torch.ops.lightning_cache.concatenate_to_cache(key_value, index, k, v, None, None, None, True,
+                                                                  False, self.check_bounds, slot_ids)
+            key_value = key_value.index_select(0, slot_ids.clamp_min(0))  # a skipped row's mask is all false
+        else:
+            mask = torch.ops.lightning_cache.concatenate_to_cache(key_value, index, k, v, None, None, None, True,
+                                                                  False, self.check_bounds)
         keys = key_value[..., : self.head_dim].transpose(1, 2)
         values = key_value[..., self.head_dim:].transpose(1, 2)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
@@ -127,21 +136,28 @@ class LightningAttention(nn.Module):
         o = self.norm(o.reshape(b, n, self.heads * self.head_dim)) * torch.sigmoid(self.gate(x))
         return self.out(o)
 
-    def forward(self, x: torch.Tensor, row_start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, row_start: int = 0, slot_ids: Optional[torch.Tensor] = None,
+                checkpoints: Optional[torch.Tensor] = None, checkpoint_every: int = 0,
+                step_states: Optional[torch.Tensor] = None) -> torch.Tensor:
         state = self.state
-        if x.shape[0] != state.shape[0]:
+        if slot_ids is None and x.shape[0] != state.shape[0]:
             state = state.narrow(0, row_start, x.shape[0])
-        return self.recur(x, state)
+        return self.recur(x, state, slot_ids, checkpoints, checkpoint_every, step_states)
 
-    def recur(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """``forward`` on the given state ``[B, H, D, D]`` instead of the buffer."""
+    def recur(self, x: torch.Tensor, state: torch.Tensor, slot_ids: Optional[torch.Tensor] = None,
+              checkpoints: Optional[torch.Tensor] = None, checkpoint_every: int = 0,
+              step_states: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``forward`` on the given state ``[B or P, H, D, D]`` instead of the buffer."""
         n = x.shape[1]
         q, k, v = _split_qkv(F.silu(self.qkv(x)), self.heads, self.head_dim)
-        if n == 1:
-            o = torch.ops.lightning_cache.lightning_decode(state, q, k, v, self.slopes, None, 1.0, self.check_bounds)
+        if step_states is not None or (n == 1 and checkpoints is None):
+            # Decode (token by token), storing the state after each token if asked (speculative decoding).
+            o = torch.ops.lightning_cache.lightning_decode(state, q, k, v, self.slopes, slot_ids, 1.0,
+                                                           self.check_bounds, step_states)
         else:
-            o = torch.ops.lightning_cache.lightning_prefill(state, q, k, v, self.slopes, None, None, self.block_size,
-                                                           1.0, self.check_bounds)
+            o = torch.ops.lightning_cache.lightning_prefill(state, q, k, v, self.slopes, None, slot_ids,
+                                                           self.block_size, 1.0, self.check_bounds, checkpoints,
+                                                           checkpoint_every)
         return self._finish(x, o)
 
     def forward_uncached(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,8 +189,11 @@ class DecoderLayer(nn.Module):
         gate, up = self.mlp_in(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.mlp_out(F.silu(gate) * up)
 
-    def forward(self, x: torch.Tensor, row_start: int = 0) -> torch.Tensor:
-        return self._mlp(x + self.mixer(self.input_norm(x), row_start))
+    def forward(self, x: torch.Tensor, row_start: int = 0, slot_ids: Optional[torch.Tensor] = None,
+                checkpoints: Optional[torch.Tensor] = None, checkpoint_every: int = 0,
+                step_states: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = self.mixer(self.input_norm(x), row_start, slot_ids, checkpoints, checkpoint_every, step_states)
+        return self._mlp(x + h)
 
     def forward_uncached(self, x: torch.Tensor) -> torch.Tensor:
         return self._mlp(x + self.mixer.forward_uncached(self.input_norm(x)))
@@ -188,6 +207,14 @@ class HybridLM(nn.Module):
     smaller than the cache's selects rows ``row_start ..`` (to prefill prompts
     of different lengths row by row, then decode all rows together, each at its
     own position).
+
+    Serving (``torch_lightning_cache.serve``): with ``slot_ids [B]`` the caches
+    are a pool and batch row ``b`` is pool row ``slot_ids[b]`` in every layer.
+    ``checkpoints`` (one ``[B, C, H, D, D]`` tensor per lightning layer, in
+    layer order) receive those layers' states every ``checkpoint_every`` tokens
+    (prefix caching); ``step_states`` (one ``[B, n + 1, H, D, D]`` per lightning
+    layer) make the lightning layers decode the ``n`` tokens one by one and keep
+    the state after each, for ``lightning_accept`` (speculative decoding).
     """
 
     def __init__(self, config: HybridConfig, batch_size: int = 1, dtype: torch.dtype = torch.float32,
@@ -206,10 +233,21 @@ class HybridLM(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
         self.to(device)  # weights drawn on the CPU, so a seed gives the same model on every device
 
-    def forward(self, input_ids: torch.Tensor, row_start: int = 0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, row_start: int = 0, slot_ids: Optional[torch.Tensor] = None,
+                checkpoints: Optional[List[torch.Tensor]] = None, checkpoint_every: int = 0,
+                step_states: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         x = self.embed(input_ids)
+        j = 0  # index of the next lightning layer in checkpoints / step_states
         for layer in self.layers:
-            x = layer(x, row_start)
+            layer_checkpoints: Optional[torch.Tensor] = None
+            layer_steps: Optional[torch.Tensor] = None
+            if layer.kind != "attention":
+                if checkpoints is not None:
+                    layer_checkpoints = checkpoints[j]
+                if step_states is not None:
+                    layer_steps = step_states[j]
+                j += 1
+            x = layer(x, row_start, slot_ids, layer_checkpoints, checkpoint_every, layer_steps)
         return self.lm_head(self.final_norm(x)).float()
 
     @torch.jit.unused

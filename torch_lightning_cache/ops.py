@@ -96,8 +96,8 @@ def _init_kv_cache_fake(batch_size, max_length, num_heads, key_dim, value_dim, d
 
 
 @torch.library.register_fake("lightning_cache::write_to_cache")
-def _write_to_cache_fake(key_value, index, key, value, ring=False, check_bounds=True):
-    _check_one_device("write_to_cache", key_value=key_value, index=index, key=key, value=value)
+def _write_to_cache_fake(key_value, index, key, value, ring=False, check_bounds=True, slot_ids=None):
+    _check_one_device("write_to_cache", key_value=key_value, index=index, key=key, value=value, slot_ids=slot_ids)
     torch._check(key_value.dim() == 4 and key.dim() == 4, lambda: "key_value and key must be 4-D")
 
 
@@ -108,11 +108,13 @@ def _init_state_fake(batch_size, num_heads, key_dim, value_dim, dtype=None, devi
 
 @torch.library.register_fake("lightning_cache::concatenate_to_cache")
 def _concatenate_to_cache_fake(key_value, index, key, value, attention_mask=None, causal_mask=None,
-                               token_type_ids=None, is_causal=False, ring=False, check_bounds=True):
+                               token_type_ids=None, is_causal=False, ring=False, check_bounds=True, slot_ids=None):
     _check_one_device("concatenate_to_cache", key_value=key_value, index=index, key=key, value=value,
-                      attention_mask=attention_mask, causal_mask=causal_mask, token_type_ids=token_type_ids)
+                      attention_mask=attention_mask, causal_mask=causal_mask, token_type_ids=token_type_ids,
+                      slot_ids=slot_ids)
     torch._check(key_value.dim() == 4 and key.dim() == 4, lambda: "key_value and key must be 4-D")
-    return key_value.new_empty((key_value.shape[0], 1, key.shape[1], key_value.shape[1]), dtype=torch.bool)
+    # The mask has one row per batch row (key's batch; the pool's rows without slot_ids, where they are equal).
+    return key_value.new_empty((key.shape[0], 1, key.shape[1], key_value.shape[1]), dtype=torch.bool)
 
 
 def _lightning_fake(op, state, query, key, value, slopes, attention_mask=None, slot_ids=None):
@@ -132,7 +134,10 @@ def _lightning_decode_fake(state, query, key, value, slopes, slot_ids=None, scal
 
 @torch.library.register_fake("lightning_cache::lightning_prefill")
 def _lightning_prefill_fake(state, query, key, value, slopes, attention_mask=None, slot_ids=None, block_size=256,
-                            scale=1.0, check_bounds=True):
+                            scale=1.0, check_bounds=True, checkpoints=None, checkpoint_every=0):
+    if checkpoints is not None:
+        _check_one_device("lightning_prefill", state=state, checkpoints=checkpoints)
+        torch._check(checkpoints.dim() == 5, lambda: "lightning_prefill: checkpoints must be 5-D")
     return _lightning_fake("lightning_prefill", state, query, key, value, slopes, attention_mask, slot_ids)
 
 
@@ -174,34 +179,45 @@ def split_key_value(key_value: torch.Tensor, key_dim: int) -> tuple[torch.Tensor
 def concatenate_to_cache(key_value: torch.Tensor, index: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None = None, causal_mask: torch.Tensor | None = None,
                          token_type_ids: torch.Tensor | None = None, is_causal: bool = False, ring: bool = False,
-                         check_bounds: bool = True):
+                         check_bounds: bool = True, slot_ids: torch.Tensor | None = None):
     """Writes ``key``/``value`` ``[B, q, H, D*]`` at each row's position and advances ``index``.
 
     Returns ``(key_cache, value_cache, mask)``: views into ``key_value`` and the
     ``[B, 1, q, L]`` boolean attention mask for the new queries.
+
+    ``slot_ids [B]`` (int64) makes ``key_value [P, L, H, Dk + Dv]`` / ``index [P]`` a pool:
+    batch row ``b`` writes pool row ``slot_ids[b]`` at that row's position, and mask row ``b``
+    is computed from it. ``attention_mask`` and ``token_type_ids`` stay per batch row
+    (``[B, ...]``). ``-1`` skips the row (nothing written, mask row all false); out-of-range
+    or repeated ids raise ``IndexError`` with ``check_bounds``, else are skipped (first
+    occurrence wins). Pool rows no batch row names are untouched. The returned views
+    are of the whole pool.
     """
     check_types("concatenate_to_cache", key_value=(key_value, "tensor"), index=(index, "tensor"), key=(key, "tensor"),
                 value=(value, "tensor"), attention_mask=(attention_mask, "tensor?"),
                 causal_mask=(causal_mask, "tensor?"), token_type_ids=(token_type_ids, "tensor?"),
-                is_causal=(is_causal, "bool"), ring=(ring, "bool"), check_bounds=(check_bounds, "bool"))
+                is_causal=(is_causal, "bool"), ring=(ring, "bool"), check_bounds=(check_bounds, "bool"),
+                slot_ids=(slot_ids, "tensor?"))
     mask = _ops.concatenate_to_cache(key_value, index, key, value, attention_mask, causal_mask, token_type_ids,
-                                     is_causal, ring, check_bounds)
+                                     is_causal, ring, check_bounds, slot_ids)
     key_cache, value_cache = split_key_value(key_value, key.shape[-1])
     return key_cache, value_cache, mask
 
 
 def write_to_cache(key_value: torch.Tensor, index: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   ring: bool = False, check_bounds: bool = True):
+                   ring: bool = False, check_bounds: bool = True, slot_ids: torch.Tensor | None = None):
     """``concatenate_to_cache`` without the mask, for attention kernels that take lengths.
 
     Writes ``key``/``value`` ``[B, q, H, D*]`` at each row's position and advances
     ``index``, with the same validation and the same skip rules (a row that cannot be
-    written with ``check_bounds=False`` is skipped whole). Returns
-    ``(key_cache, value_cache)``, views into ``key_value``.
+    written with ``check_bounds=False`` is skipped whole; ``slot_ids`` as in
+    :func:`concatenate_to_cache`). Returns ``(key_cache, value_cache)``, views into
+    ``key_value``.
     """
     check_types("write_to_cache", key_value=(key_value, "tensor"), index=(index, "tensor"), key=(key, "tensor"),
-                value=(value, "tensor"), ring=(ring, "bool"), check_bounds=(check_bounds, "bool"))
-    _ops.write_to_cache(key_value, index, key, value, ring, check_bounds)
+                value=(value, "tensor"), ring=(ring, "bool"), check_bounds=(check_bounds, "bool"),
+                slot_ids=(slot_ids, "tensor?"))
+    _ops.write_to_cache(key_value, index, key, value, ring, check_bounds, slot_ids)
     return split_key_value(key_value, key.shape[-1])
 
 
@@ -233,14 +249,26 @@ def lightning_decode(state: torch.Tensor, query: torch.Tensor, key: torch.Tensor
 def lightning_prefill(state: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       slopes: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       slot_ids: torch.Tensor | None = None, block_size: int = 256, scale: float = 1.0,
-                      check_bounds: bool = True) -> torch.Tensor:
-    """Chunked equivalent of ``n`` decode steps from the current state; a masked token is skipped whole."""
+                      check_bounds: bool = True, checkpoints: torch.Tensor | None = None,
+                      checkpoint_every: int = 0) -> torch.Tensor:
+    """Chunked equivalent of ``n`` decode steps from the current state; a masked token is skipped whole.
+
+    Prefix caching: ``checkpoints [B, C, H, Dk, Dv]`` (state dtype, contiguous), if given,
+    receives in ``checkpoints[b, c]`` the state of row ``b`` after the first
+    ``(c + 1) * checkpoint_every`` tokens of this call, for every ``c`` with
+    ``(c + 1) * checkpoint_every <= n`` (one at exactly ``n`` is written; later ones and
+    skipped rows are left untouched). Tokens are counted by position: a masked token
+    counts and leaves the state as it is. Prefilling from ``checkpoints[:, c]`` the
+    tokens after it gives the same outputs and final state. ``checkpoint_every`` must
+    be positive when ``checkpoints`` is given (without, it stores nothing).
+    """
     check_types("lightning_prefill", state=(state, "tensor"), query=(query, "tensor"), key=(key, "tensor"),
                 value=(value, "tensor"), slopes=(slopes, "tensor"), attention_mask=(attention_mask, "tensor?"),
                 slot_ids=(slot_ids, "tensor?"), block_size=(block_size, "int"), scale=(scale, "float"),
-                check_bounds=(check_bounds, "bool"))
+                check_bounds=(check_bounds, "bool"), checkpoints=(checkpoints, "tensor?"),
+                checkpoint_every=(checkpoint_every, "int"))
     return _ops.lightning_prefill(state, query, key, value, slopes, attention_mask, slot_ids, block_size, scale,
-                                  check_bounds)
+                                  check_bounds, checkpoints, checkpoint_every)
 
 
 def rewind_cache(index: torch.Tensor, num_tokens: torch.Tensor, slot_ids: torch.Tensor | None = None,

@@ -36,9 +36,31 @@ void copy_head_rows(cache_t* out, const Strided4d<in_t>& src, int64_t b, int64_t
   }
 }
 
+// Where each batch row writes: pool row `row[b]` (-1: skipped) from position
+// `start[b]` (that row's index before the call), and whether it may write.
+struct RowTargets {
+  std::vector<int64_t> row, start;
+  std::vector<char> writable;
+};
+
+RowTargets row_targets(const at::Tensor& index, const std::optional<at::Tensor>& slots, const KVCacheDims& d,
+                       bool ring, int64_t limit) {
+  RowTargets r{std::vector<int64_t>(d.batch, -1), std::vector<int64_t>(d.batch, 0), std::vector<char>(d.batch, 0)};
+  const int64_t* position = index.const_data_ptr<int64_t>();
+  const int64_t* slot = slots.has_value() ? slots->const_data_ptr<int64_t>() : nullptr;
+  for (int64_t b = 0; b < d.batch; ++b) {
+    const int64_t row = slot != nullptr ? slot[b] : b;
+    if (row < 0 || row >= d.pool) continue;  // prepare_slot_ids leaves only -1 here; the range test is a guard
+    r.row[b] = row;
+    r.start[b] = position[row];
+    r.writable[b] = row_writable(r.start[b], d.new_tokens, d.capacity, ring, limit);
+  }
+  return r;
+}
+
 template <typename cache_t, typename in_t>
-void write_tokens(at::Tensor& key_value, const at::Tensor& key, const at::Tensor& value, const int64_t* start,
-                  const KVCacheDims& d, bool ring, int64_t limit) {
+void write_tokens(at::Tensor& key_value, const at::Tensor& key, const at::Tensor& value, const RowTargets& rows,
+                  const KVCacheDims& d, bool ring) {
   cache_t* kv = key_value.data_ptr<cache_t>();
   const Strided4d<in_t> k(key), v(value);
   const int64_t width = d.key_dim + d.value_dim;
@@ -46,9 +68,9 @@ void write_tokens(at::Tensor& key_value, const at::Tensor& key, const at::Tensor
   at::parallel_for(0, d.batch * d.new_tokens, grain, [&](int64_t begin, int64_t end) {
     for (int64_t bt = begin; bt < end; ++bt) {
       const int64_t b = bt / d.new_tokens, t = bt % d.new_tokens;
-      if (!row_writable(start[b], d.new_tokens, d.capacity, ring, limit)) continue;
-      const int64_t column = token_column(start[b], t, d.capacity, ring);
-      cache_t* token = kv + (b * d.capacity + column) * d.heads * width;
+      if (!rows.writable[b]) continue;
+      const int64_t column = token_column(rows.start[b], t, d.capacity, ring);
+      cache_t* token = kv + (rows.row[b] * d.capacity + column) * d.heads * width;
       for (int64_t h = 0; h < d.heads; ++h) {
         copy_head_rows(token + h * width, k, b, t, h, d.key_dim);
         copy_head_rows(token + h * width + d.key_dim, v, b, t, h, d.value_dim);
@@ -58,23 +80,23 @@ void write_tokens(at::Tensor& key_value, const at::Tensor& key, const at::Tensor
 }
 
 // The part both ops share: copies the new tokens of every writable row
-// (row_writable, the one rule) and advances its position. Returns the
-// positions before the call, which the mask is computed from.
-std::vector<int64_t> write_and_advance(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key,
-                                       const at::Tensor& value, const KVCacheDims& d, bool ring, int64_t limit) {
-  std::vector<int64_t> start(index.const_data_ptr<int64_t>(), index.const_data_ptr<int64_t>() + d.batch);
-  if (is_empty_call(d)) return start;  // nothing to copy; positions advance by 0
+// (row_writable, the one rule) into its pool row and advances that row's
+// position. Returns the targets, which the mask is computed from.
+RowTargets write_and_advance(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key, const at::Tensor& value,
+                             const std::optional<at::Tensor>& slots, const KVCacheDims& d, bool ring, int64_t limit) {
+  RowTargets rows = row_targets(index, slots, d, ring, limit);
+  if (is_empty_call(d)) return rows;  // nothing to copy; positions advance by 0
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key_value.scalar_type(), "write_to_cache_cpu", [&] {
     using cache_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "write_to_cache_cpu_key", [&] {
-      write_tokens<cache_t, scalar_t>(key_value, key, value, start.data(), d, ring, limit);
+      write_tokens<cache_t, scalar_t>(key_value, key, value, rows, d, ring);
     });
   });
   int64_t* position = index.data_ptr<int64_t>();
   for (int64_t b = 0; b < d.batch; ++b) {
-    if (row_writable(start[b], d.new_tokens, d.capacity, ring, limit)) position[b] = start[b] + d.new_tokens;
+    if (rows.writable[b]) position[rows.row[b]] = rows.start[b] + d.new_tokens;  // pool rows are distinct
   }
-  return start;
+  return rows;
 }
 
 // row[j] = attention_allows(in, b, i, j) for j < limit, with the element type
@@ -112,14 +134,16 @@ at::Tensor concatenate_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, co
                                     const at::Tensor& value, const std::optional<at::Tensor>& attention_mask,
                                     const std::optional<at::Tensor>& causal_mask,
                                     const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring,
-                                    bool check_bounds) {
+                                    bool check_bounds, const std::optional<at::Tensor>& slot_ids) {
   const KVCacheDims d = check_concatenate_args(key_value, index, key, value, attention_mask, causal_mask,
-                                               token_type_ids, is_causal, ring);
-  if (check_bounds) check_positions(index, d, ring, causal_mask);
+                                               token_type_ids, is_causal, ring, slot_ids);
+  const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, check_bounds);
+  if (check_bounds) check_positions(index, d, ring, causal_mask, slots);
 
   const MaskInputs in = make_mask_inputs(d, attention_mask, causal_mask, token_type_ids, is_causal, ring);
   const int64_t limit = position_limit(in);
-  const std::vector<int64_t> start = write_and_advance(key_value, index, key, value, d, ring, limit);
+  const RowTargets rows = write_and_advance(key_value, index, key, value, slots, d, ring, limit);
+  const std::vector<int64_t>& start = rows.start;
 
   at::Tensor mask = at::empty({d.batch, 1, d.new_tokens, d.capacity}, key_value.options().dtype(at::kBool));
   if (is_empty_call(d)) return mask;
@@ -129,7 +153,7 @@ at::Tensor concatenate_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, co
                      for (int64_t bi = begin; bi < end; ++bi) {
                        const int64_t b = bi / d.new_tokens, i = bi % d.new_tokens;
                        bool* row = out + bi * d.capacity;
-                       if (!row_writable(start[b], d.new_tokens, d.capacity, ring, limit)) {
+                       if (!rows.writable[b]) {  // skipped row: all false
                          std::fill(row, row + d.capacity, false);
                          continue;
                        }
@@ -148,10 +172,11 @@ at::Tensor concatenate_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, co
 }
 
 void write_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key, const at::Tensor& value,
-                        bool ring, bool check_bounds) {
-  const KVCacheDims d = check_write_args(key_value, index, key, value, ring);
-  if (check_bounds) check_positions(index, d, ring, std::nullopt);
-  write_and_advance(key_value, index, key, value, d, ring, kNoPositionLimit);
+                        bool ring, bool check_bounds, const std::optional<at::Tensor>& slot_ids) {
+  const KVCacheDims d = check_write_args(key_value, index, key, value, ring, slot_ids, "write_to_cache");
+  const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, check_bounds);
+  if (check_bounds) check_positions(index, d, ring, std::nullopt, slots);
+  write_and_advance(key_value, index, key, value, slots, d, ring, kNoPositionLimit);
 }
 
 }  // namespace

@@ -170,10 +170,15 @@ int64_t inner_block(int64_t dk, int64_t dv) {
 //   scores[j][i] = scale * lam^(j-i) (q_j . k_i)                     (i <= j only)
 //   o_j          = scale * lam^(j+1) q_j S + sum_{i <= j} scores[j][i] v_i
 //   S           <- lam^c S + sum_i lam^(c-1-i) k_i^T v_i
+// `checkpoints` (null, or contiguous [B, C, H, Dk, Dv]) receives S after the
+// first (k + 1) * every positions for k < written: after the row's unmasked
+// tokens before that position (a block ends early at each such cut), so
+// masked tokens count as positions and leave S as it is.
 template <typename state_t, typename in_t>
 void prefill_rows(at::Tensor& state, at::Tensor& out, const at::Tensor& query, const at::Tensor& key,
                   const at::Tensor& value, const float* slope, const std::vector<int64_t>& rows, const bool* keep,
-                  const LightningDims& d, float scale) {
+                  const LightningDims& d, float scale, state_t* checkpoints, int64_t num_checkpoints,
+                  int64_t written, int64_t every) {
   const Strided<in_t> q(query), k(key), v(value);
   state_t* state_data = state.data_ptr<state_t>();
   in_t* out_data = out.data_ptr<in_t>();
@@ -194,6 +199,7 @@ void prefill_rows(at::Tensor& state, at::Tensor& out, const at::Tensor& query, c
     const int64_t floats = c * dk + dk * c + c * dv + c * c + kTileRows * dv + 2 * c + (widened ? dk * dv : 0) + 1;
     std::vector<float> scratch(floats);
     std::vector<int64_t> tok(tokens);
+    std::vector<int64_t> cut(written);  // checkpoint k: the row's unmasked tokens before position (k + 1) * every
     float* Q = scratch.data();
     float* Kt = Q + c * dk;
     float* V = Kt + dk * c;
@@ -218,6 +224,9 @@ void prefill_rows(at::Tensor& state, at::Tensor& out, const at::Tensor& query, c
         for (int64_t t = 0; t < tokens; ++t) {
           if (!keep || keep[b * tokens + t]) tok[m_total++] = t;
         }
+        for (int64_t x = 0; x < written; ++x) {  // (x + 1) * every <= tokens: no overflow
+          cut[x] = std::lower_bound(tok.data(), tok.data() + m_total, (x + 1) * every) - tok.data();
+        }
         tok_row = b;
       }
       if (keep) {  // a masked token's output is zero, whatever its inputs
@@ -240,8 +249,17 @@ void prefill_rows(at::Tensor& state, at::Tensor& out, const at::Tensor& query, c
         dist_factor[j] = scale * lam[j];
       }
 
-      for (int64_t start = 0; start < m_total; start += c) {
-        const int64_t m = std::min(c, m_total - start);
+      // Stores S as checkpoint x for each pending x whose cut is `done` tokens.
+      int64_t next_checkpoint = 0;
+      auto store_checkpoints = [&](int64_t done) {
+        for (; next_checkpoint < written && cut[next_checkpoint] <= done; ++next_checkpoint) {
+          store_state(checkpoints + ((b * num_checkpoints + next_checkpoint) * heads + h) * dk * dv, S, dk * dv);
+        }
+      };
+      store_checkpoints(0);
+      for (int64_t start = 0, m = 0; start < m_total; start += m) {
+        m = std::min(c, m_total - start);
+        if (next_checkpoint < written) m = std::min(m, cut[next_checkpoint] - start);  // > 0: cuts <= start are stored
         const int64_t* bt = tok.data() + start;
         for (int64_t j = 0; j < m; ++j) {
           widen(Q + j * dk, 1, q.at(b, bt[j], h), q.s3, dk);
@@ -284,6 +302,7 @@ void prefill_rows(at::Tensor& state, at::Tensor& out, const at::Tensor& query, c
           const int64_t r = std::min(kTileRows, dk - p0);
           cpu::gemm_tile(r, dv, m, Kt + p0 * c, c, V, dv, S + p0 * dv, dv, nullptr, true, lam[m]);
         }
+        store_checkpoints(start + m);
       }
       if constexpr (!std::is_same_v<state_t, float>) {
         for (int64_t e = 0; e < dk * dv; ++e) s_raw[e] = static_cast<state_t>(wide[e]);
@@ -340,9 +359,11 @@ at::Tensor lightning_prefill_cpu(at::Tensor& state, const at::Tensor& query, con
                                  const at::Tensor& value, const at::Tensor& slopes,
                                  const std::optional<at::Tensor>& attention_mask,
                                  const std::optional<at::Tensor>& slot_ids, int64_t block_size, double scale,
-                                 bool check_bounds) {
+                                 bool check_bounds, const std::optional<at::Tensor>& checkpoints,
+                                 int64_t checkpoint_every) {
   const LightningDims d =
       check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask, slot_ids, block_size);
+  const int64_t written = check_checkpoints(checkpoints, checkpoint_every, state, d);
   const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, check_bounds);
   at::Tensor out = at::empty({d.batch, d.tokens, d.heads, d.value_dim}, query.options());
   if (d.batch == 0 || d.tokens == 0 || d.heads == 0) return out;
@@ -352,9 +373,12 @@ at::Tensor lightning_prefill_cpu(at::Tensor& state, const at::Tensor& query, con
   const std::optional<at::Tensor> keep =
       attention_mask.has_value() ? std::optional<at::Tensor>(attention_mask->ne(0).contiguous()) : std::nullopt;
   dispatch_lightning(state, query, [&](auto state_tag, auto in_tag) {
-    prefill_rows<decltype(state_tag), decltype(in_tag)>(state, out, query, key, value,
-                                                        slopes_f.const_data_ptr<float>(), rows,
-                                                        keep ? keep->const_data_ptr<bool>() : nullptr, d, float(scale));
+    using state_t = decltype(state_tag);
+    state_t* checkpoint_data = written > 0 ? checkpoints->data_ptr<state_t>() : nullptr;
+    prefill_rows<state_t, decltype(in_tag)>(state, out, query, key, value, slopes_f.const_data_ptr<float>(), rows,
+                                            keep ? keep->const_data_ptr<bool>() : nullptr, d, float(scale),
+                                            checkpoint_data, written > 0 ? checkpoints->size(1) : 0, written,
+                                            checkpoint_every);
   });
   return out;
 }

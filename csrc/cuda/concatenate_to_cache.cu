@@ -2,8 +2,9 @@
 //
 // Work unit: one token row r = (b, t) of the new block. Each block (256
 // threads) takes rows r = blockIdx.x, blockIdx.x + gridDim.x, ...; per row it
-// reads index[b] once, copies key[b, t] | value[b, t] into cache column
-// token_column(index[b], t) if row b is writable (16-byte vectors, 32-bit
+// reads its pool row s = slots[b] (b without slot ids; -1 skips) and index[s]
+// once, copies key[b, t] | value[b, t] into pool row s, cache column
+// token_column(index[s], t) if the row is writable (16-byte vectors, 32-bit
 // offsets inside the row), and, for concatenate_to_cache, writes mask row
 // (b, i = t). There is one kernel, not one per (cache, input) dtype pair: the
 // pair is a runtime switch per row around the small copy loop, so the mask
@@ -47,9 +48,10 @@ struct RowParams {
   void* kv;                                   // [B, L, H, Dk + Dv], contiguous
   const void* key;                            // [B, q, H, Dk], any strides
   const void* value;                          // [B, q, H, Dv], any strides
-  int64_t* index;                             // [B]; read by every block, advanced by the last one
+  int64_t* index;                             // [P]; read by every block, advanced by the last one
+  const int64_t* slots;                       // [B] pool row of each batch row (-1: skip), or null: row b
   uint8_t* mask;                              // [B, 1, q, L] bools, or null (write_to_cache)
-  int64_t batch, new_tokens, capacity, rows;  // rows = B * q
+  int64_t batch, pool, new_tokens, capacity, rows;  // rows = B * q; pool = P
   int64_t width;                              // Dk + Dv: elements per head in the cache
   int heads, key_vecs, value_vecs;            // Dk / VEC, Dv / VEC
   ElemType cache_type, in_type;               // Float16, BFloat16, Float32 or Float64
@@ -82,8 +84,9 @@ __device__ __forceinline__ cache_t to_cache_type(in_t x) {
 // Copies key[b, t] | value[b, t] (all heads) into the cache row at `column`.
 // Threads: x walks the VEC-vectors of one head, y walks heads.
 template <typename cache_t, typename in_t, int VEC>
-__device__ __forceinline__ void copy_token_row(const RowParams& p, int64_t b, int64_t t, int64_t column) {
-  cache_t* dst_row = static_cast<cache_t*>(p.kv) + (b * p.capacity + column) * p.heads * p.width;
+__device__ __forceinline__ void copy_token_row(const RowParams& p, int64_t b, int64_t t, int64_t slot,
+                                               int64_t column) {
+  cache_t* dst_row = static_cast<cache_t*>(p.kv) + (slot * p.capacity + column) * p.heads * p.width;
   const in_t* key_tok = static_cast<const in_t*>(p.key) + b * p.key_stride[0] + t * p.key_stride[1];
   const in_t* value_tok = static_cast<const in_t*>(p.value) + b * p.value_stride[0] + t * p.value_stride[1];
   const int vecs = p.key_vecs + p.value_vecs;
@@ -258,6 +261,14 @@ __device__ __forceinline__ void write_mask_row(const RowParams* params, int64_t 
   }
 }
 
+// The pool row batch row b writes, or -1 (skipped). Prepared slot ids are in
+// [-1, P) and distinct; the range test is a guard, not a second rule.
+__device__ __forceinline__ int64_t pool_row(const RowParams& p, int64_t b) {
+  if (p.slots == nullptr) return b;
+  const int64_t slot = p.slots[b];
+  return slot >= 0 && slot < p.pool ? slot : -1;
+}
+
 // Called by every block once it is done with its rows: the last block to get
 // here advances the positions of the writable rows and resets the counter.
 __device__ __forceinline__ void advance_positions_if_last(const RowParams& p, int tid) {
@@ -272,53 +283,61 @@ __device__ __forceinline__ void advance_positions_if_last(const RowParams& p, in
   if (!is_last) return;
   __threadfence();
   for (int64_t b = tid; b < p.batch; b += blockDim.x * blockDim.y) {
-    const int64_t start = p.index[b];
-    if (row_writable(start, p.new_tokens, p.capacity, p.ring, p.limit)) p.index[b] = start + p.new_tokens;
+    const int64_t slot = pool_row(p, b);
+    if (slot < 0) continue;
+    const int64_t start = p.index[slot];
+    if (row_writable(start, p.new_tokens, p.capacity, p.ring, p.limit)) p.index[slot] = start + p.new_tokens;
   }
   if (tid == 0) g_block_counters[p.counter_slot] = 0u;  // ready for the next call on this slot
 }
 
 template <typename cache_t, typename in_t>
-__device__ __forceinline__ void copy_token_row_as(const RowParams& p, int64_t b, int64_t t, int64_t column) {
+__device__ __forceinline__ void copy_token_row_as(const RowParams& p, int64_t b, int64_t t, int64_t slot,
+                                                  int64_t column) {
   constexpr int kWide = static_cast<int>(16 / sizeof(cache_t));
   if (p.wide) {
-    copy_token_row<cache_t, in_t, kWide>(p, b, t, column);
+    copy_token_row<cache_t, in_t, kWide>(p, b, t, slot, column);
   } else {
-    copy_token_row<cache_t, in_t, 1>(p, b, t, column);
+    copy_token_row<cache_t, in_t, 1>(p, b, t, slot, column);
   }
 }
 
 template <typename cache_t>
-__device__ __forceinline__ void copy_token_row_to(const RowParams& p, int64_t b, int64_t t, int64_t column) {
+__device__ __forceinline__ void copy_token_row_to(const RowParams& p, int64_t b, int64_t t, int64_t slot,
+                                                  int64_t column) {
   switch (p.in_type) {
-    case ElemType::Float16: copy_token_row_as<cache_t, c10::Half>(p, b, t, column); break;
-    case ElemType::BFloat16: copy_token_row_as<cache_t, c10::BFloat16>(p, b, t, column); break;
-    case ElemType::Float32: copy_token_row_as<cache_t, float>(p, b, t, column); break;
-    default: copy_token_row_as<cache_t, double>(p, b, t, column); break;  // Float64 (validated)
+    case ElemType::Float16: copy_token_row_as<cache_t, c10::Half>(p, b, t, slot, column); break;
+    case ElemType::BFloat16: copy_token_row_as<cache_t, c10::BFloat16>(p, b, t, slot, column); break;
+    case ElemType::Float32: copy_token_row_as<cache_t, float>(p, b, t, slot, column); break;
+    default: copy_token_row_as<cache_t, double>(p, b, t, slot, column); break;  // Float64 (validated)
   }
 }
 
 // The dtype pair is uniform over the grid: the switches cost a few
 // instructions per row, and each arm is a plain vector loop.
-__device__ __forceinline__ void copy_token_row_any(const RowParams& p, int64_t b, int64_t t, int64_t column) {
+__device__ __forceinline__ void copy_token_row_any(const RowParams& p, int64_t b, int64_t t, int64_t slot,
+                                                  int64_t column) {
   switch (p.cache_type) {
-    case ElemType::Float16: copy_token_row_to<c10::Half>(p, b, t, column); break;
-    case ElemType::BFloat16: copy_token_row_to<c10::BFloat16>(p, b, t, column); break;
-    case ElemType::Float32: copy_token_row_to<float>(p, b, t, column); break;
-    default: copy_token_row_to<double>(p, b, t, column); break;  // Float64 (validated)
+    case ElemType::Float16: copy_token_row_to<c10::Half>(p, b, t, slot, column); break;
+    case ElemType::BFloat16: copy_token_row_to<c10::BFloat16>(p, b, t, slot, column); break;
+    case ElemType::Float32: copy_token_row_to<float>(p, b, t, slot, column); break;
+    default: copy_token_row_to<double>(p, b, t, slot, column); break;  // Float64 (validated)
   }
 }
 
 __global__ void __launch_bounds__(kThreads, 4) write_rows_kernel(const __grid_constant__ RowParams p) {
-  __shared__ int64_t row_start;
+  __shared__ int64_t row_slot, row_start;
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
     const int64_t b = r / p.new_tokens, t = r - b * p.new_tokens;
-    if (tid == 0) row_start = p.index[b];  // once per row; the value, not the address, is shared
+    if (tid == 0) {  // once per row; the values, not the addresses, are shared
+      row_slot = pool_row(p, b);
+      row_start = row_slot >= 0 ? p.index[row_slot] : -1;
+    }
     __syncthreads();
-    const int64_t start = row_start;
-    const bool writable = row_writable(start, p.new_tokens, p.capacity, p.ring, p.limit);
-    if (writable) copy_token_row_any(p, b, t, token_column(start, t, p.capacity, p.ring));
+    const int64_t slot = row_slot, start = row_start;
+    const bool writable = slot >= 0 && row_writable(start, p.new_tokens, p.capacity, p.ring, p.limit);
+    if (writable) copy_token_row_any(p, b, t, slot, token_column(start, t, p.capacity, p.ring));
     if (p.mask != nullptr) write_mask_row(&p, b, t, start, writable);
     __syncthreads();  // row_start is overwritten for the next row
   }
@@ -347,16 +366,18 @@ ElemType float_elem_type(at::ScalarType t) {
 }  // namespace
 
 cudaError_t launch_write_rows(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key,
-                              const at::Tensor& value, const KVCacheDims& d, bool ring, const MaskInputs& mask_in,
-                              bool* mask) noexcept {
+                              const at::Tensor& value, const int64_t* slots, const KVCacheDims& d, bool ring,
+                              const MaskInputs& mask_in, bool* mask) noexcept {
   static std::atomic<unsigned> next_slot{0};
   RowParams p{};
   p.kv = key_value.data_ptr();
   p.key = key.const_data_ptr();
   p.value = value.const_data_ptr();
   p.index = index.data_ptr<int64_t>();
+  p.slots = slots;
   p.mask = reinterpret_cast<uint8_t*>(mask);
   p.batch = d.batch;
+  p.pool = d.pool;
   p.new_tokens = d.new_tokens;
   p.capacity = d.capacity;
   p.rows = d.batch * d.new_tokens;

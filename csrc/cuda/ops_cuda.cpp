@@ -27,36 +27,46 @@ void check_kernel_limits(const KVCacheDims& d) {
   TORCH_CHECK_VALUE(d.key_dim + d.value_dim <= INT_MAX, "key_value: key_dim + value_dim is too large");
 }
 
+// Slot ids the kernel reads (contiguous int64 [B], -1 = skip), or null.
+const int64_t* slot_pointer(const std::optional<at::Tensor>& slots) {
+  return slots.has_value() ? slots->const_data_ptr<int64_t>() : nullptr;
+}
+
 at::Tensor concatenate_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key,
                                      const at::Tensor& value, const std::optional<at::Tensor>& attention_mask,
                                      const std::optional<at::Tensor>& causal_mask,
                                      const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring,
-                                     bool check_bounds) {
+                                     bool check_bounds, const std::optional<at::Tensor>& slot_ids) {
   const KVCacheDims d = check_concatenate_args(key_value, index, key, value, attention_mask, causal_mask,
-                                               token_type_ids, is_causal, ring);
+                                               token_type_ids, is_causal, ring, slot_ids);
   check_kernel_limits(d);
   const c10::cuda::CUDAGuard guard(key_value.device());
-  if (host_checks_allowed(check_bounds)) check_positions(index, d, ring, causal_mask);
+  const bool host_checks = host_checks_allowed(check_bounds);
+  const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, host_checks);
+  if (host_checks) check_positions(index, d, ring, causal_mask, slots);
 
   at::Tensor mask = at::empty({d.batch, 1, d.new_tokens, d.capacity}, key_value.options().dtype(at::kBool));
   if (is_empty_call(d)) return mask;  // B = 0 or q = 0: nothing to write, no launch
   const MaskInputs mask_in = make_mask_inputs(d, attention_mask, causal_mask, token_type_ids, is_causal, ring);
-  C10_CUDA_CHECK(launch_write_rows(key_value, index, key, value, d, ring, mask_in, mask.data_ptr<bool>()));
+  C10_CUDA_CHECK(launch_write_rows(key_value, index, key, value, slot_pointer(slots), d, ring, mask_in,
+                                   mask.data_ptr<bool>()));
   return mask;
 }
 
 void write_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key, const at::Tensor& value,
-                         bool ring, bool check_bounds) {
-  const KVCacheDims d = check_write_args(key_value, index, key, value, ring);
+                         bool ring, bool check_bounds, const std::optional<at::Tensor>& slot_ids) {
+  const KVCacheDims d = check_write_args(key_value, index, key, value, ring, slot_ids, "write_to_cache");
   check_kernel_limits(d);
   const c10::cuda::CUDAGuard guard(key_value.device());
-  if (host_checks_allowed(check_bounds)) check_positions(index, d, ring, std::nullopt);
+  const bool host_checks = host_checks_allowed(check_bounds);
+  const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, host_checks);
+  if (host_checks) check_positions(index, d, ring, std::nullopt, slots);
   if (is_empty_call(d)) return;  // B = 0 or q = 0: nothing to write, no launch
   MaskInputs no_mask;  // only position_limit (none) and the ring flag are read without a mask
   no_mask.new_tokens = d.new_tokens;
   no_mask.capacity = d.capacity;
   no_mask.ring = ring;
-  C10_CUDA_CHECK(launch_write_rows(key_value, index, key, value, d, ring, no_mask, nullptr));
+  C10_CUDA_CHECK(launch_write_rows(key_value, index, key, value, slot_pointer(slots), d, ring, no_mask, nullptr));
 }
 
 at::Tensor lightning_decode_cuda(at::Tensor& state, const at::Tensor& query, const at::Tensor& key,
@@ -96,13 +106,15 @@ at::Tensor lightning_prefill_cuda(at::Tensor& state, const at::Tensor& query, co
                                   const at::Tensor& value, const at::Tensor& slopes,
                                   const std::optional<at::Tensor>& attention_mask,
                                   const std::optional<at::Tensor>& slot_ids, int64_t block_size, double scale,
-                                  bool check_bounds) {
+                                  bool check_bounds, const std::optional<at::Tensor>& checkpoints,
+                                  int64_t checkpoint_every) {
   const LightningDims d =
       check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask, slot_ids, block_size);
+  check_checkpoints(checkpoints, checkpoint_every, state, d);
   const c10::cuda::CUDAGuard guard(state.device());
   const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, host_checks_allowed(check_bounds));
   return lightning_prefill_chunked(state, query, key, value, slopes, attention_mask, slots, d, block_size, scale,
-                                   &scatter_state_rows_cuda);
+                                   &scatter_state_rows_cuda, checkpoints, checkpoint_every);
 }
 
 }  // namespace

@@ -1,0 +1,87 @@
+"""``python -m torch_lightning_cache demo --serve`` on the CPU, small sizes.
+
+The demo checks itself (every request's tokens against that request decoded alone
+without any cache) and exits 1 on a mismatch; these tests run it, read its report,
+and show that the self-check catches a serving bug.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from torch_lightning_cache import __main__ as cli
+from torch_lightning_cache import serve
+
+SMALL = ["demo", "--serve", "--layers", "2", "--hidden", "32", "--heads", "2", "--requests", "7", "--pool-rows", "2",
+         "--system-length", "11", "--prompt-length", "9", "--tokens", "12", "--draft-tokens", "3", "--max-length", "48",
+         "--seed", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The demo's model is tiny: one thread is fastest, and immune to a busy machine's other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(capsys, argv):
+    rc = cli.main(argv)
+    return rc, capsys.readouterr().out
+
+
+def test_demo_serve_passes_and_reports(capsys):
+    rc, out = _run(capsys, SMALL)
+    assert rc == 0, out
+    assert out.count("self-check against each request alone without any cache: PASS (0 differing tokens") == 2, out
+    assert "plain and speculative serving produced the same tokens: True" in out
+    for mode in ("plain", "speculative"):
+        line = next(line for line in out.splitlines() if line.startswith(mode + ":"))
+        assert re.search(r"[\d.]+ requests/s, +[\d.]+ tokens/s", line), line
+        hits, lookups = map(int, re.search(r"prefix cache: (\d+) hits / (\d+) lookups", line).groups())
+        # Requests 0-6 minus request 3 use the system prompt: the first is the one prefix-cached prefill.
+        assert (hits, lookups) == (5, 6), line
+    accepted, drafted = map(int, re.search(r"\((\d+)/(\d+) draft tokens", out).groups())
+    assert 0 < accepted < drafted, out  # the draft is right sometimes and wrong sometimes: both paths ran
+
+
+def test_demo_serve_self_check_catches_a_bad_accept(capsys, monkeypatch):
+    """Keeping the lightning states of rejected draft tokens changes later tokens: exit 1."""
+
+    def keep_positions_only(self, slot_ids, fed, kept, steps):
+        for m in self.attention:
+            torch.ops.lightning_cache.rewind_cache(m.index, fed - kept, slot_ids, False, True)
+
+    monkeypatch.setattr(serve.Engine, "keep", keep_positions_only)
+    rc, out = _run(capsys, SMALL)
+    assert rc == 1, out
+    checks = [line for line in out.splitlines() if "self-check" in line]
+    assert "PASS (0 differing tokens" in checks[0] and "FAIL" in checks[1], out  # plain serving is not affected
+
+
+def test_demo_serve_rejects_bad_options(capsys):
+    rc = cli.main(SMALL + ["--pool-rows", "0"])
+    assert rc == 2
+    assert "--pool-rows must be at least 1" in capsys.readouterr().err
+    rc = cli.main(SMALL + ["--max-length", "30"])
+    assert rc == 2
+    assert "cache positions" in capsys.readouterr().err
+
+
+def test_pool_cache_shares_the_model_buffers():
+    from torch_lightning_cache.model import HybridConfig, HybridLM
+
+    model = HybridLM(HybridConfig(hidden_size=16, num_layers=2, num_heads=2, head_dim=8, intermediate_size=16,
+                                  max_length=8), batch_size=3)
+    pool = serve.pool_cache(model)
+    for buffer in model.cache_buffers():
+        buffer.random_(0, 100)
+    expected = [b.clone() for b in model.cache_buffers()]
+    pool.copy_slots(torch.tensor([0]), torch.tensor([2]))
+    for before, after in zip(expected, model.cache_buffers()):
+        before[2] = before[0]
+        assert torch.equal(before, after)
