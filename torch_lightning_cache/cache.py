@@ -405,14 +405,18 @@ class LightningCache:
     # ------------------------------------------------- beam search and forking
 
     def _pool_buffers(self) -> list[tuple[str, torch.Tensor]]:
-        """Every allocated per-row buffer (row = dim 0): attention ``key_value``/``index``, lightning states."""
+        """Every allocated per-row buffer (row = dim 0): attention ``key_value``/``index``, lightning states.
+
+        On a mesh, each rank's local shard (aliasing the DTensor's storage): ids are rows of the rank's own
+        shard, as slot ids are, and nothing is communicated."""
         buffers = []
         for i, view in enumerate(self.views):
             if view is None or view.key_value is None:
                 continue
-            buffers.append((f"layer {i} key_value", view.key_value))
+            local = (lambda t: t.to_local()) if distributed.is_dtensor(view.key_value) else (lambda t: t)
+            buffers.append((f"layer {i} key_value", local(view.key_value)))
             if view.index is not None:
-                buffers.append((f"layer {i} index", view.index))
+                buffers.append((f"layer {i} index", local(view.index)))
         return buffers
 
     def _check_ids(self, op: str, check_bounds: bool, unique: tuple[str, ...] = (),
@@ -460,6 +464,9 @@ class LightningCache:
         the buffers keep their addresses (CUDA graphs stay valid). ``beam_idx`` is a 1-D int64 tensor on
         the cache's device whose length is the number of rows; repeats are allowed (a beam kept twice).
         Compile-safe: no host sync under ``torch.compile`` (see ``check_bounds`` in :meth:`copy_slots`).
+        On a mesh (DTensor caches) ids are rows of each rank's local shard, as slot ids are: every rank
+        passes its own, and nothing is communicated (this holds for :meth:`copy_slots` and
+        :meth:`reset_slots` too).
         """
         op = "LightningCache.reorder_cache"
         buffers = self._check_ids(op, check_bounds, beam_idx=beam_idx)

@@ -137,7 +137,6 @@ def run(args: argparse.Namespace) -> int:
     config = HybridConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                           head_dim=args.hidden // args.heads, intermediate_size=2 * args.hidden,
                           max_length=args.max_length)
-    model = HybridLM(config, batch_size=args.batch, dtype=dtype, device=device, seed=args.seed).eval()
     tensor_parallel = None
     if args.tp != 1:
         from .distributed import DemoTensorParallel
@@ -147,6 +146,9 @@ def run(args: argparse.Namespace) -> int:
         except DemoError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        device = tensor_parallel.device  # this rank's GPU
+    model = HybridLM(config, batch_size=args.batch, dtype=dtype, device=device, seed=args.seed).eval()
+    if tensor_parallel is not None:
         model = tensor_parallel.parallelize(model)
     generator = torch.Generator().manual_seed(args.seed)
     lengths = [args.prompt_length - (b * args.prompt_length // (2 * args.batch) if args.ragged else 0)

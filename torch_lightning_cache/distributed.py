@@ -10,10 +10,11 @@
 * :func:`parallelize_hybrid_lm` runs :class:`~torch_lightning_cache.model.HybridLM` tensor-parallel over heads
   with ``torch.distributed.tensor.parallel`` and caches holding only each rank's heads (and batch rows).
 
-``torch.distributed.tensor`` is imported only when this module's distributed functions are used (it costs
-over a second), and the strategies are registered on first use: import this module, build a cache with a
-mesh, or call :func:`register_sharding_strategies` before calling the raw ``torch.ops.lightning_cache`` ops
-on DTensors.
+``torch.distributed.tensor`` is imported only when DTensors are used (it costs over a second at import),
+so the strategies are registered on first use: when ``torch_lightning_cache`` is imported after
+``torch.distributed.tensor``, by the first eager call of a wrapper (``torch_lightning_cache.concatenate_to_cache``
+...) or cache class with DTensors, by a cache built on a mesh, or by :func:`register_sharding_strategies`.
+Call that before the first raw ``torch.ops.lightning_cache`` call on DTensors (or compiled one) otherwise.
 """
 
 from __future__ import annotations
@@ -494,7 +495,8 @@ class DemoTensorParallel:
             raise DemoError(f"--heads ({args.heads}) must be a multiple of --tp ({args.tp})")
         self.args, self.device = args, device
         if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         self.rank = dist.get_rank()
@@ -543,7 +545,7 @@ class DemoTensorParallel:
         same = all(torch.equal(a, b) for a, b in zip(sequences, expected_sequences))
         tolerance = 1e-5 if logits.dtype == torch.float32 and self.reference.embed.weight.dtype == torch.float32 \
             else 0.1
-        worst_all = torch.tensor([worst, float(not same)], dtype=torch.float64)
+        worst_all = torch.tensor([worst, float(not same)], dtype=torch.float64, device=self.device)
         dist.all_reduce(worst_all, op=dist.ReduceOp.MAX)  # every rank's verdict
         worst, same = worst_all[0].item(), worst_all[1].item() == 0
         ok = worst <= tolerance and same

@@ -68,8 +68,6 @@ def _register_dtensor_strategies() -> None:
     # DTensor arguments need the ops' sharding strategies (torch_lightning_cache.distributed); registered on
     # first use rather than at import, which would cost every user the import of torch.distributed.tensor.
     global _dtensor_strategies_registered
-    if torch.compiler.is_compiling():  # registration is not traceable; eager calls and imports do it
-        return
     from . import distributed
 
     distributed.register_sharding_strategies()
@@ -84,16 +82,19 @@ def check_types(op: str, **args) -> None:
     never a silent coercion; an int outside int64 is a ``ValueError``. Every wrapper and
     cache class goes through here, so the rule lives in one place.
     """
-    if not _dtensor_strategies_registered and "torch.distributed.tensor" in sys.modules:
-        _register_dtensor_strategies()
     for name, (value, kind) in args.items():
         if not _is_kind(value, kind):
             raise TypeError(f"{op}: {name} must be {_KINDS[kind]}, got {type(value).__name__} {value!r}")
         if kind == "int" and isinstance(value, numbers.Integral) and not -_INT64_MAX - 1 <= value <= _INT64_MAX:
             raise ValueError(f"{op}: {name} = {value} does not fit in int64")
-    if "torch.distributed.tensor" in sys.modules and not torch.compiler.is_compiling():
-        from . import distributed  # DTensor arguments: placements checked here, raising ValueError
+    # DTensor arguments (only possible once torch.distributed.tensor is imported): the ops' sharding strategies
+    # are registered on first use and the placements checked here, so a mismatch is a ValueError. Traced code
+    # skips this (is_compiling first: dynamo folds it); the strategies check again at trace time.
+    if not torch.compiler.is_compiling() and "torch.distributed.tensor" in sys.modules:
+        from . import distributed
 
+        if not _dtensor_strategies_registered:
+            _register_dtensor_strategies()
         distributed.check_dtensor_arguments(op, {name: value for name, (value, kind) in args.items()
                                                  if kind.startswith("tensor")})
 
