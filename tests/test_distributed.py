@@ -235,6 +235,12 @@ def _check_cache_classes(mesh, axis) -> None:
                                                                         value_dim=DV, max_length=L,
                                                                         dtype=torch.float32, device="cpu"),
                                       layer_kinds=kinds)
+    with pytest.raises(ValueError, match=r"head_axis='heads' is not a dimension of the mesh"):
+        LightningCache.init_cache(1, LightningCacheMetaData.create(PartitionAxis(head_axis="heads"), num_heads=H,
+                                                                   head_dim=DK), mesh=mesh)
+    with pytest.raises(ValueError, match=r"key_value dim 2 has size 3, which mesh dim \d \(2 ranks\) cannot split"):
+        LightningCache.init_cache(1, LightningCacheMetaData.create(axis, batch_size=B, num_heads=3, head_dim=DK,
+                                                                   max_length=L, dtype=torch.float32), mesh=mesh)
     _assert_local_shape(cache[0].key_value, mesh, axis, "state")
     _assert_local_shape(cache[1].key_value, mesh, axis, "key_value")
     _assert_local_shape(cache[1].index, mesh, axis, "index")

@@ -153,11 +153,9 @@ class LightningCacheView:
         if layer_kind == LIGHTNING and layer_index is not None and num_layers is None:
             raise ValueError(f"a lightning view needs num_layers with layer_index={layer_index}: its slopes depend "
                              "on both (LightningCacheView.init(metadata, layer_index, 'lightning', num_layers=N))")
-        if metadata.partition_axis is not None:
-            distributed.partition_axis_of(metadata)  # type check
-            if mesh is not None:  # names checked against the mesh now, not at the first update
-                for role in ("batch", "head"):
-                    metadata.partition_axis.mesh_dim(mesh, role)
+        if mesh is not None:  # the axes checked against the mesh now, not at the first update
+            for role in ("batch", "head"):
+                distributed.partition_axis_of(metadata).mesh_dim(mesh, role)
         self.metadata = metadata
         self.mesh = mesh  # a DeviceMesh: the tensors are DTensors sharded by metadata.partition_axis
         self.layer_index = layer_index
