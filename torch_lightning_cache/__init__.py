@@ -4,6 +4,8 @@ Operators live under ``torch.ops.lightning_cache``; this package adds thin
 wrappers and the cache classes of EasyDeL's Lightning cache.
 """
 
+import sys as _sys
+
 from .cache import (
     LAYER_KINDS,
     LightningCache,
@@ -12,6 +14,7 @@ from .cache import (
     LightningMetadata,
     minimax_layer_kinds,
 )
+from .distributed import PartitionAxis
 from .ops import (
     build_info,
     concatenate_to_cache,
@@ -32,6 +35,7 @@ __all__ = [
     "LightningCacheMetaData",
     "LightningCacheView",
     "LightningMetadata",
+    "PartitionAxis",
     "minimax_layer_kinds",
     "build_info",
     "concatenate_to_cache",
@@ -46,3 +50,8 @@ __all__ = [
     "write_to_cache",
 ]
 __version__ = "0.1.0"
+
+if "torch.distributed.tensor" in _sys.modules:  # DTensor already in use: its op strategies now (see distributed.py)
+    from .ops import _register_dtensor_strategies
+
+    _register_dtensor_strategies()

@@ -21,7 +21,7 @@ import typing as tp
 
 import torch
 
-from . import ops
+from . import distributed, ops
 
 _INT64_LIMIT = 2**63
 
@@ -136,7 +136,7 @@ class LightningCacheView:
     """
 
     def __init__(self, metadata: LightningCacheMetaData, layer_index: int | None = None,
-                 layer_kind: str = ATTENTION, num_layers: int | None = None):
+                 layer_kind: str = ATTENTION, num_layers: int | None = None, mesh: tp.Any = None):
         if not isinstance(metadata, LightningCacheMetaData):
             raise TypeError(f"LightningCacheView: metadata must be a LightningCacheMetaData, got "
                             f"{type(metadata).__name__} {metadata!r}")
@@ -153,7 +153,11 @@ class LightningCacheView:
         if layer_kind == LIGHTNING and layer_index is not None and num_layers is None:
             raise ValueError(f"a lightning view needs num_layers with layer_index={layer_index}: its slopes depend "
                              "on both (LightningCacheView.init(metadata, layer_index, 'lightning', num_layers=N))")
+        if mesh is not None:  # the axes checked against the mesh now, not at the first update
+            for role in ("batch", "head"):
+                distributed.partition_axis_of(metadata).mesh_dim(mesh, role)
         self.metadata = metadata
+        self.mesh = mesh  # a DeviceMesh: the tensors are DTensors sharded by metadata.partition_axis
         self.layer_index = layer_index
         self.layer_kind = layer_kind
         self.num_layers = num_layers
@@ -163,11 +167,12 @@ class LightningCacheView:
 
     @classmethod
     def init(cls, metadata: LightningCacheMetaData, layer_index: int | None = None, layer_kind: str = ATTENTION,
-             num_layers: int | None = None) -> LightningCacheView:
-        view = cls(metadata, layer_index, layer_kind, num_layers)
+             num_layers: int | None = None, mesh: tp.Any = None) -> LightningCacheView:
+        view = cls(metadata, layer_index, layer_kind, num_layers, mesh)
         m = metadata
         sizes_known = m.batch_size is not None and (layer_kind == LIGHTNING or m.max_length is not None)
-        if sizes_known and m.device is not None and (layer_kind == LIGHTNING or m.dtype is not None):
+        device_known = m.device is not None or mesh is not None
+        if sizes_known and device_known and (layer_kind == LIGHTNING or m.dtype is not None):
             view._allocate(m.batch_size, m.max_length, m.dtype, m.device)
         return view
 
@@ -178,14 +183,33 @@ class LightningCacheView:
         return self.key_value is not None
 
     def _allocate(self, batch_size: int, max_length: int | None, dtype: torch.dtype | None,
-                  device: torch.device) -> None:
+                  device: torch.device | None) -> None:
         m = self.metadata
-        if self.layer_kind == ATTENTION:
+        if self.mesh is not None:  # each rank allocates only its shard
+            if self.layer_kind == ATTENTION:
+                self.key_value, self.index = distributed.allocate_kv_cache(m, self.mesh, batch_size, max_length,
+                                                                           dtype, m.device)
+            else:
+                self.key_value = distributed.allocate_state(m, self.mesh, batch_size, m.device)
+        elif self.layer_kind == ATTENTION:
             self.key_value, self.index = ops.init_kv_cache(batch_size, max_length, m.key_heads, m.key_dim,
                                                            m.value_dim, dtype=dtype, device=device)
         else:
             self.key_value = ops.init_state(batch_size, m.key_heads, m.key_dim, m.value_dim, dtype=m.state_dtype,
                                             device=device)
+
+    def _adopt_mesh(self, tensor: torch.Tensor) -> None:
+        # DTensor inputs to a view built without a mesh: allocate on their mesh, sharded by partition_axis.
+        if self.mesh is None and distributed.is_dtensor(tensor):
+            self.mesh = tensor.device_mesh
+
+    def _kv_placements(self) -> tuple | None:
+        """The placements of ``key_value`` (allocated or to be), ``None`` off a mesh."""
+        if self.key_value is not None:
+            return tuple(self.key_value.placements) if distributed.is_dtensor(self.key_value) else None
+        if self.mesh is None:
+            return None
+        return distributed.partition_axis_of(self.metadata).placements(self.mesh, "key_value")
 
     def _require(self, kind: str, operation: str) -> None:
         if self.layer_kind != kind:
@@ -222,12 +246,17 @@ class LightningCacheView:
 
         ``causal_mask`` may be a ``[T, T]`` / ``[1, 1, T, T]`` tensor, ``True``
         (causal mask generated on the fly, the fast path) or ``None``/``False``
-        (no causal term, as in the seed). ``kv_sharding`` is accepted for the
-        seed's signature: each rank works on its local shard as given.
+        (no causal term, as in the seed).
         ``quantizer`` must be ``None`` (quantized storage is not implemented).
         ``slot_ids [B]`` make this layer's buffers a pool (rows of ``metadata.batch_size``):
         batch row ``b`` writes pool row ``slot_ids[b]`` (``-1`` skips it; see
         :func:`ops.concatenate_to_cache`); the returned views are of the whole pool.
+
+        On a mesh (``LightningCache.init_cache(..., mesh=mesh)``) the cache is a DTensor and ``key``/
+        ``value`` must be DTensors sharded like it (heads over the head axis, rows over the batch axis);
+        the results are DTensors. ``kv_sharding`` may restate the cache's placements (a sequence of
+        ``Placement``, a ``PartitionAxis``, or one mesh dimension name per ``key_value`` dim as in the seed's
+        PartitionSpec): a mismatch is a ``ValueError``. With a plain cache it must be ``None``.
         """
         self._require(ATTENTION, "concatenate_to_cache")
         op = "LightningCacheView.concatenate_to_cache"
@@ -240,6 +269,9 @@ class LightningCacheView:
         _check_head_dims(op, self.metadata, key=(key, self.metadata.key_dim), value=(value, self.metadata.value_dim))
         if quantizer is not None:
             raise NotImplementedError("quantized cache storage is not implemented; pass quantizer=None")
+        if kv_sharding is not None:  # before the first update allocates anything
+            self._adopt_mesh(key)
+            distributed.check_kv_sharding(op, kv_sharding, self.mesh, self._kv_placements())
         if self.key_value is None:
             max_length = self.metadata.max_length
             if max_length is None:
@@ -250,6 +282,7 @@ class LightningCacheView:
             if slot_ids is not None and self.metadata.batch_size is None:
                 raise ValueError("with slot_ids, the pool size must be given as batch_size in the metadata")
             batch = self.metadata.batch_size or key.shape[0]
+            self._adopt_mesh(key)
             self._allocate(batch, max_length, self.metadata.dtype or key.dtype, key.device)
         is_causal = causal_mask is True
         causal_tensor = causal_mask if isinstance(causal_mask, torch.Tensor) else None
@@ -262,13 +295,16 @@ class LightningCacheView:
 
     def layer_slopes(self, device: torch.device | None = None) -> torch.Tensor:
         """MiniMax slopes for this layer (from its index and the model's layer count)."""
-        if self.slopes is None or (device is not None and self.slopes.device != device):
+        if self.slopes is None or (device is not None and self.slopes.device != device and self.mesh is None):
             if self.num_layers is None or self.layer_index is None:
                 raise ValueError(f"layer {self.layer_index}: the MiniMax slopes need layer_index and num_layers "
                                  f"(got {self.layer_index} and {self.num_layers}); build the view with both, or pass "
                                  "slopes= to recurrent_update")
             self.slopes = ops.lightning_slopes(self.metadata.key_heads, self.layer_index, self.num_layers,
                                                device=device)
+            if self.mesh is not None:  # every rank holds the global heads' slopes of its shard
+                placements = distributed.partition_axis_of(self.metadata).placements(self.mesh, "slopes")
+                self.slopes = distributed.shard_full_tensor(self.slopes, self.mesh, placements)
         return self.slopes
 
     def recurrent_update(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -290,6 +326,7 @@ class LightningCacheView:
         if self.key_value is None:
             if slot_ids is not None and self.metadata.batch_size is None:
                 raise ValueError("with slot_ids, the state pool size must be given as batch_size in the metadata")
+            self._adopt_mesh(query)
             self._allocate(self.metadata.batch_size or query.shape[0], None, None, query.device)
         slopes = slopes if slopes is not None else self.layer_slopes(query.device)
         if query.shape[1] == 1 and attention_mask is None:
@@ -300,6 +337,13 @@ class LightningCacheView:
     def __repr__(self) -> str:
         if self.key_value is None:
             storage = "key_value=None"
+        elif self.mesh is not None:
+            local = self.key_value.to_local()
+            storage = (f"{'key_value' if self.layer_kind == ATTENTION else 'state'}={tuple(self.key_value.shape)}, "
+                       f"placements={tuple(self.key_value.placements)}, local shape={tuple(local.shape)}, "
+                       f"dtype={local.dtype}, device={local.device}")
+            if self.index is not None:
+                storage += f", local positions={self.index.to_local().tolist()}"
         elif self.layer_kind == ATTENTION:
             storage = (f"key_value={tuple(self.key_value.shape)}, dtype={self.key_value.dtype}, "
                        f"device={self.key_value.device}, positions={self.index.tolist()}")
@@ -319,9 +363,14 @@ class LightningCache:
 
     @classmethod
     def init_cache(cls, num_hidden_layers: int, metadata: LightningCacheMetaData,
-                   layer_kinds: tp.Sequence[str] | None = None) -> LightningCache:
+                   layer_kinds: tp.Sequence[str] | None = None, mesh: tp.Any = None) -> LightningCache:
         """One view per layer. ``layer_kinds`` (``"attention"``/``"lightning"`` per layer) defaults to all
-        attention layers, as the seed builds it; see :func:`minimax_layer_kinds` for a hybrid."""
+        attention layers, as the seed builds it; see :func:`minimax_layer_kinds` for a hybrid.
+
+        With ``mesh`` (a ``torch.distributed.device_mesh.DeviceMesh``) every layer's tensors are DTensors:
+        batch rows ``Shard(0)`` over ``metadata.partition_axis.batch_axis``, heads over its ``head_axis``
+        (``key_value`` dim 2, state dim 1, slopes dim 0), replicated otherwise; each rank allocates only its
+        shard (eagerly when the metadata gives the sizes and, for attention layers, the dtype)."""
         _check_positive("num_hidden_layers", num_hidden_layers, "LightningCache.init_cache")
         if num_hidden_layers is None:
             raise TypeError("LightningCache.init_cache: num_hidden_layers must be an int, got None")
@@ -331,8 +380,8 @@ class LightningCache:
         kinds = list(layer_kinds) if layer_kinds is not None else [ATTENTION] * num_hidden_layers
         if len(kinds) != num_hidden_layers:
             raise ValueError(f"layer_kinds has {len(kinds)} entries but num_hidden_layers is {num_hidden_layers}")
-        return cls([LightningCacheView.init(metadata, layer_index=i, layer_kind=kind, num_layers=num_hidden_layers)
-                    for i, kind in enumerate(kinds)])
+        return cls([LightningCacheView.init(metadata, layer_index=i, layer_kind=kind, num_layers=num_hidden_layers,
+                                            mesh=mesh) for i, kind in enumerate(kinds)])
 
     @classmethod
     def init_empty(cls, num_hidden_layers: int) -> LightningCache:
@@ -362,14 +411,18 @@ class LightningCache:
     # ------------------------------------------------- beam search and forking
 
     def _pool_buffers(self) -> list[tuple[str, torch.Tensor]]:
-        """Every allocated per-row buffer (row = dim 0): attention ``key_value``/``index``, lightning states."""
+        """Every allocated per-row buffer (row = dim 0): attention ``key_value``/``index``, lightning states.
+
+        On a mesh, each rank's local shard (aliasing the DTensor's storage): ids are rows of the rank's own
+        shard, as slot ids are, and nothing is communicated."""
         buffers = []
         for i, view in enumerate(self.views):
             if view is None or view.key_value is None:
                 continue
-            buffers.append((f"layer {i} key_value", view.key_value))
+            local = (lambda t: t.to_local()) if distributed.is_dtensor(view.key_value) else (lambda t: t)
+            buffers.append((f"layer {i} key_value", local(view.key_value)))
             if view.index is not None:
-                buffers.append((f"layer {i} index", view.index))
+                buffers.append((f"layer {i} index", local(view.index)))
         return buffers
 
     def _check_ids(self, op: str, check_bounds: bool, unique: tuple[str, ...] = (),
@@ -417,6 +470,9 @@ class LightningCache:
         the buffers keep their addresses (CUDA graphs stay valid). ``beam_idx`` is a 1-D int64 tensor on
         the cache's device whose length is the number of rows; repeats are allowed (a beam kept twice).
         Compile-safe: no host sync under ``torch.compile`` (see ``check_bounds`` in :meth:`copy_slots`).
+        On a mesh (DTensor caches) ids are rows of each rank's local shard, as slot ids are: every rank
+        passes its own, and nothing is communicated (this holds for :meth:`copy_slots` and
+        :meth:`reset_slots` too).
         """
         op = "LightningCache.reorder_cache"
         buffers = self._check_ids(op, check_bounds, beam_idx=beam_idx)

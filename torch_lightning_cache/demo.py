@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     serve.add_arguments(parser)  # --serve and its options (torch_lightning_cache/serve.py)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks over heads; run under torchrun "
+                        "--nproc-per-node N (gloo on the CPU, NCCL on GPUs) and compare with one process")
 
 
 def _check_options(args: argparse.Namespace) -> torch.device:
@@ -60,7 +62,7 @@ def _check_options(args: argparse.Namespace) -> torch.device:
         raise DemoError(f"--device {args.device!r} is not a device: {error}") from None
     if device.type not in ("cpu", "cuda"):
         raise DemoError(f"--device must be cpu or cuda, got {args.device!r}")
-    for name in ("tokens", "prompt_length", "batch", "layers", "hidden", "heads", "max_length"):
+    for name in ("tokens", "prompt_length", "batch", "layers", "hidden", "heads", "max_length", "tp"):
         if getattr(args, name) < 1:
             raise DemoError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.hidden % args.heads:
@@ -139,7 +141,19 @@ def run(args: argparse.Namespace) -> int:
     config = HybridConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                           head_dim=args.hidden // args.heads, intermediate_size=2 * args.hidden,
                           max_length=args.max_length)
+    tensor_parallel = None
+    if args.tp != 1:
+        from .distributed import DemoTensorParallel
+
+        try:
+            tensor_parallel = DemoTensorParallel(args, device)
+        except DemoError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        device = tensor_parallel.device  # this rank's GPU
     model = HybridLM(config, batch_size=args.batch, dtype=dtype, device=device, seed=args.seed).eval()
+    if tensor_parallel is not None:
+        model = tensor_parallel.parallelize(model)
     generator = torch.Generator().manual_seed(args.seed)
     lengths = [args.prompt_length - (b * args.prompt_length // (2 * args.batch) if args.ragged else 0)
                for b in range(args.batch)]
@@ -193,4 +207,7 @@ def run(args: argparse.Namespace) -> int:
     verdict = "PASS" if worst <= tolerance else "FAIL"
     print(f"self-check: max |logits with cache - recomputed without cache| = {worst:.3e} "
           f"(tolerance {tolerance:g}) {verdict}; greedy tokens identical without cache: {same_tokens}")
-    return 0 if verdict == "PASS" else 1
+    passed = verdict == "PASS"
+    if tensor_parallel is not None:
+        passed = tensor_parallel.check(prompts, sequences, cached_logits) and passed
+    return 0 if passed else 1
