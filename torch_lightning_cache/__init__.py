@@ -14,8 +14,11 @@ from .cache import (
 )
 from .ops import (
     build_info,
+    KV_QUANTIZATION,
     concatenate_to_cache,
+    dequantize_kv,
     init_kv_cache,
+    init_quantized_kv_cache,
     init_state,
     lightning_accept,
     lightning_decode,
@@ -34,8 +37,11 @@ __all__ = [
     "LightningMetadata",
     "minimax_layer_kinds",
     "build_info",
+    "KV_QUANTIZATION",
     "concatenate_to_cache",
+    "dequantize_kv",
     "init_kv_cache",
+    "init_quantized_kv_cache",
     "init_state",
     "lightning_accept",
     "lightning_decode",

@@ -36,6 +36,7 @@ class HybridConfig:
     attention_every: int = 2  # every k-th layer is softmax attention (MiniMax-Text-01 uses 8)
     max_length: int = 256  # capacity of the attention layers' caches
     block_size: int = 64  # prefill chunk length of the lightning layers
+    kv_quantization: str | None = None  # attention layers' storage: None, "int8" or "fp8_e4m3"
 
     @property
     def layer_kinds(self) -> list[str]:
@@ -72,10 +73,19 @@ class CachedAttention(nn.Module):
         inner = config.num_heads * config.head_dim
         self.qkv = nn.Linear(config.hidden_size, 3 * inner, bias=False, device=device, dtype=dtype)
         self.out = nn.Linear(inner, config.hidden_size, bias=False, device=device, dtype=dtype)
-        key_value, index = ops.init_kv_cache(batch_size, config.max_length, config.num_heads, config.head_dim,
-                                             config.head_dim, dtype=dtype, device=device)
+        # Quantized storage: int8 / fp8 codes plus per-token scales, dequantized for SDPA after each write.
+        self.quantized = config.kv_quantization is not None
+        if self.quantized:
+            key_value, index, scales = ops.init_quantized_kv_cache(batch_size, config.max_length, config.num_heads,
+                                                                   config.head_dim, config.head_dim,
+                                                                   config.kv_quantization, device=device)
+        else:
+            key_value, index = ops.init_kv_cache(batch_size, config.max_length, config.num_heads, config.head_dim,
+                                                 config.head_dim, dtype=dtype, device=device)
+            scales = torch.zeros(0, device=device)  # unused (a tensor either way, for TorchScript)
         self.register_buffer("key_value", key_value, persistent=False)
         self.register_buffer("index", index, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
 
     def forward(self, x: torch.Tensor, row_start: int = 0) -> torch.Tensor:
         b, n = x.shape[0], x.shape[1]
@@ -83,10 +93,18 @@ class CachedAttention(nn.Module):
         key_value, index = self.key_value, self.index
         if b != key_value.shape[0]:  # a slice of the batch rows (ragged prefill)
             key_value, index = key_value.narrow(0, row_start, b), index.narrow(0, row_start, b)
-        mask = torch.ops.lightning_cache.concatenate_to_cache(key_value, index, k, v, None, None, None, True, False,
-                                                              self.check_bounds)
-        keys = key_value[..., : self.head_dim].transpose(1, 2)
-        values = key_value[..., self.head_dim:].transpose(1, 2)
+        if self.quantized:
+            scales = self.scales if b == self.scales.shape[0] else self.scales.narrow(0, row_start, b)
+            mask = torch.ops.lightning_cache.concatenate_to_cache(key_value, index, k, v, None, None, None, True,
+                                                                  False, self.check_bounds, None, scales)
+            dense_keys, dense_values = torch.ops.lightning_cache.dequantize_kv(key_value, scales, self.head_dim,
+                                                                               q.dtype)
+            keys, values = dense_keys.transpose(1, 2), dense_values.transpose(1, 2)
+        else:
+            mask = torch.ops.lightning_cache.concatenate_to_cache(key_value, index, k, v, None, None, None, True,
+                                                                  False, self.check_bounds)
+            keys = key_value[..., : self.head_dim].transpose(1, 2)
+            values = key_value[..., self.head_dim:].transpose(1, 2)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
         return self.out(o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
@@ -214,7 +232,7 @@ class HybridLM(nn.Module):
     @staticmethod
     def _layer_cache(layer: DecoderLayer) -> list[torch.Tensor]:
         mixer = layer.mixer
-        return [mixer.key_value, mixer.index] if layer.kind == ATTENTION else [mixer.state]
+        return [mixer.key_value, mixer.index, mixer.scales] if layer.kind == ATTENTION else [mixer.state]
 
     @torch.jit.unused
     def cache_buffers(self) -> list[torch.Tensor]:
