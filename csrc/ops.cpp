@@ -45,11 +45,14 @@ TORCH_LIBRARY(lightning_cache, m) {
   m.def(
       "concatenate_to_cache(Tensor(a!) key_value, Tensor(b!) index, Tensor key, Tensor value, "
       "Tensor? attention_mask=None, Tensor? causal_mask=None, Tensor? token_type_ids=None, "
-      "bool is_causal=False, bool ring=False, bool check_bounds=True, Tensor? slot_ids=None) -> Tensor mask");
+      "bool is_causal=False, bool ring=False, bool check_bounds=True, Tensor? slot_ids=None, "
+      "Tensor(c!)? scales=None) -> Tensor mask");
   // concatenate_to_cache without the mask, for attention kernels that take lengths.
   m.def(
       "write_to_cache(Tensor(a!) key_value, Tensor(b!) index, Tensor key, Tensor value, bool ring=False, "
-      "bool check_bounds=True, Tensor? slot_ids=None) -> ()");
+      "bool check_bounds=True, Tensor? slot_ids=None, Tensor(c!)? scales=None) -> ()");
+  // Quantized storage (int8 / float8_e4m3fn codes, scales [P, L, H, 2]) to dense keys and values.
+  m.def("dequantize_kv(Tensor key_value, Tensor scales, int key_dim, ScalarType dtype) -> (Tensor key, Tensor value)");
   m.def(
       "init_state(int batch_size, int num_heads, int key_dim, int value_dim, "
       "ScalarType? dtype=None, Device? device=None) -> Tensor");

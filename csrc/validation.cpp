@@ -52,12 +52,13 @@ at::Tensor causal_matrix(const at::Tensor& causal_mask) {
 
 KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
                              const at::Tensor& value, bool ring, const std::optional<at::Tensor>& slot_ids,
-                             const char* op) {
+                             const char* op, const std::optional<at::Tensor>& scales) {
   TORCH_CHECK_VALUE(key_value.dim() == 4,
                     "key_value must be [batch, max_length, heads, key_dim + value_dim], got shape ",
                     shape_of(key_value));
-  TORCH_CHECK_TYPE(is_float_type(key_value.scalar_type()),
-                   "key_value must be float32, float16, bfloat16 or float64, got ", key_value.scalar_type());
+  TORCH_CHECK_TYPE(is_float_type(key_value.scalar_type()) || is_quantized_cache(key_value.scalar_type()),
+                   "key_value must be float32, float16, bfloat16 or float64, got ", key_value.scalar_type(),
+                   " (quantized storage: int8 or float8_e4m3fn codes with scales)");
   TORCH_CHECK_VALUE(key_value.is_contiguous(), "key_value must be contiguous (as init_kv_cache makes it)");
   KVCacheDims d;
   d.pool = key_value.size(0);
@@ -103,15 +104,38 @@ KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& inde
   check_same_device(key, "key", key_value, "key_value");
   check_same_device(value, "value", key_value, "key_value");
   check_slot_ids(op, slot_ids, d.batch, "key", key_value, "key_value");
+  check_scales(op, key_value, scales);
   return d;
+}
+
+bool is_quantized_cache(at::ScalarType dtype) { return dtype == at::kChar || dtype == at::kFloat8_e4m3fn; }
+
+void check_scales(const char* op, const at::Tensor& key_value, const std::optional<at::Tensor>& scales) {
+  if (!is_quantized_cache(key_value.scalar_type())) {
+    TORCH_CHECK_VALUE(!scales.has_value(), op, ": scales are only for quantized storage (int8 or float8_e4m3fn "
+                      "key_value), but key_value is ", key_value.scalar_type());
+    return;
+  }
+  TORCH_CHECK_VALUE(scales.has_value(), op, ": key_value holds ", key_value.scalar_type(),
+                    " codes, so scales [pool, max_length, heads, 2] (float32) are required");
+  const at::Tensor& s = *scales;
+  TORCH_CHECK_VALUE(s.dim() == 4 && s.size(0) == key_value.size(0) && s.size(1) == key_value.size(1) &&
+                        s.size(2) == key_value.size(2) && s.size(3) == 2,
+                    op, ": scales must be [pool, max_length, heads, 2] = [", key_value.size(0), ", ",
+                    key_value.size(1), ", ", key_value.size(2), ", 2], got shape ", shape_of(s));
+  TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, op, ": scales must be float32, got ", s.scalar_type());
+  TORCH_CHECK_VALUE(s.is_contiguous(), op, ": scales must be contiguous");
+  check_same_device(s, "scales", key_value, "key_value");
 }
 
 KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
                                    const at::Tensor& value, const std::optional<at::Tensor>& attention_mask,
                                    const std::optional<at::Tensor>& causal_mask,
                                    const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring,
-                                   const std::optional<at::Tensor>& slot_ids) {
-  const KVCacheDims d = check_write_args(key_value, index, key, value, ring, slot_ids, "concatenate_to_cache");
+                                   const std::optional<at::Tensor>& slot_ids,
+                                   const std::optional<at::Tensor>& scales) {
+  const KVCacheDims d =
+      check_write_args(key_value, index, key, value, ring, slot_ids, "concatenate_to_cache", scales);
   if (attention_mask.has_value()) {
     const at::Tensor& m = *attention_mask;
     check_same_device(m, "attention_mask", key_value, "key_value");

@@ -28,7 +28,7 @@ struct KVCacheDims {
 KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
                              const at::Tensor& value, bool ring,
                              const std::optional<at::Tensor>& slot_ids = std::nullopt,
-                             const char* op = "write_to_cache");
+                             const char* op = "write_to_cache", const std::optional<at::Tensor>& scales = std::nullopt);
 
 // check_write_args plus the mask arguments of concatenate_to_cache (masks and
 // token types are per batch row: [B, ...]).
@@ -36,7 +36,14 @@ KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor
                                    const at::Tensor& value, const std::optional<at::Tensor>& attention_mask,
                                    const std::optional<at::Tensor>& causal_mask,
                                    const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring,
-                                   const std::optional<at::Tensor>& slot_ids = std::nullopt);
+                                   const std::optional<at::Tensor>& slot_ids = std::nullopt,
+                                   const std::optional<at::Tensor>& scales = std::nullopt);
+
+// Quantized storage: key_value of int8 or float8_e4m3fn codes, which need
+// scales [P, L, H, 2] float32 (contiguous, key_value's device); float storage
+// takes no scales. `op` names the op in messages.
+bool is_quantized_cache(at::ScalarType dtype);
+void check_scales(const char* op, const at::Tensor& key_value, const std::optional<at::Tensor>& scales);
 
 // Value checks on the positions of the rows the call writes: index[slots[b]]
 // (slots = prepare_slot_ids' result; -1 skips), or index[b] without slots.

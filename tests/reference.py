@@ -340,3 +340,74 @@ def ref_lightning_checkpoints(state, q, k, v, slopes, checkpoint_every, num_chec
         for b, row in rows.items():
             out[(b, c)] = S[row]
     return out
+
+
+# --------------------------------------------------------------------------- quantized storage (SPEC 8)
+
+KV_CODE_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
+KV_CODE_MAX = {"int8": 127.0, "fp8_e4m3": 448.0}
+
+
+def ref_quantize_kv_tokens(x: torch.Tensor, kv_quantization: str):
+    """Quantizes each vector along the last dim of ``x``: returns ``(codes, scales)``, ``scales`` float32
+    of shape ``x.shape[:-1]``; an element means ``code * scale``.
+
+    ``scale = amax / 127`` (int8, codes rounded to nearest even, in [-127, 127]) or ``amax / 448``
+    (fp8 e4m3, codes = e4m3(x / scale) after clamping to +-448). All-zero vector: scale 0, codes 0.
+    A non-finite element: scale NaN, codes 0 (the vector dequantizes to NaN, nothing else does).
+    """
+    x = x.detach().cpu().float()
+    finite = torch.isfinite(x).all(-1, keepdim=True)
+    amax = torch.where(finite, x.abs().amax(-1, keepdim=True) if x.shape[-1] else torch.zeros_like(x[..., :1]),
+                       torch.full_like(x[..., :1], math.inf))
+    scale = amax / torch.full_like(amax, KV_CODE_MAX[kv_quantization])  # a tensor divisor: IEEE division
+    scale = torch.where(torch.isinf(amax), torch.full_like(scale, math.nan), scale)
+    usable = (scale > 0) & (scale <= torch.finfo(torch.float32).max)
+    y = x / torch.where(usable, scale, torch.ones_like(scale))
+    if kv_quantization == "int8":
+        codes = torch.where(usable, y.round().clamp(-127, 127), torch.zeros_like(y)).to(torch.int8)
+    else:
+        codes = torch.where(usable, y.clamp(-448, 448), torch.zeros_like(y)).to(torch.float8_e4m3fn)
+    return codes, scale.squeeze(-1)
+
+
+def ref_dequantize_kv(key_value: torch.Tensor, scales: torch.Tensor, key_dim: int, dtype=torch.float32):
+    """``(key, value)``: ``code * scale`` in float32, cast to ``dtype``."""
+    codes = key_value.cpu().float()
+    s = scales.cpu()
+    key = (codes[..., :key_dim] * s[..., 0:1]).to(dtype)
+    value = (codes[..., key_dim:] * s[..., 1:2]).to(dtype)
+    return key, value
+
+
+def ref_quantized_write(key_value, scales, index, key, value, kv_quantization, ring=False, check_bounds=True,
+                        slot_ids=None, causal_limit=None):
+    """The K/V write of ``concatenate_to_cache`` into quantized storage: returns ``(codes, scales, index)``.
+
+    Rows, positions and skips as :func:`ref_concatenate_to_cache`; each new token's key and value
+    heads are quantized with :func:`ref_quantize_kv_tokens` into the columns it is written to. Only
+    those columns' codes and scales change.
+    """
+    P, L, H, W = key_value.shape
+    B, q = key.shape[0], key.shape[1]
+    Dk = key.shape[3]
+    new_kv, new_scales, new_index = key_value.cpu().clone(), scales.cpu().clone(), index.cpu().clone()
+    k_codes, k_scales = ref_quantize_kv_tokens(key, kv_quantization)
+    v_codes, v_scales = ref_quantize_kv_tokens(value, kv_quantization)
+    rows = ref_pool_rows(slot_ids, B, P, check_bounds)
+    for b, r in enumerate(rows):
+        if r is None:
+            continue
+        start = int(index[r])
+        if not row_writable(start, q, L, ring, causal_limit):
+            if check_bounds:
+                raise IndexError(f"row {r} cannot be written at position {start}")
+            continue
+        for t in range(q):
+            column = (start + t) % L if ring else start + t
+            new_kv[r, column, :, :Dk] = k_codes[b, t]
+            new_kv[r, column, :, Dk:] = v_codes[b, t]
+            new_scales[r, column, :, 0] = k_scales[b, t]
+            new_scales[r, column, :, 1] = v_scales[b, t]
+        new_index[r] = start + q
+    return new_kv, new_scales, new_index

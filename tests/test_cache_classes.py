@@ -94,11 +94,14 @@ def test_view_matches_reference_over_several_calls(gen):
 
 
 def test_quantizer_is_refused_before_any_write():
+    """SPEC 8: quantizer is None or the storage's kv_quantization string; anything else raises first."""
     meta = LightningCacheMetaData.create(batch_size=1, num_heads=1, head_dim=2, max_length=4)
     view = LightningCacheView.init(meta)
     x = torch.ones(1, 1, 1, 2)
-    with pytest.raises(NotImplementedError, match="quantize"):
+    with pytest.raises(TypeError, match="quantizer must be None or a str"):
         view.concatenate_to_cache(x, x, x, None, quantizer=lambda t: t)
+    with pytest.raises(ValueError, match=r"quantizer='int8' does not match the cache storage"):
+        view.concatenate_to_cache(x, x, x, None, quantizer="int8")
     assert view.key_value is None
 
 

@@ -17,8 +17,11 @@ from .cache import (
 from .distributed import PartitionAxis
 from .ops import (
     build_info,
+    KV_QUANTIZATION,
     concatenate_to_cache,
+    dequantize_kv,
     init_kv_cache,
+    init_quantized_kv_cache,
     init_state,
     lightning_accept,
     lightning_decode,
@@ -38,8 +41,11 @@ __all__ = [
     "PartitionAxis",
     "minimax_layer_kinds",
     "build_info",
+    "KV_QUANTIZATION",
     "concatenate_to_cache",
+    "dequantize_kv",
     "init_kv_cache",
+    "init_quantized_kv_cache",
     "init_state",
     "lightning_accept",
     "lightning_decode",

@@ -66,6 +66,7 @@ class LightningCacheMetaData:
     ring: bool = False
     state_dtype: torch.dtype = torch.float32
     block_size: int = 256
+    kv_quantization: str | None = None
 
     @classmethod
     def create(
@@ -84,6 +85,7 @@ class LightningCacheMetaData:
         ring: bool = False,
         state_dtype: torch.dtype = torch.float32,
         block_size: int = 256,
+        kv_quantization: str | None = None,
     ) -> LightningCacheMetaData:
         """Validates and fills in defaults, as EasyDeL's transformer cache does.
 
@@ -95,7 +97,10 @@ class LightningCacheMetaData:
         ``max_length`` (capacity L of attention layers), ``dtype`` (cache dtype;
         default: the first key's), ``device``, ``ring`` (sliding window: write
         positions wrap modulo L), ``state_dtype`` (float32 or bfloat16 for
-        lightning layers) and ``block_size`` (chunk length of the prefill).
+        lightning layers), ``block_size`` (chunk length of the prefill) and
+        ``kv_quantization`` (attention layers' storage: ``None``, ``"int8"`` or
+        ``"fp8_e4m3"``; ``dtype`` is then the compute dtype of the dense
+        ``key_cache`` / ``value_cache`` the views return).
 
         Raises ``ValueError`` naming the field for zero, negative, missing or
         inconsistent values.
@@ -119,12 +124,18 @@ class LightningCacheMetaData:
                              "key_value layout stores each head's key and value side by side")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if kv_quantization is not None and not isinstance(kv_quantization, str):
+            raise TypeError(f"LightningCacheMetaData.create: kv_quantization must be a str or None, got "
+                            f"{type(kv_quantization).__name__} {kv_quantization!r}")
+        if kv_quantization is not None and kv_quantization not in ops.KV_QUANTIZATION:
+            raise ValueError(f"kv_quantization must be None or one of {sorted(ops.KV_QUANTIZATION)}, got "
+                             f"{kv_quantization!r}")
         if state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype!r}")
         return cls(partition_axis=partition_axis, batch_size=batch_size, num_heads=num_heads, head_dim=head_dim,
                    key_heads=key_heads, value_heads=value_heads, key_dim=key_dim, value_dim=value_dim,
                    max_length=max_length, dtype=dtype, device=torch.device(device) if device is not None else None,
-                   ring=ring, state_dtype=state_dtype, block_size=block_size)
+                   ring=ring, state_dtype=state_dtype, block_size=block_size, kv_quantization=kv_quantization)
 
 
 class LightningCacheView:
@@ -164,6 +175,8 @@ class LightningCacheView:
         self.key_value: torch.Tensor | None = None  # [B, L, H, Dk+Dv] or, for lightning, state [B, H, Dk, Dv]
         self.index: torch.Tensor | None = None  # [B] int64 positions (attention layers)
         self.slopes: torch.Tensor | None = None  # [H] decay rates (lightning layers)
+        self.scales: torch.Tensor | None = None  # [B, L, H, 2] float32 (quantized attention layers)
+        self.compute_dtype: torch.dtype | None = None  # dtype of the dense key/value caches when quantized
 
     @classmethod
     def init(cls, metadata: LightningCacheMetaData, layer_index: int | None = None, layer_kind: str = ATTENTION,
@@ -185,12 +198,18 @@ class LightningCacheView:
     def _allocate(self, batch_size: int, max_length: int | None, dtype: torch.dtype | None,
                   device: torch.device | None) -> None:
         m = self.metadata
+        if self.mesh is not None and m.kv_quantization is not None:
+            raise NotImplementedError("quantized storage (kv_quantization) on a device mesh is not supported yet")
         if self.mesh is not None:  # each rank allocates only its shard
             if self.layer_kind == ATTENTION:
                 self.key_value, self.index = distributed.allocate_kv_cache(m, self.mesh, batch_size, max_length,
                                                                            dtype, m.device)
             else:
                 self.key_value = distributed.allocate_state(m, self.mesh, batch_size, m.device)
+        elif self.layer_kind == ATTENTION and m.kv_quantization is not None:
+            self.key_value, self.index, self.scales = ops.init_quantized_kv_cache(
+                batch_size, max_length, m.key_heads, m.key_dim, m.value_dim, m.kv_quantization, device=device)
+            self.compute_dtype = dtype or torch.get_default_dtype()
         elif self.layer_kind == ATTENTION:
             self.key_value, self.index = ops.init_kv_cache(batch_size, max_length, m.key_heads, m.key_dim,
                                                            m.value_dim, dtype=dtype, device=device)
@@ -222,18 +241,26 @@ class LightningCacheView:
             self.key_value.zero_()
         if self.index is not None:
             self.index.zero_()
+        if self.scales is not None:
+            self.scales.zero_()
+
+    def _dense_caches(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the unified buffer, or, with quantized storage, dense copies in the compute dtype."""
+        if self.scales is not None:
+            return ops.dequantize_kv(self.key_value, self.scales, self.metadata.key_dim, self.compute_dtype)
+        return ops.split_key_value(self.key_value, self.metadata.key_dim)
 
     @property
     def key_cache(self) -> torch.Tensor | None:
-        """``[B, L, H, Dk]`` view of the unified buffer (attention layers)."""
+        """``[B, L, H, Dk]`` view of the unified buffer (attention layers; a dense copy when quantized)."""
         self._require(ATTENTION, "key_cache")
-        return None if self.key_value is None else ops.split_key_value(self.key_value, self.metadata.key_dim)[0]
+        return None if self.key_value is None else self._dense_caches()[0]
 
     @property
     def value_cache(self) -> torch.Tensor | None:
-        """``[B, L, H, Dv]`` view of the unified buffer (attention layers)."""
+        """``[B, L, H, Dv]`` view of the unified buffer (attention layers; a dense copy when quantized)."""
         self._require(ATTENTION, "value_cache")
-        return None if self.key_value is None else ops.split_key_value(self.key_value, self.metadata.key_dim)[1]
+        return None if self.key_value is None else self._dense_caches()[1]
 
     # ---------------------------------------------------------- attention path
 
@@ -247,7 +274,11 @@ class LightningCacheView:
         ``causal_mask`` may be a ``[T, T]`` / ``[1, 1, T, T]`` tensor, ``True``
         (causal mask generated on the fly, the fast path) or ``None``/``False``
         (no causal term, as in the seed).
-        ``quantizer`` must be ``None`` (quantized storage is not implemented).
+        ``quantizer`` is ``None`` (whatever the storage is) or the metadata's
+        ``kv_quantization`` string (``"int8"``, ``"fp8_e4m3"``); anything else is a
+        ``ValueError``. With quantized storage the new tokens are quantized by the
+        write op and ``key_cache`` / ``value_cache`` are dense tensors in the
+        compute dtype (metadata ``dtype``, else the first key's), not views.
         ``slot_ids [B]`` make this layer's buffers a pool (rows of ``metadata.batch_size``):
         batch row ``b`` writes pool row ``slot_ids[b]`` (``-1`` skips it; see
         :func:`ops.concatenate_to_cache`); the returned views are of the whole pool.
@@ -267,8 +298,11 @@ class LightningCacheView:
             raise TypeError(f"{op}: causal_mask must be a torch.Tensor, a bool or None, got "
                             f"{type(causal_mask).__name__} {causal_mask!r}")
         _check_head_dims(op, self.metadata, key=(key, self.metadata.key_dim), value=(value, self.metadata.value_dim))
-        if quantizer is not None:
-            raise NotImplementedError("quantized cache storage is not implemented; pass quantizer=None")
+        if quantizer is not None and not isinstance(quantizer, str):
+            raise TypeError(f"{op}: quantizer must be None or a str, got {type(quantizer).__name__} {quantizer!r}")
+        if quantizer is not None and quantizer != self.metadata.kv_quantization:
+            raise ValueError(f"{op}: quantizer={quantizer!r} does not match the cache storage "
+                             f"(kv_quantization={self.metadata.kv_quantization!r}); pass None or the storage's")
         if kv_sharding is not None:  # before the first update allocates anything
             self._adopt_mesh(key)
             distributed.check_kv_sharding(op, kv_sharding, self.mesh, self._kv_placements())
@@ -286,10 +320,13 @@ class LightningCacheView:
             self._allocate(batch, max_length, self.metadata.dtype or key.dtype, key.device)
         is_causal = causal_mask is True
         causal_tensor = causal_mask if isinstance(causal_mask, torch.Tensor) else None
-        return ops.concatenate_to_cache(self.key_value, self.index, key, value, attention_mask=attention_mask,
-                                        causal_mask=causal_tensor, token_type_ids=token_type_ids,
-                                        is_causal=is_causal, ring=self.metadata.ring, check_bounds=check_bounds,
-                                        slot_ids=slot_ids)
+        key_cache, value_cache, mask = ops.concatenate_to_cache(
+            self.key_value, self.index, key, value, attention_mask=attention_mask, causal_mask=causal_tensor,
+            token_type_ids=token_type_ids, is_causal=is_causal, ring=self.metadata.ring, check_bounds=check_bounds,
+            slot_ids=slot_ids, scales=self.scales)
+        if self.scales is not None:
+            key_cache, value_cache = self._dense_caches()
+        return key_cache, value_cache, mask
 
     # ---------------------------------------------------------- lightning path
 
@@ -347,6 +384,8 @@ class LightningCacheView:
         elif self.layer_kind == ATTENTION:
             storage = (f"key_value={tuple(self.key_value.shape)}, dtype={self.key_value.dtype}, "
                        f"device={self.key_value.device}, positions={self.index.tolist()}")
+            if self.scales is not None:
+                storage += f", kv_quantization={self.metadata.kv_quantization}, compute_dtype={self.compute_dtype}"
         else:
             storage = (f"state={tuple(self.key_value.shape)}, dtype={self.key_value.dtype}, "
                        f"device={self.key_value.device}")
@@ -423,6 +462,8 @@ class LightningCache:
             buffers.append((f"layer {i} key_value", local(view.key_value)))
             if view.index is not None:
                 buffers.append((f"layer {i} index", local(view.index)))
+            if view.scales is not None:
+                buffers.append((f"layer {i} scales", local(view.scales)))
         return buffers
 
     def _check_ids(self, op: str, check_bounds: bool, unique: tuple[str, ...] = (),

@@ -11,6 +11,7 @@ without the cache (recomputing the whole sequence for each new token).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -50,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_arguments(parser)  # --serve and its options (torch_lightning_cache/serve.py)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks over heads; run under torchrun "
                         "--nproc-per-node N (gloo on the CPU, NCCL on GPUs) and compare with one process")
+    parser.add_argument("--kv-quantization", choices=["int8", "fp8_e4m3"], default=None,
+                        help="also run the attention layers on quantized K/V storage and compare with the "
+                             "unquantized run (logits difference, greedy-token agreement, cache memory)")
 
 
 def _check_options(args: argparse.Namespace) -> torch.device:
@@ -129,6 +133,33 @@ def generate_without_cache(model: HybridLM, prompts: list[torch.Tensor], tokens:
     return sequences
 
 
+def _kv_quantization_report(args, config: HybridConfig, prompts, sequences, reference_logits, dtype,
+                            device) -> bool:
+    """Teacher-forces the unquantized run's tokens through the same model with quantized K/V storage and
+    prints the logits difference, greedy-token agreement and attention-layer cache memory. Returns
+    whether every logit is finite."""
+    quantized_config = dataclasses.replace(config, kv_quantization=args.kv_quantization)
+    model = HybridLM(quantized_config, batch_size=args.batch, dtype=dtype, device=device, seed=args.seed).eval()
+    lengths = [p.numel() for p in prompts]
+    forced = torch.stack([seq[n:] for seq, n in zip(sequences, lengths)])  # [B, tokens], the unquantized greedy run
+    with torch.inference_mode():
+        model.reset_cache()
+        if len(set(lengths)) == 1:
+            logits = [model(torch.stack(prompts))[:, -1]]
+        else:
+            logits = [torch.cat([model(p[None], row_start=b)[:, -1] for b, p in enumerate(prompts)])]
+        for t in range(args.tokens - 1):
+            logits.append(model(forced[:, t:t + 1])[:, -1])
+    logits = torch.stack(logits, 1)
+    difference = (logits - reference_logits).abs().max().item()
+    agreement = (logits.argmax(-1) == reference_logits.argmax(-1)).float().mean().item()
+    attention_bytes = model.cache_bytes().get("attention", 0)
+    print(f"kv-quantization {args.kv_quantization}: cache memory per attention layer "
+          f"{attention_bytes / 1024:.1f} KiB (codes + scales + positions); max |logits - unquantized| = "
+          f"{difference:.3e}; greedy tokens agreeing with the unquantized run (same inputs): {100 * agreement:.1f}%")
+    return bool(torch.isfinite(logits).all())
+
+
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "serve", False):
         return serve.run(args)
@@ -205,6 +236,10 @@ def run(args: argparse.Namespace) -> int:
           f"per token) -> cache speed-up {uncached_seconds / cached_seconds:.1f}x")
     tolerance = TOLERANCE[dtype]
     verdict = "PASS" if worst <= tolerance else "FAIL"
+    quantization = getattr(args, "kv_quantization", None)
+    if quantization is not None and not _kv_quantization_report(args, config, prompts, sequences, cached_logits,
+                                                                dtype, device):
+        verdict = "FAIL"  # non-finite logits from the quantized cache
     print(f"self-check: max |logits with cache - recomputed without cache| = {worst:.3e} "
           f"(tolerance {tolerance:g}) {verdict}; greedy tokens identical without cache: {same_tokens}")
     passed = verdict == "PASS"

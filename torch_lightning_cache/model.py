@@ -37,6 +37,7 @@ class HybridConfig:
     attention_every: int = 2  # every k-th layer is softmax attention (MiniMax-Text-01 uses 8)
     max_length: int = 256  # capacity of the attention layers' caches
     block_size: int = 64  # prefill chunk length of the lightning layers
+    kv_quantization: str | None = None  # attention layers' storage: None, "int8" or "fp8_e4m3"
 
     @property
     def layer_kinds(self) -> list[str]:
@@ -73,34 +74,56 @@ class CachedAttention(nn.Module):
         inner = config.num_heads * config.head_dim
         self.qkv = nn.Linear(config.hidden_size, 3 * inner, bias=False, device=device, dtype=dtype)
         self.out = nn.Linear(inner, config.hidden_size, bias=False, device=device, dtype=dtype)
-        key_value, index = ops.init_kv_cache(batch_size, config.max_length, config.num_heads, config.head_dim,
-                                             config.head_dim, dtype=dtype, device=device)
+        # Quantized storage: int8 / fp8 codes plus per-token scales, dequantized for SDPA after each write.
+        self.quantized = config.kv_quantization is not None
+        if self.quantized:
+            key_value, index, scales = ops.init_quantized_kv_cache(batch_size, config.max_length, config.num_heads,
+                                                                   config.head_dim, config.head_dim,
+                                                                   config.kv_quantization, device=device)
+        else:
+            key_value, index = ops.init_kv_cache(batch_size, config.max_length, config.num_heads, config.head_dim,
+                                                 config.head_dim, dtype=dtype, device=device)
+            scales = torch.zeros(0, device=device)  # unused (a tensor either way, for TorchScript)
         self.register_buffer("key_value", key_value, persistent=False)
         self.register_buffer("index", index, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
 
     def forward(self, x: torch.Tensor, row_start: int = 0, slot_ids: Optional[torch.Tensor] = None,
                 checkpoints: Optional[torch.Tensor] = None, checkpoint_every: int = 0,
                 step_states: Optional[torch.Tensor] = None) -> torch.Tensor:
         # checkpoints, checkpoint_every and step_states are the lightning layers' (one signature for both mixers).
-        key_value, index = self.key_value, self.index
-        if slot_ids is None and x.shape[0] != key_value.shape[0]:  # a slice of the batch rows (ragged prefill)
-            key_value, index = key_value.narrow(0, row_start, x.shape[0]), index.narrow(0, row_start, x.shape[0])
-        return self.attend(x, key_value, index, slot_ids)
+        key_value, index, scales = self.key_value, self.index, self.scales
+        b = x.shape[0]
+        if slot_ids is None and b != key_value.shape[0]:  # a slice of the batch rows (ragged prefill)
+            key_value, index = key_value.narrow(0, row_start, b), index.narrow(0, row_start, b)
+            if self.quantized:
+                scales = scales.narrow(0, row_start, b)
+        return self.attend(x, key_value, index, slot_ids, scales)
 
     def attend(self, x: torch.Tensor, key_value: torch.Tensor, index: torch.Tensor,
-               slot_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``forward`` on the given cache tensors (``[B or P, L, H, 2D]`` and ``[B or P]``) instead of the buffers."""
+               slot_ids: Optional[torch.Tensor] = None, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``forward`` on the given cache tensors (``[B or P, L, H, 2D]``, ``[B or P]`` and, when quantized,
+        ``scales [B or P, L, H, 2]``) instead of the buffers."""
         b, n = x.shape[0], x.shape[1]
         q, k, v = _split_qkv(self.qkv(x), self.heads, self.head_dim)
-        if slot_ids is not None:  # batch row i is pool row slot_ids[i]; attention reads that row
+        if self.quantized:
+            assert scales is not None, "quantized storage needs its scales"
+            # The pool write quantizes only the new tokens; attention reads a dense copy (cached_attention avoids it).
             mask = torch.ops.lightning_cache.concatenate_to_cache(key_value, index, k, v, None, None, None, True,
-                                                                  False, self.check_bounds, slot_ids)
-            key_value = key_value.index_select(0, slot_ids.clamp_min(0))  # a skipped row's mask is all false
+                                                                  False, self.check_bounds, slot_ids, scales)
+            if slot_ids is not None:
+                rows = slot_ids.clamp_min(0)  # a skipped row's mask is all false
+                key_value, scales = key_value.index_select(0, rows), scales.index_select(0, rows)
+            dense_keys, dense_values = torch.ops.lightning_cache.dequantize_kv(key_value, scales, self.head_dim,
+                                                                               q.dtype)
+            keys, values = dense_keys.transpose(1, 2), dense_values.transpose(1, 2)
         else:
             mask = torch.ops.lightning_cache.concatenate_to_cache(key_value, index, k, v, None, None, None, True,
-                                                                  False, self.check_bounds)
-        keys = key_value[..., : self.head_dim].transpose(1, 2)
-        values = key_value[..., self.head_dim:].transpose(1, 2)
+                                                                  False, self.check_bounds, slot_ids)
+            if slot_ids is not None:  # batch row i is pool row slot_ids[i]; attention reads that row
+                key_value = key_value.index_select(0, slot_ids.clamp_min(0))  # a skipped row's mask is all false
+            keys = key_value[..., : self.head_dim].transpose(1, 2)
+            values = key_value[..., self.head_dim:].transpose(1, 2)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
         return self.out(o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
@@ -263,8 +286,8 @@ class HybridLM(nn.Module):
         for layer in self.layers:
             h = layer.input_norm(x)
             if layer.kind == ATTENTION:
-                h = layer.mixer.attend(h, caches[i], caches[i + 1])
-                i += 2
+                h = layer.mixer.attend(h, caches[i], caches[i + 1], None, caches[i + 2])
+                i += 3
             else:
                 h = layer.mixer.recur(h, caches[i])
                 i += 1
@@ -282,7 +305,7 @@ class HybridLM(nn.Module):
     @staticmethod
     def _layer_cache(layer: DecoderLayer) -> list[torch.Tensor]:
         mixer = layer.mixer
-        return [mixer.key_value, mixer.index] if layer.kind == ATTENTION else [mixer.state]
+        return [mixer.key_value, mixer.index, mixer.scales] if layer.kind == ATTENTION else [mixer.state]
 
     @torch.jit.unused
     def cache_buffers(self) -> list[torch.Tensor]:

@@ -120,9 +120,20 @@ def _init_kv_cache_fake(batch_size, max_length, num_heads, key_dim, value_dim, d
 
 
 @torch.library.register_fake("lightning_cache::write_to_cache")
-def _write_to_cache_fake(key_value, index, key, value, ring=False, check_bounds=True, slot_ids=None):
-    _check_one_device("write_to_cache", key_value=key_value, index=index, key=key, value=value, slot_ids=slot_ids)
+def _write_to_cache_fake(key_value, index, key, value, ring=False, check_bounds=True, slot_ids=None, scales=None):
+    _check_one_device("write_to_cache", key_value=key_value, index=index, key=key, value=value, slot_ids=slot_ids,
+                      scales=scales)
     torch._check(key_value.dim() == 4 and key.dim() == 4, lambda: "key_value and key must be 4-D")
+
+
+@torch.library.register_fake("lightning_cache::dequantize_kv")
+def _dequantize_kv_fake(key_value, scales, key_dim, dtype):
+    _check_one_device("dequantize_kv", key_value=key_value, scales=scales)
+    torch._check(key_value.dim() == 4 and 0 < key_dim < key_value.shape[3],
+                 lambda: "dequantize_kv: key_value must be 4-D and key_dim inside its last dimension")
+    P, L, H, W = key_value.shape
+    return key_value.new_empty((P, L, H, key_dim), dtype=dtype), key_value.new_empty((P, L, H, W - key_dim),
+                                                                                      dtype=dtype)
 
 
 @torch.library.register_fake("lightning_cache::init_state")
@@ -132,10 +143,11 @@ def _init_state_fake(batch_size, num_heads, key_dim, value_dim, dtype=None, devi
 
 @torch.library.register_fake("lightning_cache::concatenate_to_cache")
 def _concatenate_to_cache_fake(key_value, index, key, value, attention_mask=None, causal_mask=None,
-                               token_type_ids=None, is_causal=False, ring=False, check_bounds=True, slot_ids=None):
+                               token_type_ids=None, is_causal=False, ring=False, check_bounds=True, slot_ids=None,
+                               scales=None):
     _check_one_device("concatenate_to_cache", key_value=key_value, index=index, key=key, value=value,
                       attention_mask=attention_mask, causal_mask=causal_mask, token_type_ids=token_type_ids,
-                      slot_ids=slot_ids)
+                      slot_ids=slot_ids, scales=scales)
     torch._check(key_value.dim() == 4 and key.dim() == 4, lambda: "key_value and key must be 4-D")
     # The mask has one row per batch row (key's batch; the pool's rows without slot_ids, where they are equal).
     return key_value.new_empty((key.shape[0], 1, key.shape[1], key_value.shape[1]), dtype=torch.bool)
@@ -203,7 +215,8 @@ def split_key_value(key_value: torch.Tensor, key_dim: int) -> tuple[torch.Tensor
 def concatenate_to_cache(key_value: torch.Tensor, index: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None = None, causal_mask: torch.Tensor | None = None,
                          token_type_ids: torch.Tensor | None = None, is_causal: bool = False, ring: bool = False,
-                         check_bounds: bool = True, slot_ids: torch.Tensor | None = None):
+                         check_bounds: bool = True, slot_ids: torch.Tensor | None = None,
+                         scales: torch.Tensor | None = None):
     """Writes ``key``/``value`` ``[B, q, H, D*]`` at each row's position and advances ``index``.
 
     Returns ``(key_cache, value_cache, mask)``: views into ``key_value`` and the
@@ -216,33 +229,70 @@ def concatenate_to_cache(key_value: torch.Tensor, index: torch.Tensor, key: torc
     or repeated ids raise ``IndexError`` with ``check_bounds``, else are skipped (first
     occurrence wins). Pool rows no batch row names are untouched. The returned views
     are of the whole pool.
+
+    Quantized storage (``key_value`` of int8 or ``torch.float8_e4m3fn`` codes, see
+    :data:`KV_QUANTIZATION`) needs ``scales [P, L, H, 2]`` float32: the new tokens are
+    quantized as they are written (one scale per token, head and K/V; only the new
+    tokens' codes and scales change). The returned views are then of the codes; use
+    :func:`dequantize_kv` for dense keys and values.
     """
     check_types("concatenate_to_cache", key_value=(key_value, "tensor"), index=(index, "tensor"), key=(key, "tensor"),
                 value=(value, "tensor"), attention_mask=(attention_mask, "tensor?"),
                 causal_mask=(causal_mask, "tensor?"), token_type_ids=(token_type_ids, "tensor?"),
                 is_causal=(is_causal, "bool"), ring=(ring, "bool"), check_bounds=(check_bounds, "bool"),
-                slot_ids=(slot_ids, "tensor?"))
+                slot_ids=(slot_ids, "tensor?"), scales=(scales, "tensor?"))
     mask = _ops.concatenate_to_cache(key_value, index, key, value, attention_mask, causal_mask, token_type_ids,
-                                     is_causal, ring, check_bounds, slot_ids)
+                                     is_causal, ring, check_bounds, slot_ids, scales)
     key_cache, value_cache = split_key_value(key_value, key.shape[-1])
     return key_cache, value_cache, mask
 
 
 def write_to_cache(key_value: torch.Tensor, index: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   ring: bool = False, check_bounds: bool = True, slot_ids: torch.Tensor | None = None):
+                   ring: bool = False, check_bounds: bool = True, slot_ids: torch.Tensor | None = None,
+                   scales: torch.Tensor | None = None):
     """``concatenate_to_cache`` without the mask, for attention kernels that take lengths.
 
     Writes ``key``/``value`` ``[B, q, H, D*]`` at each row's position and advances
     ``index``, with the same validation and the same skip rules (a row that cannot be
-    written with ``check_bounds=False`` is skipped whole; ``slot_ids`` as in
+    written with ``check_bounds=False`` is skipped whole; ``slot_ids`` and ``scales`` as in
     :func:`concatenate_to_cache`). Returns ``(key_cache, value_cache)``, views into
     ``key_value``.
     """
     check_types("write_to_cache", key_value=(key_value, "tensor"), index=(index, "tensor"), key=(key, "tensor"),
                 value=(value, "tensor"), ring=(ring, "bool"), check_bounds=(check_bounds, "bool"),
-                slot_ids=(slot_ids, "tensor?"))
-    _ops.write_to_cache(key_value, index, key, value, ring, check_bounds, slot_ids)
+                slot_ids=(slot_ids, "tensor?"), scales=(scales, "tensor?"))
+    _ops.write_to_cache(key_value, index, key, value, ring, check_bounds, slot_ids, scales)
     return split_key_value(key_value, key.shape[-1])
+
+
+# Quantized sequence-cache storage: the metadata's kv_quantization string -> code dtype.
+KV_QUANTIZATION = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def init_quantized_kv_cache(batch_size: int, max_length: int, num_heads: int, key_dim: int, value_dim: int,
+                            kv_quantization: str, device: torch.device | str | None = None):
+    """Zeroed quantized storage: ``(key_value [B, L, H, Dk + Dv] codes, index [B], scales [B, L, H, 2] float32)``."""
+    if kv_quantization not in KV_QUANTIZATION:
+        raise ValueError(f"kv_quantization must be one of {sorted(KV_QUANTIZATION)}, got {kv_quantization!r}")
+    key_value, index = init_kv_cache(batch_size, max_length, num_heads, key_dim, value_dim, dtype=torch.float32,
+                                     device=device)
+    key_value = torch.zeros_like(key_value, dtype=KV_QUANTIZATION[kv_quantization])
+    scales = torch.zeros(batch_size, max_length, num_heads, 2, dtype=torch.float32, device=key_value.device)
+    return key_value, index, scales
+
+
+def dequantize_kv(key_value: torch.Tensor, scales: torch.Tensor, key_dim: int,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense ``key [P, L, H, Dk]`` and ``value [P, L, H, Dv]`` in ``dtype`` from quantized storage.
+
+    Each element is ``code * scale`` computed in float32 (``scales[..., 0]`` for keys,
+    ``[..., 1]`` for values), then cast to ``dtype``. Fresh tensors, not views.
+    """
+    check_types("dequantize_kv", key_value=(key_value, "tensor"), scales=(scales, "tensor"),
+                key_dim=(key_dim, "int"), dtype=(dtype, "dtype?"))
+    if dtype is None:
+        raise TypeError("dequantize_kv: dtype must be a torch.dtype, got None")
+    return _ops.dequantize_kv(key_value, scales, key_dim, dtype)
 
 
 def init_state(batch_size: int, num_heads: int, key_dim: int, value_dim: int, dtype: torch.dtype | None = None,

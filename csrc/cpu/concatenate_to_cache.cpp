@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../mask_rule.h"
+#include "../quantize_rule.h"
 #include "../validation.h"
 
 namespace lightning_cache {
@@ -79,19 +80,70 @@ void write_tokens(at::Tensor& key_value, const at::Tensor& key, const at::Tensor
   });
 }
 
+// Quantized storage: one token-head's key (or value) `dim` elements become
+// codes at `out` and one scale at `scale_out` (quantize_rule.h).
+template <typename code_t, typename in_t>
+void quantize_head(code_t* out, float* scale_out, const Strided4d<in_t>& src, int64_t b, int64_t t, int64_t h,
+                   int64_t dim) {
+  const in_t* row = src.row(b, t, h);
+  float amax = 0.0f;
+  for (int64_t e = 0; e < dim; ++e) amax = amax_step(amax, static_cast<float>(row[e * src.s3]));
+  const float scale = kv_scale(amax, code_max<code_t>());
+  for (int64_t e = 0; e < dim; ++e) out[e] = quantize_code<code_t>(static_cast<float>(row[e * src.s3]), scale);
+  *scale_out = scale;
+}
+
+// write_tokens for int8 / fp8 storage: the new tokens are quantized in the
+// same pass that writes them; scales[row, column, h, 0 / 1] = key / value scale.
+template <typename code_t, typename in_t>
+void quantize_tokens(at::Tensor& key_value, at::Tensor& scales, const at::Tensor& key, const at::Tensor& value,
+                     const RowTargets& rows, const KVCacheDims& d, bool ring) {
+  code_t* kv = key_value.data_ptr<code_t>();
+  float* sc = scales.data_ptr<float>();
+  const Strided4d<in_t> k(key), v(value);
+  const int64_t width = d.key_dim + d.value_dim;
+  const int64_t grain = std::max<int64_t>(1, 16384 / (width * d.heads));
+  at::parallel_for(0, d.batch * d.new_tokens, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const int64_t b = bt / d.new_tokens, t = bt % d.new_tokens;
+      if (!rows.writable[b]) continue;
+      const int64_t cell = rows.row[b] * d.capacity + token_column(rows.start[b], t, d.capacity, ring);
+      for (int64_t h = 0; h < d.heads; ++h) {
+        code_t* head = kv + (cell * d.heads + h) * width;
+        float* head_scales = sc + (cell * d.heads + h) * 2;
+        quantize_head(head, head_scales, k, b, t, h, d.key_dim);
+        quantize_head(head + d.key_dim, head_scales + 1, v, b, t, h, d.value_dim);
+      }
+    }
+  });
+}
+
 // The part both ops share: copies the new tokens of every writable row
 // (row_writable, the one rule) into its pool row and advances that row's
 // position. Returns the targets, which the mask is computed from.
 RowTargets write_and_advance(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key, const at::Tensor& value,
-                             const std::optional<at::Tensor>& slots, const KVCacheDims& d, bool ring, int64_t limit) {
+                             const std::optional<at::Tensor>& slots, const std::optional<at::Tensor>& scales,
+                             const KVCacheDims& d, bool ring, int64_t limit) {
   RowTargets rows = row_targets(index, slots, d, ring, limit);
   if (is_empty_call(d)) return rows;  // nothing to copy; positions advance by 0
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key_value.scalar_type(), "write_to_cache_cpu", [&] {
-    using cache_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "write_to_cache_cpu_key", [&] {
-      write_tokens<cache_t, scalar_t>(key_value, key, value, rows, d, ring);
+  if (is_quantized_cache(key_value.scalar_type())) {  // scales validated with the other arguments
+    at::Tensor scale_buffer = *scales;
+    const bool int8 = key_value.scalar_type() == at::kChar;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "quantize_to_cache_cpu", [&] {
+      if (int8) {
+        quantize_tokens<int8_t, scalar_t>(key_value, scale_buffer, key, value, rows, d, ring);
+      } else {
+        quantize_tokens<c10::Float8_e4m3fn, scalar_t>(key_value, scale_buffer, key, value, rows, d, ring);
+      }
     });
-  });
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key_value.scalar_type(), "write_to_cache_cpu", [&] {
+      using cache_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "write_to_cache_cpu_key", [&] {
+        write_tokens<cache_t, scalar_t>(key_value, key, value, rows, d, ring);
+      });
+    });
+  }
   int64_t* position = index.data_ptr<int64_t>();
   for (int64_t b = 0; b < d.batch; ++b) {
     if (rows.writable[b]) position[rows.row[b]] = rows.start[b] + d.new_tokens;  // pool rows are distinct
@@ -134,15 +186,16 @@ at::Tensor concatenate_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, co
                                     const at::Tensor& value, const std::optional<at::Tensor>& attention_mask,
                                     const std::optional<at::Tensor>& causal_mask,
                                     const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring,
-                                    bool check_bounds, const std::optional<at::Tensor>& slot_ids) {
+                                    bool check_bounds, const std::optional<at::Tensor>& slot_ids,
+                                    const std::optional<at::Tensor>& scales) {
   const KVCacheDims d = check_concatenate_args(key_value, index, key, value, attention_mask, causal_mask,
-                                               token_type_ids, is_causal, ring, slot_ids);
+                                               token_type_ids, is_causal, ring, slot_ids, scales);
   const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, check_bounds);
   if (check_bounds) check_positions(index, d, ring, causal_mask, slots);
 
   const MaskInputs in = make_mask_inputs(d, attention_mask, causal_mask, token_type_ids, is_causal, ring);
   const int64_t limit = position_limit(in);
-  const RowTargets rows = write_and_advance(key_value, index, key, value, slots, d, ring, limit);
+  const RowTargets rows = write_and_advance(key_value, index, key, value, slots, scales, d, ring, limit);
   const std::vector<int64_t>& start = rows.start;
 
   at::Tensor mask = at::empty({d.batch, 1, d.new_tokens, d.capacity}, key_value.options().dtype(at::kBool));
@@ -172,11 +225,12 @@ at::Tensor concatenate_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, co
 }
 
 void write_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key, const at::Tensor& value,
-                        bool ring, bool check_bounds, const std::optional<at::Tensor>& slot_ids) {
-  const KVCacheDims d = check_write_args(key_value, index, key, value, ring, slot_ids, "write_to_cache");
+                        bool ring, bool check_bounds, const std::optional<at::Tensor>& slot_ids,
+                        const std::optional<at::Tensor>& scales) {
+  const KVCacheDims d = check_write_args(key_value, index, key, value, ring, slot_ids, "write_to_cache", scales);
   const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, check_bounds);
   if (check_bounds) check_positions(index, d, ring, std::nullopt, slots);
-  write_and_advance(key_value, index, key, value, slots, d, ring, kNoPositionLimit);
+  write_and_advance(key_value, index, key, value, slots, scales, d, ring, kNoPositionLimit);
 }
 
 }  // namespace

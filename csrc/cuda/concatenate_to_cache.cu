@@ -23,6 +23,7 @@
 #include <type_traits>
 
 #include "../mask_rule.h"
+#include "../quantize_rule.h"
 #include "../validation.h"
 #include "launch_utils.cuh"
 #include "launchers.h"
@@ -55,6 +56,8 @@ struct RowParams {
   int64_t width;                              // Dk + Dv: elements per head in the cache
   int heads, key_vecs, value_vecs;            // Dk / VEC, Dv / VEC
   ElemType cache_type, in_type;               // Float16, BFloat16, Float32 or Float64
+  float* scales;                              // [P, L, H, 2] for int8 / fp8 codes, else null
+  bool fp8;                                   // with scales: float8_e4m3fn codes, else int8
   bool wide;                                  // VEC = 16 bytes of cache elements, else 1
   int64_t key_stride[4], value_stride[4];     // elements
   bool key_dense, value_dense;                // unit last stride and every VEC-vector aligned to its full width
@@ -325,6 +328,53 @@ __device__ __forceinline__ void copy_token_row_any(const RowParams& p, int64_t b
   }
 }
 
+// Quantized storage: the token's key and value heads become codes and one
+// scale each (quantize_rule.h). The x-threads of one head (blockDim.x, a power
+// of two <= 32, so they share a warp) reduce its amax with shuffles.
+template <typename code_t, typename in_t>
+__device__ __forceinline__ void quantize_token_row(const RowParams& p, int64_t b, int64_t t, int64_t slot,
+                                                   int64_t column) {
+  const int64_t cell = slot * p.capacity + column;
+  code_t* dst_row = static_cast<code_t*>(p.kv) + cell * p.heads * p.width;
+  float* scale_row = p.scales + cell * p.heads * 2;
+  const in_t* key_tok = static_cast<const in_t*>(p.key) + b * p.key_stride[0] + t * p.key_stride[1];
+  const in_t* value_tok = static_cast<const in_t*>(p.value) + b * p.value_stride[0] + t * p.value_stride[1];
+  const int lanes = blockDim.x;
+  const int lane_in_warp = (threadIdx.y * blockDim.x + threadIdx.x) % 32;
+  const unsigned group = lanes >= 32 ? 0xffffffffu : ((1u << lanes) - 1u) << (lane_in_warp & ~(lanes - 1));
+  const int64_t key_dim = p.key_vecs, value_dim = p.value_vecs;  // VEC = 1 for quantized storage
+  for (int h = threadIdx.y; h < p.heads; h += blockDim.y) {  // uniform over the head's x-threads
+#pragma unroll
+    for (int part = 0; part < 2; ++part) {
+      const in_t* src = part == 0 ? key_tok + h * p.key_stride[2] : value_tok + h * p.value_stride[2];
+      const int64_t step = part == 0 ? p.key_stride[3] : p.value_stride[3];
+      const int64_t dim = part == 0 ? key_dim : value_dim;
+      code_t* dst = dst_row + h * p.width + (part == 0 ? 0 : key_dim);
+      float amax = 0.0f;
+      for (int64_t e = threadIdx.x; e < dim; e += lanes) amax = amax_step(amax, static_cast<float>(src[e * step]));
+      for (int offset = lanes / 2; offset > 0; offset /= 2) {
+        amax = fmaxf(amax, __shfl_xor_sync(group, amax, offset, lanes));
+      }
+      const float scale = kv_scale(amax, code_max<code_t>());
+      for (int64_t e = threadIdx.x; e < dim; e += lanes) {
+        dst[e] = quantize_code<code_t>(static_cast<float>(src[e * step]), scale);
+      }
+      if (threadIdx.x == 0) scale_row[h * 2 + part] = scale;
+    }
+  }
+}
+
+template <typename code_t>
+__device__ __forceinline__ void quantize_token_row_to(const RowParams& p, int64_t b, int64_t t, int64_t slot,
+                                                      int64_t column) {
+  switch (p.in_type) {
+    case ElemType::Float16: quantize_token_row<code_t, c10::Half>(p, b, t, slot, column); break;
+    case ElemType::BFloat16: quantize_token_row<code_t, c10::BFloat16>(p, b, t, slot, column); break;
+    case ElemType::Float32: quantize_token_row<code_t, float>(p, b, t, slot, column); break;
+    default: quantize_token_row<code_t, double>(p, b, t, slot, column); break;  // Float64 (validated)
+  }
+}
+
 __global__ void __launch_bounds__(kThreads, 4) write_rows_kernel(const __grid_constant__ RowParams p) {
   __shared__ int64_t row_slot, row_start;
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
@@ -337,7 +387,16 @@ __global__ void __launch_bounds__(kThreads, 4) write_rows_kernel(const __grid_co
     __syncthreads();
     const int64_t slot = row_slot, start = row_start;
     const bool writable = slot >= 0 && row_writable(start, p.new_tokens, p.capacity, p.ring, p.limit);
-    if (writable) copy_token_row_any(p, b, t, slot, token_column(start, t, p.capacity, p.ring));
+    if (writable) {
+      const int64_t column = token_column(start, t, p.capacity, p.ring);
+      if (p.scales == nullptr) {
+        copy_token_row_any(p, b, t, slot, column);
+      } else if (p.fp8) {
+        quantize_token_row_to<c10::Float8_e4m3fn>(p, b, t, slot, column);
+      } else {
+        quantize_token_row_to<int8_t>(p, b, t, slot, column);
+      }
+    }
     if (p.mask != nullptr) write_mask_row(&p, b, t, start, writable);
     __syncthreads();  // row_start is overwritten for the next row
   }
@@ -366,8 +425,8 @@ ElemType float_elem_type(at::ScalarType t) {
 }  // namespace
 
 cudaError_t launch_write_rows(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key,
-                              const at::Tensor& value, const int64_t* slots, const KVCacheDims& d, bool ring,
-                              const MaskInputs& mask_in, bool* mask) noexcept {
+                              const at::Tensor& value, const int64_t* slots, float* scales, const KVCacheDims& d,
+                              bool ring, const MaskInputs& mask_in, bool* mask) noexcept {
   static std::atomic<unsigned> next_slot{0};
   RowParams p{};
   p.kv = key_value.data_ptr();
@@ -375,6 +434,8 @@ cudaError_t launch_write_rows(at::Tensor& key_value, at::Tensor& index, const at
   p.value = value.const_data_ptr();
   p.index = index.data_ptr<int64_t>();
   p.slots = slots;
+  p.scales = scales;
+  p.fp8 = key_value.scalar_type() == at::kFloat8_e4m3fn;
   p.mask = reinterpret_cast<uint8_t*>(mask);
   p.batch = d.batch;
   p.pool = d.pool;
@@ -403,7 +464,8 @@ cudaError_t launch_write_rows(at::Tensor& key_value, at::Tensor& index, const at
   p.cache_type = float_elem_type(key_value.scalar_type());
   p.in_type = float_elem_type(key.scalar_type());
   const int64_t wide_elems = 16 / key_value.element_size();
-  p.wide = d.key_dim % wide_elems == 0 && d.value_dim % wide_elems == 0 && aligned_to(p.kv, 16);
+  // Quantized storage is written element by element (VEC = 1): each head needs its amax first.
+  p.wide = scales == nullptr && d.key_dim % wide_elems == 0 && d.value_dim % wide_elems == 0 && aligned_to(p.kv, 16);
   const int64_t vec = p.wide ? wide_elems : 1;
   p.key_vecs = static_cast<int>(d.key_dim / vec);
   p.value_vecs = static_cast<int>(d.value_dim / vec);

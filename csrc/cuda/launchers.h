@@ -16,10 +16,12 @@ namespace lightning_cache {
 // (mask == nullptr): copies the new K|V rows of writable rows, writes the mask
 // rows and advances `index`, in one launch. Nothing is launched for B*q == 0.
 // `slots` (device, [B]; null: batch row b is cache row b) are prepared slot
-// ids: a pool row in [0, P), distinct, or -1 (row skipped).
+// ids: a pool row in [0, P), distinct, or -1 (row skipped). `scales` (float32
+// [P, L, H, 2], contiguous) is non-null exactly when key_value holds int8 /
+// float8_e4m3fn codes: the new tokens are then quantized as they are written.
 cudaError_t launch_write_rows(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key,
-                              const at::Tensor& value, const int64_t* slots, const KVCacheDims& d, bool ring,
-                              const MaskInputs& mask_in, bool* mask) noexcept;
+                              const at::Tensor& value, const int64_t* slots, float* scales, const KVCacheDims& d,
+                              bool ring, const MaskInputs& mask_in, bool* mask) noexcept;
 
 // lightning_decode into `out` [B, n, H, Dv]; `slopes_f` float32 contiguous;
 // `slots` sanitized slot ids (prepare_slot_ids) or null. Needs key_dim <= 512

@@ -32,13 +32,19 @@ const int64_t* slot_pointer(const std::optional<at::Tensor>& slots) {
   return slots.has_value() ? slots->const_data_ptr<int64_t>() : nullptr;
 }
 
+// Scales of quantized storage (validated: float32 [P, L, H, 2], contiguous), or null.
+float* scale_pointer(const std::optional<at::Tensor>& scales) {
+  return scales.has_value() ? scales->data_ptr<float>() : nullptr;
+}
+
 at::Tensor concatenate_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key,
                                      const at::Tensor& value, const std::optional<at::Tensor>& attention_mask,
                                      const std::optional<at::Tensor>& causal_mask,
                                      const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring,
-                                     bool check_bounds, const std::optional<at::Tensor>& slot_ids) {
+                                     bool check_bounds, const std::optional<at::Tensor>& slot_ids,
+                                     const std::optional<at::Tensor>& scales) {
   const KVCacheDims d = check_concatenate_args(key_value, index, key, value, attention_mask, causal_mask,
-                                               token_type_ids, is_causal, ring, slot_ids);
+                                               token_type_ids, is_causal, ring, slot_ids, scales);
   check_kernel_limits(d);
   const c10::cuda::CUDAGuard guard(key_value.device());
   const bool host_checks = host_checks_allowed(check_bounds);
@@ -48,14 +54,15 @@ at::Tensor concatenate_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, c
   at::Tensor mask = at::empty({d.batch, 1, d.new_tokens, d.capacity}, key_value.options().dtype(at::kBool));
   if (is_empty_call(d)) return mask;  // B = 0 or q = 0: nothing to write, no launch
   const MaskInputs mask_in = make_mask_inputs(d, attention_mask, causal_mask, token_type_ids, is_causal, ring);
-  C10_CUDA_CHECK(launch_write_rows(key_value, index, key, value, slot_pointer(slots), d, ring, mask_in,
-                                   mask.data_ptr<bool>()));
+  C10_CUDA_CHECK(launch_write_rows(key_value, index, key, value, slot_pointer(slots), scale_pointer(scales), d, ring,
+                                   mask_in, mask.data_ptr<bool>()));
   return mask;
 }
 
 void write_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key, const at::Tensor& value,
-                         bool ring, bool check_bounds, const std::optional<at::Tensor>& slot_ids) {
-  const KVCacheDims d = check_write_args(key_value, index, key, value, ring, slot_ids, "write_to_cache");
+                         bool ring, bool check_bounds, const std::optional<at::Tensor>& slot_ids,
+                         const std::optional<at::Tensor>& scales) {
+  const KVCacheDims d = check_write_args(key_value, index, key, value, ring, slot_ids, "write_to_cache", scales);
   check_kernel_limits(d);
   const c10::cuda::CUDAGuard guard(key_value.device());
   const bool host_checks = host_checks_allowed(check_bounds);
@@ -66,7 +73,9 @@ void write_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, const at::Ten
   no_mask.new_tokens = d.new_tokens;
   no_mask.capacity = d.capacity;
   no_mask.ring = ring;
-  C10_CUDA_CHECK(launch_write_rows(key_value, index, key, value, slot_pointer(slots), d, ring, no_mask, nullptr));
+  C10_CUDA_CHECK(
+      launch_write_rows(key_value, index, key, value, slot_pointer(slots), scale_pointer(scales), d, ring, no_mask,
+                        nullptr));
 }
 
 at::Tensor lightning_decode_cuda(at::Tensor& state, const at::Tensor& query, const at::Tensor& key,
