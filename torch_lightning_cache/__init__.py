@@ -14,6 +14,7 @@ from .cache import (
 )
 from .ops import (
     build_info,
+    cached_attention,
     concatenate_to_cache,
     init_kv_cache,
     init_state,
@@ -34,6 +35,7 @@ __all__ = [
     "LightningMetadata",
     "minimax_layer_kinds",
     "build_info",
+    "cached_attention",
     "concatenate_to_cache",
     "init_kv_cache",
     "init_state",
