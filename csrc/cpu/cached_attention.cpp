@@ -38,8 +38,9 @@
 namespace lightning_cache {
 namespace {
 
-constexpr int64_t kBlock = 64;      // cache columns per online-softmax step
+constexpr int64_t kBlock = 48;      // cache columns per online-softmax step (a multiple of 3 and 8)
 constexpr int64_t kRowChunk = 64;   // query rows per work item
+constexpr int64_t kAhead = 2 * kBlock;  // prefetch distance in columns
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -411,56 +412,64 @@ struct Problem {
   int64_t m_sb, m_si;
   const uint8_t* states;  // [B, q, blocks]: kNone / kAll / kSome
   int64_t blocks;
+  int64_t chunk_rows;  // query rows of one head per work item
   int64_t row_chunks, splits;
   float q_scale;  // softmax_scale * log2(e)
   TypeKernels kernels;
 };
 
-// A work item's result: the final output row, or a split's partial (m, l, acc).
+// A work item's result: the final output rows, or a split's partial (m, l, acc).
 struct Sink {
   float* out;       // [B, q, Hq, Dv] float32, or null when splitting
-  float* part_acc;  // [items, kRowChunk, Dv]
-  float* part_ml;   // [items, kRowChunk, 2]
+  float* part_acc;  // [items, H, chunk_rows, Dv]
+  float* part_ml;   // [items, H, chunk_rows, 2]
 };
 
+// Per-thread buffers. Per head: query rows, softmax state and accumulators.
 struct Scratch {
-  std::vector<float> qf, s, acc, m, l, colk, colv, pc;
+  std::vector<float> qf, acc, m, l, s, colk, colv, pc;
   std::vector<const void*> kp, vp, vc;
   std::vector<uint8_t> vis;
   std::vector<int32_t> cols;
-  explicit Scratch(const AttentionDims& d)
-      : qf(kRowChunk * d.key_dim), s(kRowChunk * kBlock), acc(kRowChunk * d.value_dim), m(kRowChunk),
-        l(kRowChunk), colk(kBlock), colv(kBlock), pc(kBlock), kp(kBlock), vp(kBlock), vc(kBlock),
-        vis(kRowChunk * kBlock), cols(kBlock) {}
+  std::vector<char> rows;  // the block's K|V rows, [H][kBlock][Dk + Dv], head-major
+  Scratch(const Problem& P)
+      : qf(P.d.heads * P.chunk_rows * P.d.key_dim), acc(P.d.heads * P.chunk_rows * P.d.value_dim),
+        m(P.d.heads * P.chunk_rows), l(P.d.heads * P.chunk_rows), s(P.chunk_rows * kBlock), colk(kBlock),
+        colv(kBlock), pc(kBlock), kp(kBlock), vp(kBlock), vc(kBlock), vis(P.chunk_rows * kBlock), cols(kBlock),
+        rows(P.d.heads * kBlock * (P.d.key_dim + P.d.value_dim) * P.elem_size) {}
 };
 
+// Item (b, row chunk, split): rows r0 .. r0 + nr - 1 of every head over the
+// split's blocks. A head's row r is query i = r / G, query head h * G + r % G.
+// The heads are the inner loop, so the cache is read in its memory order.
 void run_item(const Problem& P, int64_t item, Scratch& w, const Sink& sink) {
   const AttentionDims& d = P.d;
   const Isa& k = isa();
   const int64_t split = item % P.splits;
   const int64_t rc = (item / P.splits) % P.row_chunks;
-  const int64_t h = (item / (P.splits * P.row_chunks)) % d.heads;
-  const int64_t b = item / (P.splits * P.row_chunks * d.heads);
+  const int64_t b = item / (P.splits * P.row_chunks);
   const int64_t rows_total = d.group * d.queries;
-  const int64_t r0 = rc * kRowChunk, nr = std::min(kRowChunk, rows_total - r0);
+  const int64_t r0 = rc * P.chunk_rows, nr = std::min(P.chunk_rows, rows_total - r0);
   const int64_t blk_per_split = (P.blocks + P.splits - 1) / P.splits;
   const int64_t blk0 = split * blk_per_split, blk1 = std::min(P.blocks, blk0 + blk_per_split);
-  const int64_t Dk = d.key_dim, Dv = d.value_dim;
+  const int64_t H = d.heads, Dk = d.key_dim, Dv = d.value_dim, CR = P.chunk_rows;
 
-  // Row rr is query i = (r0 + rr) / G, query head h * G + (r0 + rr) % G.
-  for (int64_t rr = 0; rr < nr; ++rr) {
-    const int64_t r = r0 + rr, i = r / d.group, hq = h * d.group + r % d.group;
-    const float* src = P.query + b * P.q_sb + i * P.q_si + hq * P.q_sh;
-    for (int64_t c = 0; c < Dk; ++c) w.qf[rr * Dk + c] = src[c * P.q_sd] * P.q_scale;
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t rr = 0; rr < nr; ++rr) {
+      const int64_t r = r0 + rr, i = r / d.group, hq = h * d.group + r % d.group;
+      const float* src = P.query + b * P.q_sb + i * P.q_si + hq * P.q_sh;
+      float* dst = w.qf.data() + (h * CR + rr) * Dk;
+      for (int64_t c = 0; c < Dk; ++c) dst[c] = src[c * P.q_sd] * P.q_scale;
+    }
   }
-  std::fill_n(w.m.begin(), nr, kNegInf);
-  std::fill_n(w.l.begin(), nr, 0.0f);
-  std::fill_n(w.acc.begin(), nr * Dv, 0.0f);
+  std::fill(w.m.begin(), w.m.end(), kNegInf);
+  std::fill(w.l.begin(), w.l.end(), 0.0f);
+  std::fill(w.acc.begin(), w.acc.end(), 0.0f);
   const int64_t i0 = r0 / d.group, i1 = (r0 + nr - 1) / d.group, nq = i1 - i0 + 1;
   const uint8_t* states = P.states + (b * d.queries) * P.blocks;
-  const char* kv_head = P.kv + (b * P.kv_sb + h * P.kv_sh) * P.elem_size;
-  const float* sc_head = P.scales ? P.scales + b * P.sc_sb + h * P.sc_sh : nullptr;
+  const char* kv_row = P.kv + b * P.kv_sb * P.elem_size;
   const float unit = P.kernels.unit;
+  const int64_t row_bytes = (Dk + Dv) * P.elem_size;
 
   for (int64_t blk = blk0; blk < blk1; ++blk) {
     bool any = false, full = true;
@@ -491,41 +500,63 @@ void run_item(const Problem& P, int64_t item, Scratch& w, const Sink& sink) {
         for (int64_t jj = 0; jj < n; ++jj) w.vis[(i - i0) * kBlock + jj] = mrow[i * P.m_si + w.cols[jj]] != 0;
       }
     }
+    // Copy the visible columns' K|V rows, head-major: in the cache one head's
+    // rows are H * (Dk + Dv) elements apart, often a power of two, and would
+    // share a few L1 sets while the value pass walks them once per dim group.
     for (int64_t jj = 0; jj < n; ++jj) {
       const int64_t j = c_begin + w.cols[jj];
-      const char* base = kv_head + j * P.kv_sl * P.elem_size;
-      w.kp[jj] = base;
-      w.vp[jj] = base + Dk * P.elem_size;
-      if (sc_head) {
-        const float* sc = sc_head + j * P.sc_sl;
-        w.colk[jj] = sc[0] * unit;
-        w.colv[jj] = sc[P.sc_sc] * unit;
-      } else {
-        w.colk[jj] = w.colv[jj] = unit;
+      const char* src = kv_row + j * P.kv_sl * P.elem_size;
+      for (int64_t h = 0; h < H; ++h) {
+        std::memcpy(w.rows.data() + (h * kBlock + jj) * row_bytes, src + h * P.kv_sh * P.elem_size, row_bytes);
+      }
+      if (j + kAhead < d.capacity) {  // a later block, ahead of use
+        const char* ahead = kv_row + (j + kAhead) * P.kv_sl * P.elem_size;
+        for (int64_t h = 0; h < H; ++h) {
+          const char* head = ahead + h * P.kv_sh * P.elem_size;
+          for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(head + byte, 0, 3);
+        }
       }
     }
-    P.kernels.scores(w.qf.data(), Dk, nr, w.kp.data(), n, Dk, w.s.data(), kBlock);
-    for (int64_t rr = 0; rr < nr; ++rr) {
-      float* srow = w.s.data() + rr * kBlock;
-      const uint8_t* vis = uniform ? nullptr : w.vis.data() + ((r0 + rr) / d.group - i0) * kBlock;
-      const float bm = k.scale_max(srow, w.colk.data(), vis, n);
-      if (bm == kNegInf) {  // nothing visible to this row here: its weights are zero
-        std::fill_n(srow, n, 0.0f);
+    for (int64_t h = 0; h < H; ++h) {
+      float* qf = w.qf.data() + h * CR * Dk;
+      float* acc = w.acc.data() + h * CR * Dv;
+      float* m = w.m.data() + h * CR;
+      float* l = w.l.data() + h * CR;
+      for (int64_t jj = 0; jj < n; ++jj) {
+        const char* row = w.rows.data() + (h * kBlock + jj) * row_bytes;
+        w.kp[jj] = row;
+        w.vp[jj] = row + Dk * P.elem_size;
+        if (P.scales) {
+          const float* sc = P.scales + b * P.sc_sb + (c_begin + w.cols[jj]) * P.sc_sl + h * P.sc_sh;
+          w.colk[jj] = sc[0] * unit;
+          w.colv[jj] = sc[P.sc_sc] * unit;
+        } else {
+          w.colk[jj] = w.colv[jj] = unit;
+        }
+      }
+      P.kernels.scores(qf, Dk, nr, w.kp.data(), n, Dk, w.s.data(), kBlock);
+      for (int64_t rr = 0; rr < nr; ++rr) {
+        float* srow = w.s.data() + rr * kBlock;
+        const uint8_t* vis = uniform ? nullptr : w.vis.data() + ((r0 + rr) / d.group - i0) * kBlock;
+        const float bm = k.scale_max(srow, w.colk.data(), vis, n);
+        if (bm == kNegInf) {  // nothing visible to this row here: its weights are zero
+          std::fill_n(srow, n, 0.0f);
+          continue;
+        }
+        const float m_new = std::max(m[rr], bm);
+        const float alpha = std::exp2(m[rr] - m_new);  // 0 while m was -inf
+        const float sum = k.exp_sum(srow, m_new, w.colv.data(), n);
+        l[rr] = l[rr] * alpha + sum;
+        m[rr] = m_new;
+        if (alpha != 1.0f) {
+          float* a = acc + rr * Dv;
+          for (int64_t c = 0; c < Dv; ++c) a[c] *= alpha;
+        }
+      }
+      if (uniform) {
+        P.kernels.values(acc, Dv, nr, w.s.data(), kBlock, w.vp.data(), n, Dv);
         continue;
       }
-      const float m_new = std::max(w.m[rr], bm);
-      const float alpha = std::exp2(w.m[rr] - m_new);  // 0 when m was -inf
-      const float sum = k.exp_sum(srow, m_new, w.colv.data(), n);
-      w.l[rr] = w.l[rr] * alpha + sum;
-      w.m[rr] = m_new;
-      if (alpha != 1.0f) {
-        float* a = w.acc.data() + rr * Dv;
-        for (int64_t c = 0; c < Dv; ++c) a[c] *= alpha;
-      }
-    }
-    if (uniform) {
-      P.kernels.values(w.acc.data(), Dv, nr, w.s.data(), kBlock, w.vp.data(), n, Dv);
-    } else {
       // Row by row over the columns it sees, so a hidden column's value is never read.
       for (int64_t rr = 0; rr < nr; ++rr) {
         const uint8_t* vis = w.vis.data() + ((r0 + rr) / d.group - i0) * kBlock;
@@ -536,57 +567,62 @@ void run_item(const Problem& P, int64_t item, Scratch& w, const Sink& sink) {
           w.pc[nv] = prow[jj];
           w.vc[nv++] = w.vp[jj];
         }
-        if (nv > 0) P.kernels.values(w.acc.data() + rr * Dv, Dv, 1, w.pc.data(), kBlock, w.vc.data(), nv, Dv);
+        if (nv > 0) P.kernels.values(acc + rr * Dv, Dv, 1, w.pc.data(), kBlock, w.vc.data(), nv, Dv);
       }
     }
   }
 
-  if (sink.out) {
-    for (int64_t rr = 0; rr < nr; ++rr) {
-      const int64_t r = r0 + rr, i = r / d.group, hq = h * d.group + r % d.group;
-      float* dst = sink.out + ((b * d.queries + i) * d.query_heads + hq) * Dv;
-      const float* a = w.acc.data() + rr * Dv;
-      if (w.m[rr] == kNegInf) {  // every column masked: zeros, not 0/0
-        std::fill_n(dst, Dv, 0.0f);
-      } else {
-        const float inv = 1.0f / w.l[rr];
-        for (int64_t c = 0; c < Dv; ++c) dst[c] = a[c] * inv;
+  for (int64_t h = 0; h < H; ++h) {
+    const float* acc = w.acc.data() + h * CR * Dv;
+    const float* m = w.m.data() + h * CR;
+    const float* l = w.l.data() + h * CR;
+    if (sink.out) {
+      for (int64_t rr = 0; rr < nr; ++rr) {
+        const int64_t r = r0 + rr, i = r / d.group, hq = h * d.group + r % d.group;
+        float* dst = sink.out + ((b * d.queries + i) * d.query_heads + hq) * Dv;
+        if (m[rr] == kNegInf) {  // every column masked: zeros, not 0/0
+          std::fill_n(dst, Dv, 0.0f);
+        } else {
+          const float inv = 1.0f / l[rr];
+          for (int64_t c = 0; c < Dv; ++c) dst[c] = acc[rr * Dv + c] * inv;
+        }
       }
-    }
-  } else {
-    std::copy_n(w.acc.data(), nr * Dv, sink.part_acc + item * kRowChunk * Dv);
-    float* ml = sink.part_ml + item * kRowChunk * 2;
-    for (int64_t rr = 0; rr < nr; ++rr) {
-      ml[2 * rr] = w.m[rr];
-      ml[2 * rr + 1] = w.l[rr];
+    } else {
+      const int64_t part = (item * H + h) * CR;
+      std::copy_n(acc, nr * Dv, sink.part_acc + part * Dv);
+      for (int64_t rr = 0; rr < nr; ++rr) {
+        sink.part_ml[(part + rr) * 2] = m[rr];
+        sink.part_ml[(part + rr) * 2 + 1] = l[rr];
+      }
     }
   }
 }
 
-// Combines the splits of each (b, h, row chunk) into the output.
+// Combines the splits of each (b, row chunk, head) into the output.
 void combine_splits(const Problem& P, const Sink& sink, float* out) {
   const AttentionDims& d = P.d;
-  const int64_t rows_total = d.group * d.queries, Dv = d.value_dim;
-  at::parallel_for(0, d.batch * d.heads * P.row_chunks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t rows_total = d.group * d.queries, Dv = d.value_dim, CR = P.chunk_rows;
+  at::parallel_for(0, d.batch * P.row_chunks * d.heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t rc = unit % P.row_chunks, h = (unit / P.row_chunks) % d.heads;
-      const int64_t b = unit / (P.row_chunks * d.heads);
-      const int64_t r0 = rc * kRowChunk, nr = std::min(kRowChunk, rows_total - r0);
+      const int64_t h = unit % d.heads, rc = (unit / d.heads) % P.row_chunks;
+      const int64_t b = unit / (d.heads * P.row_chunks);
+      const int64_t first_item = (b * P.row_chunks + rc) * P.splits;
+      const int64_t r0 = rc * CR, nr = std::min(CR, rows_total - r0);
       for (int64_t rr = 0; rr < nr; ++rr) {
         const int64_t r = r0 + rr, i = r / d.group, hq = h * d.group + r % d.group;
         float* dst = out + ((b * d.queries + i) * d.query_heads + hq) * Dv;
+        auto at = [&](int64_t s) { return ((first_item + s) * d.heads + h) * CR + rr; };
         float m = kNegInf;
-        for (int64_t s = 0; s < P.splits; ++s) m = std::max(m, sink.part_ml[((unit * P.splits + s) * kRowChunk + rr) * 2]);
+        for (int64_t s = 0; s < P.splits; ++s) m = std::max(m, sink.part_ml[at(s) * 2]);
         std::fill_n(dst, Dv, 0.0f);
         if (m == kNegInf) continue;
         float l = 0.0f;
         for (int64_t s = 0; s < P.splits; ++s) {
-          const int64_t item = unit * P.splits + s;
-          const float ms = sink.part_ml[(item * kRowChunk + rr) * 2];
+          const float ms = sink.part_ml[at(s) * 2];
           if (ms == kNegInf) continue;  // this split saw nothing: its acc is zero
           const float f = std::exp2(ms - m);
-          l += f * sink.part_ml[(item * kRowChunk + rr) * 2 + 1];
-          const float* a = sink.part_acc + (item * kRowChunk + rr) * Dv;
+          l += f * sink.part_ml[at(s) * 2 + 1];
+          const float* a = sink.part_acc + at(s) * Dv;
           for (int64_t c = 0; c < Dv; ++c) dst[c] += f * a[c];
         }
         const float inv = 1.0f / l;
@@ -634,7 +670,8 @@ at::Tensor cached_attention_cpu(const at::Tensor& query, const at::Tensor& key_v
   P.mask = reinterpret_cast<const uint8_t*>(mk.const_data_ptr<bool>());
   P.m_sb = mk.stride(0), P.m_si = mk.stride(2);
   P.blocks = (d.capacity + kBlock - 1) / kBlock;
-  P.row_chunks = (d.group * d.queries + kRowChunk - 1) / kRowChunk;
+  P.chunk_rows = std::min(kRowChunk, d.group * d.queries);
+  P.row_chunks = (d.group * d.queries + P.chunk_rows - 1) / P.chunk_rows;
   P.q_scale = d.softmax_scale * kLog2e;
   P.kernels = isa().by_type[kv_type(kv.scalar_type())];
 
@@ -655,7 +692,7 @@ at::Tensor cached_attention_cpu(const at::Tensor& query, const at::Tensor& key_v
   P.states = states.data();
 
   // Split the columns only when there are too few items to keep the threads busy.
-  const int64_t base_items = d.batch * d.heads * P.row_chunks;
+  const int64_t base_items = d.batch * P.row_chunks;
   const int64_t threads = at::get_num_threads();
   P.splits = base_items >= 4 * threads ? 1 : std::min(P.blocks, (4 * threads + base_items - 1) / base_items);
   const int64_t items = base_items * P.splits;
@@ -666,12 +703,13 @@ at::Tensor cached_attention_cpu(const at::Tensor& query, const at::Tensor& key_v
   if (P.splits == 1) {
     sink.out = out.data_ptr<float>();
   } else {
-    part = at::empty({items * kRowChunk * (d.value_dim + 2)}, out.options());
+    const int64_t part_rows = items * d.heads * P.chunk_rows;
+    part = at::empty({part_rows * (d.value_dim + 2)}, out.options());
     sink.part_acc = part.data_ptr<float>();
-    sink.part_ml = sink.part_acc + items * kRowChunk * d.value_dim;
+    sink.part_ml = sink.part_acc + part_rows * d.value_dim;
   }
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    Scratch scratch(d);
+    Scratch scratch(P);
     for (int64_t item = begin; item < end; ++item) run_item(P, item, scratch, sink);
   });
   if (P.splits > 1) combine_splits(P, sink, out.data_ptr<float>());
