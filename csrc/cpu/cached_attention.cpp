@@ -1,12 +1,14 @@
 // cached_attention on the CPU: softmax(q K^T * scale) V over the sequence cache,
 // reading its float or int8 / float8_e4m3fn codes in place (no dequantized copy).
 //
-// Work items are (batch row, cache head, chunk of query rows, split of the
-// columns). A query row is one (query token, query head of the head's group):
-// every row of a chunk shares each K/V read, so for decode (q = 1) a head's
-// whole group is served by one pass over its columns. Columns are taken in
-// blocks of kBlock with an online softmax (running max m, sum l, accumulator
-// acc per row, in base 2: the query is pre-scaled by softmax_scale * log2 e).
+// Work items are (batch row, chunk of query rows, split of the columns). A
+// query row is one (query token, query head of a cache head's group): all rows
+// of a head share each K/V read, so for decode (q = 1) a head's whole group is
+// served by one pass over its columns. Columns are taken in blocks of kBlock;
+// a block's visible K|V rows of every head are copied (in memory order, so the
+// cache streams) into a head-major buffer, then each head runs an online
+// softmax over them (running max m, sum l, accumulator acc per row, in base 2:
+// the query is pre-scaled by softmax_scale * log2 e).
 // A quantized column's key scale multiplies its dot products and its value
 // scale the softmax weight, never the codes. Masked columns are dropped by
 // selection before anything reads their values, so a non-finite value in a
@@ -40,7 +42,6 @@ namespace {
 
 constexpr int64_t kBlock = 48;      // cache columns per online-softmax step (a multiple of 3 and 8)
 constexpr int64_t kRowChunk = 64;   // query rows per work item
-constexpr int64_t kAhead = 2 * kBlock;  // prefetch distance in columns
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -508,13 +509,6 @@ void run_item(const Problem& P, int64_t item, Scratch& w, const Sink& sink) {
       const char* src = kv_row + j * P.kv_sl * P.elem_size;
       for (int64_t h = 0; h < H; ++h) {
         std::memcpy(w.rows.data() + (h * kBlock + jj) * row_bytes, src + h * P.kv_sh * P.elem_size, row_bytes);
-      }
-      if (j + kAhead < d.capacity) {  // a later block, ahead of use
-        const char* ahead = kv_row + (j + kAhead) * P.kv_sl * P.elem_size;
-        for (int64_t h = 0; h < H; ++h) {
-          const char* head = ahead + h * P.kv_sh * P.elem_size;
-          for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(head + byte, 0, 3);
-        }
       }
     }
     for (int64_t h = 0; h < H; ++h) {
