@@ -71,6 +71,11 @@ TORCH_LIBRARY(lightning_cache, m) {
   m.def(
       "lightning_accept(Tensor(a!) state, Tensor step_states, Tensor num_accepted, Tensor? slot_ids=None, "
       "bool check_bounds=True) -> ()");
+  // Attention of new queries over the sequence cache (SPEC 8), reading the
+  // stored codes directly: no dequantized copy of the cache is made.
+  m.def(
+      "cached_attention(Tensor query, Tensor key_value, Tensor mask, int key_dim, Tensor? scales=None, "
+      "float? softmax_scale=None) -> Tensor");
 }
 
 // Factory ops take no tensors, so they are registered for every backend at once.

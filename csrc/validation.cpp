@@ -4,6 +4,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <limits>
 #include <set>
 #include <sstream>
@@ -385,6 +386,70 @@ std::optional<at::Tensor> prepare_slot_ids(const std::optional<at::Tensor>& slot
                                            sorted.narrow(0, 1, d.batch - 1).eq(sorted.narrow(0, 0, d.batch - 1))});
   const at::Tensor repeat = at::empty_like(repeat_sorted).scatter_(0, order, repeat_sorted);
   return clean.masked_fill_(repeat, -1);
+}
+
+AttentionDims check_cached_attention_args(const at::Tensor& query, const at::Tensor& key_value, const at::Tensor& mask,
+                                          int64_t key_dim, const std::optional<at::Tensor>& scales,
+                                          std::optional<double> softmax_scale) {
+  constexpr const char* op = "cached_attention";
+  TORCH_CHECK_VALUE(query.dim() == 4, op, ": query must be [batch, queries, query_heads, key_dim], got shape ",
+                    shape_of(query));
+  TORCH_CHECK_VALUE(key_value.dim() == 4, op, ": key_value must be [batch, max_length, heads, key_dim + value_dim], got ",
+                    "shape ", shape_of(key_value));
+  const at::ScalarType q_type = query.scalar_type(), kv_type = key_value.scalar_type();
+  TORCH_CHECK_TYPE(q_type == at::kFloat || q_type == at::kHalf || q_type == at::kBFloat16, op,
+                   ": query must be float32, float16 or bfloat16, got ", q_type);
+  AttentionDims d;
+  d.quantized = kv_type == at::kChar || kv_type == at::kFloat8_e4m3fn;
+  TORCH_CHECK_TYPE(d.quantized || kv_type == at::kFloat || kv_type == at::kHalf || kv_type == at::kBFloat16, op,
+                   ": key_value must be float32, float16, bfloat16, int8 or float8_e4m3fn, got ", kv_type);
+  d.batch = query.size(0);
+  d.queries = query.size(1);
+  d.query_heads = query.size(2);
+  d.capacity = key_value.size(1);
+  d.heads = key_value.size(2);
+  TORCH_CHECK_VALUE(key_value.size(0) == d.batch, op, ": key_value has batch ", key_value.size(0),
+                    " but query has batch ", d.batch);
+  TORCH_CHECK_VALUE(d.heads > 0, op, ": heads must be positive: key_value has shape ", shape_of(key_value));
+  TORCH_CHECK_VALUE(key_dim >= 1 && key_dim < key_value.size(3), op, ": key_dim must be in [1, ", key_value.size(3),
+                    ") so that key and value dims are positive (key_value's last dimension is key_dim + value_dim = ",
+                    key_value.size(3), "), got ", key_dim);
+  d.key_dim = key_dim;
+  d.value_dim = key_value.size(3) - key_dim;
+  TORCH_CHECK_VALUE(query.size(3) == key_dim, op, ": query's last dimension (", query.size(3),
+                    ") must equal key_dim (", key_dim, ")");
+  TORCH_CHECK_VALUE(d.query_heads % d.heads == 0, op, ": query_heads (", d.query_heads,
+                    ") must be a multiple of the cache's heads (", d.heads, ") for grouped-query attention");
+  d.group = d.query_heads / d.heads;
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, op, ": mask must be bool (as concatenate_to_cache returns it), ",
+                   "got ", mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.dim() == 4 && mask.size(0) == d.batch && mask.size(1) == 1 && mask.size(2) == d.queries &&
+                        mask.size(3) == d.capacity,
+                    op, ": mask must be [batch, 1, queries, max_length] = [", d.batch, ", 1, ", d.queries, ", ",
+                    d.capacity, "], got shape ", shape_of(mask));
+  check_same_device(key_value, "key_value", query, "query");
+  check_same_device(mask, "mask", query, "query");
+  if (d.quantized) {
+    TORCH_CHECK_VALUE(scales.has_value(), op, ": key_value is ", kv_type,
+                      ": scales [batch, max_length, heads, 2] float32 are required");
+  } else {
+    TORCH_CHECK_VALUE(!scales.has_value(), op, ": scales are only for int8 or float8_e4m3fn caches, but key_value is ",
+                      kv_type);
+  }
+  if (scales.has_value()) {
+    const at::Tensor& s = *scales;
+    TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, op, ": scales must be float32, got ", s.scalar_type());
+    TORCH_CHECK_VALUE(s.dim() == 4 && s.size(0) == d.batch && s.size(1) == d.capacity && s.size(2) == d.heads &&
+                          s.size(3) == 2,
+                      op, ": scales must be [batch, max_length, heads, 2] = [", d.batch, ", ", d.capacity, ", ",
+                      d.heads, ", 2], got shape ", shape_of(s));
+    check_same_device(s, "scales", query, "query");
+  }
+  const double scale = softmax_scale.value_or(1.0 / std::sqrt(static_cast<double>(key_dim)));
+  TORCH_CHECK_VALUE(std::isfinite(scale) && std::isfinite(static_cast<float>(scale)), op,
+                    ": softmax_scale must be finite in float32, got ", scale);
+  d.softmax_scale = static_cast<float>(scale);
+  return d;
 }
 
 void check_init_sizes(const char* op, std::initializer_list<std::pair<const char*, int64_t>> sizes) {

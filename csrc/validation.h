@@ -129,6 +129,30 @@ std::optional<at::Tensor> prepare_slot_ids(const std::optional<at::Tensor>& slot
 std::optional<at::Tensor> prepare_slot_ids(const std::optional<at::Tensor>& slot_ids, const KVCacheDims& dims,
                                            bool host_checks);
 
+struct AttentionDims {
+  int64_t batch = 0;        // B
+  int64_t queries = 0;      // q
+  int64_t query_heads = 0;  // Hq
+  int64_t heads = 0;        // H, the cache's (key/value) heads
+  int64_t group = 0;        // Hq / H query heads per cache head
+  int64_t capacity = 0;     // L
+  int64_t key_dim = 0;      // Dk
+  int64_t value_dim = 0;    // Dv
+  bool quantized = false;   // int8 / float8_e4m3fn codes with float32 scales
+  float softmax_scale = 0;  // the given one, or 1 / sqrt(Dk)
+};
+
+// Shapes, dtypes and devices of cached_attention's arguments: query [B, q, Hq,
+// Dk] (float32/16, bfloat16), key_value [B, L, H, Dk + Dv] (those, or int8 /
+// float8_e4m3fn codes with scales [B, L, H, 2] float32), mask [B, 1, q, L]
+// bool, Hq a multiple of H. Zero H, Dk or Dv are a ValueError; B, q or Hq = 0
+// pass (an empty call), and L = 0 gives zeros (every row fully masked).
+AttentionDims check_cached_attention_args(const at::Tensor& query, const at::Tensor& key_value, const at::Tensor& mask,
+                                          int64_t key_dim, const std::optional<at::Tensor>& scales,
+                                          std::optional<double> softmax_scale);
+
+inline bool is_empty_call(const AttentionDims& d) { return d.batch == 0 || d.queries == 0 || d.query_heads == 0; }
+
 // Shape/dtype checks of the two factory ops.
 void check_init_sizes(const char* op, std::initializer_list<std::pair<const char*, int64_t>> sizes);
 void check_state_dtype(at::ScalarType dtype);

@@ -12,6 +12,7 @@ package under test, and no function mutates its inputs.
   token-type logic on absolute columns, the pad mask).
 * ``ref_lightning``              - float64 sequential lightning recurrence.
 * ``ref_lightning_slopes``       - MiniMax slopes (SPEC section 3), float64.
+* ``ref_cached_attention``       - SPEC section 8: SDPA over the dequantized cache, float64.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "seed_concatenate_to_cache",
     "ref_lightning",
     "ref_lightning_slopes",
+    "ref_cached_attention",
 ]
 
 
@@ -411,3 +413,28 @@ def ref_quantized_write(key_value, scales, index, key, value, kv_quantization, r
             new_scales[r, column, :, 1] = v_scales[b, t]
         new_index[r] = start + q
     return new_kv, new_scales, new_index
+
+
+# --------------------------------------------------------------------------- attention over the cache
+
+
+def ref_cached_attention(query, key_value, mask, key_dim, scales=None, softmax_scale=None):
+    """SPEC 8, in float64: ``scaled_dot_product_attention`` over the dequantized cache.
+
+    ``key_value [B, L, H, Dk + Dv]`` (an element means ``code * scale`` with ``scales
+    [B, L, H, 2]``: ``[..., 0]`` for the key, ``[..., 1]`` for the value), ``mask [B, 1,
+    q, L]`` bool, ``enable_gqa=True``; a query whose mask row is all false gets zeros.
+    Returns ``[B, q, Hq, Dv]`` float64 on the CPU.
+    """
+    kv = key_value.detach().cpu().to(torch.float64)
+    key, value = kv[..., :key_dim], kv[..., key_dim:]
+    if scales is not None:
+        s = scales.detach().cpu().to(torch.float64)
+        key, value = key * s[..., 0:1], value * s[..., 1:2]
+    m = mask.detach().cpu()
+    q = query.detach().cpu().to(torch.float64)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=m, scale=softmax_scale,
+        enable_gqa=True).transpose(1, 2)
+    seen = m.any(dim=-1).squeeze(1)  # [B, q]
+    return torch.where(seen[:, :, None, None], out, torch.zeros((), dtype=torch.float64))

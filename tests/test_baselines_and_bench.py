@@ -207,12 +207,14 @@ def test_bench_runs_tiny(tmp_path):
     args = parser.parse_args(["--device", "cpu", "--capacity", "32", "--tokens", "4", "--batch", "2", "--heads", "2",
                               "--head-dim", "8", "--decode-heads", "2", "--decode-batches", "1,2",
                               "--prefill-tokens", "24", "--block-size", "8", "--repeats", "2", "--warmup", "1",
-                              "--no-compile", "--csv", str(path)])
+                              "--attn-batch", "2", "--attn-heads", "2", "--attn-query-heads", "4",
+                              "--attn-capacity", "40", "--attn-repeats", "2", "--no-compile", "--csv", str(path)])
     assert bench.run(args) == 0
     with open(path) as f:
         rows = list(csv.DictReader(f))
     cases = {r["case"] for r in rows}
-    assert cases == {"cache-1tok", "cache-4tok", "write-1tok", "write-4tok", "decode-b1", "decode-b2", "prefill-24tok"}
+    assert cases == {"cache-1tok", "cache-4tok", "write-1tok", "write-4tok", "decode-b1", "decode-b2", "prefill-24tok",
+                     "attn-bfloat16", "attn-int8", "attn-fp8"}
     for r in rows:
         assert r["check"] in ("reference", "agrees") or r["check"].startswith("peer:"), r
         assert float(r["us_per_call"]) > 0
@@ -249,6 +251,8 @@ def test_bench_cli(tmp_path):
                              "--capacity", "16", "--tokens", "4", "--batch", "1", "--heads", "1", "--head-dim", "4",
                              "--decode-heads", "1", "--decode-batches", "1", "--prefill-tokens", "8",
                              "--block-size", "4", "--repeats", "1", "--warmup", "0", "--no-compile",
+                             "--attn-batch", "1", "--attn-heads", "1", "--attn-query-heads", "2",
+                             "--attn-capacity", "16", "--attn-repeats", "1",
                              "--csv", str(path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     with open(path) as f:

@@ -18,6 +18,7 @@ from .distributed import PartitionAxis
 from .ops import (
     build_info,
     KV_QUANTIZATION,
+    cached_attention,
     concatenate_to_cache,
     dequantize_kv,
     init_kv_cache,
@@ -42,6 +43,7 @@ __all__ = [
     "minimax_layer_kinds",
     "build_info",
     "KV_QUANTIZATION",
+    "cached_attention",
     "concatenate_to_cache",
     "dequantize_kv",
     "init_kv_cache",

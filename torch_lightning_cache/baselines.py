@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["concatenate_to_cache_eager", "write_to_cache_eager", "lightning_decode_eager",
-           "lightning_prefill_chunked_eager"]
+           "lightning_prefill_chunked_eager", "dequantize_kv_eager", "cached_attention_eager"]
 
 
 # --------------------------------------------------------------------------- sequence cache
@@ -218,3 +218,33 @@ def lightning_prefill_chunked_eager(state: torch.Tensor, q: torch.Tensor, k: tor
     if scale != 1.0:
         out = out * scale
     return out.transpose(1, 2).to(q.dtype)
+
+
+# --------------------------------------------------------------------------- attention over the cache
+
+
+def dequantize_kv_eager(key_value: torch.Tensor, scales: torch.Tensor, key_dim: int,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense ``key [B, L, H, Dk]`` and ``value [B, L, H, Dv]`` in ``dtype`` of an int8 / fp8 cache:
+    ``code * scale`` with ``scales [B, L, H, 2]`` (``[..., 0]`` keys, ``[..., 1]`` values)."""
+    key = (key_value[..., :key_dim].to(torch.float32) * scales[..., 0:1]).to(dtype)
+    value = (key_value[..., key_dim:].to(torch.float32) * scales[..., 1:2]).to(dtype)
+    return key, value
+
+
+def cached_attention_eager(query: torch.Tensor, key_value: torch.Tensor, mask: torch.Tensor, key_dim: int,
+                           scales: torch.Tensor | None = None, softmax_scale: float | None = None) -> torch.Tensor:
+    """``scaled_dot_product_attention`` over the cache's views (a float cache) or over a dequantized
+    copy in the query's dtype (int8 / fp8 with ``scales``), ``enable_gqa=True``; ``[B, q, Hq, Dv]``.
+
+    Unlike ``cached_attention``, a query whose mask row is all false is not zeroed
+    (what SDPA gives there depends on the backend).
+    """
+    if scales is None:
+        key, value = key_value[..., :key_dim], key_value[..., key_dim:]
+    else:
+        key, value = dequantize_kv_eager(key_value, scales, key_dim, query.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, scale=softmax_scale,
+        enable_gqa=True)
+    return out.transpose(1, 2)

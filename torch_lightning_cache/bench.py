@@ -7,7 +7,12 @@ Cases (``--cases`` picks a subset by name or prefix: ``cache``, ``decode``, ``pr
 - ``cache-<T>tok``: the same with a block of ``--tokens`` new tokens (a prefill chunk);
 - ``write-<T>tok``: ``write_to_cache`` of the same block (no mask: for attention kernels that take lengths);
 - ``decode-b<N>``: ``lightning_decode`` of 1 token at each batch size of ``--decode-batches``;
-- ``prefill-<n>tok``: ``lightning_prefill`` of ``--prefill-tokens`` tokens from a non-zero state.
+- ``prefill-<n>tok``: ``lightning_prefill`` of ``--prefill-tokens`` tokens from a non-zero state;
+- ``attn-<storage>``: ``cached_attention`` of 1 query token (``--attn-query-heads`` heads) over a full
+  cache of ``--attn-capacity`` columns stored as ``--dtype``, int8 or float8_e4m3fn. The baseline is
+  ``scaled_dot_product_attention`` (``enable_gqa=True``) over the cache's views for the float cache
+  and over a dequantized copy (``dequantize + SDPA``) for the quantized ones; quantized cases also time
+  SDPA over the float cache's views as a peer (other storage: timed, not compared).
 
 Contenders: the op through ``torch.ops.lightning_cache`` with ``check_bounds=True``
 (the default; on CUDA the check reads the positions on the host) and with
@@ -31,7 +36,8 @@ and identically for every contender, the cache's positions are restored with a
 leaves room for ``inner`` calls). Lightning states are not restored: with
 decays below 1 they stay bounded.
 
-Effective GB/s is bytes moved (read plus written) per second: for the cache, the
+Effective GB/s is bytes moved (read plus written) per second (for attention: the
+cache's codes and scales, the query and the output; its copy peer reads that many bytes): for the cache, the
 new K/V read and written and the mask written (plus the 2-D attention mask
 read); for decode, the state read and written plus q/k/v and the output; for
 prefill the same over all tokens. ``x copy`` is the contender's time over the
@@ -61,9 +67,11 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 # ones are scaled so that the whole run takes a minute or two on two cores.
 _DEFAULTS = {
     "cuda": dict(batch=8, heads=8, head_dim=128, capacity=8192, tokens=2048, decode_heads=64,
-                 decode_batches="1,8,64", prefill_tokens=4096, repeats=50, warmup=5, target_ms=2.0),
+                 decode_batches="1,8,64", prefill_tokens=4096, repeats=50, warmup=5, target_ms=2.0,
+                 attn_batch=4, attn_heads=8, attn_query_heads=32, attn_capacity=8192, attn_repeats=50),
     "cpu": dict(batch=8, heads=8, head_dim=128, capacity=2048, tokens=256, decode_heads=16,
-                decode_batches="1,8,64", prefill_tokens=512, repeats=15, warmup=2, target_ms=2.0),
+                decode_batches="1,8,64", prefill_tokens=512, repeats=15, warmup=2, target_ms=2.0,
+                attn_batch=4, attn_heads=8, attn_query_heads=32, attn_capacity=8192, attn_repeats=5),
 }
 
 
@@ -81,6 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-tokens", type=int, default=None, help="prefill length (CUDA 4096, CPU 512)")
     parser.add_argument("--prefill-batch", type=int, default=1, help="prefill rows (1)")
     parser.add_argument("--block-size", type=int, default=256, help="prefill block size (256)")
+    parser.add_argument("--attn-batch", type=int, default=None, help="cached_attention rows (4)")
+    parser.add_argument("--attn-heads", type=int, default=None, help="cached_attention cache heads (8)")
+    parser.add_argument("--attn-query-heads", type=int, default=None, help="cached_attention query heads (32)")
+    parser.add_argument("--attn-capacity", type=int, default=None, help="cached_attention cache length (8192)")
+    parser.add_argument("--attn-repeats", type=int, default=None,
+                        help="timed samples per attention contender (CUDA 50, CPU 5: CPU SDPA takes seconds)")
     parser.add_argument("--repeats", type=int, default=None, help="timed samples per contender (CUDA 50, CPU 15)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed samples per contender (CUDA 5, CPU 2)")
     parser.add_argument("--cases", default=None,
@@ -113,6 +127,8 @@ class Case:
     # Other work of the same size: (label, fn, compared). `compared` peers return the op's
     # output (checked, within the lightning tolerance); the others only move the same bytes.
     peers: list[tuple[str, Callable, bool]] = field(default_factory=list)
+    peer_notes: dict[str, str] = field(default_factory=dict)  # check-column text of uncompared peers
+    repeats: int | None = None  # timed samples, when not the run's --repeats
 
 
 def _copy_peer(device, nbytes: int) -> tuple[str, Callable, bool]:
@@ -217,6 +233,49 @@ def _prefill_case(device, dtype, batch, tokens, heads, head_dim, block_size, gen
         baseline=baselines.lightning_prefill_chunked_eager, peers=peers)
 
 
+def _attention_case(name, storage, device, dtype, sizes, gen) -> Case:
+    """``cached_attention`` of one query token over a full cache in ``storage``."""
+    B, H, Hq, L, D = (sizes["attn_batch"], sizes["attn_heads"], sizes["attn_query_heads"], sizes["attn_capacity"],
+                      sizes["head_dim"])
+    dense = torch.randn(B, L, H, 2 * D, generator=gen).to(device)
+    query = torch.randn(B, 1, Hq, D, generator=gen).to(device, dtype)
+    # The mask concatenate_to_cache returns for rows whose last token was just written.
+    index = torch.full((B,), L - 1, dtype=torch.int64, device=device)
+    mask = _ops.concatenate_to_cache(dense, index, dense[:, :1, :, :D].clone(), dense[:, :1, :, D:].clone(), None,
+                                     None, None, True, False, True)
+    float_cache = dense.to(dtype)
+    scales = None
+    if storage == "int8" or storage == "fp8":
+        parts, scale_parts = [], []
+        for part in (dense[..., :D], dense[..., D:]):
+            scale = part.abs().amax(dim=-1, keepdim=True) / (127.0 if storage == "int8" else 448.0)
+            scaled = part / torch.where(scale > 0, scale, torch.ones_like(scale))
+            parts.append(scaled.round().clamp(-127, 127).to(torch.int8) if storage == "int8"
+                         else scaled.to(torch.float8_e4m3fn))
+            scale_parts.append(scale)
+        key_value, scales = torch.cat(parts, dim=-1), torch.cat(scale_parts, dim=-1).contiguous()
+        storage_name = "int8" if storage == "int8" else "float8_e4m3fn"
+    else:
+        key_value, storage_name = float_cache, str(dtype).removeprefix("torch.")
+    del dense
+    read = key_value.numel() * key_value.element_size() + (0 if scales is None else scales.numel() * 4)
+    moved = read + 2 * query.numel() * query.element_size()  # + output of the same size (Dv = Dk)
+    peers = [_copy_peer(device, 2 * moved)]  # a copy reading the same bytes
+    notes = {}
+    if scales is not None:
+        label = f"SDPA {str(dtype).removeprefix('torch.')} views"
+        peers.insert(0, (label, lambda: baselines.cached_attention_eager(query, float_cache, mask, D), False))
+        notes[label] = "peer: the float cache's views (other storage, not compared)"
+    return Case(
+        name=name, kind="attention",
+        describe=f"cached_attention B={B} H={H} Hq={Hq} D={D} L={L} q=1, {storage_name} cache, "
+                 f"{str(dtype).removeprefix('torch.')} query",
+        nbytes=moved, mutables=[],
+        call_op=lambda check: _ops.cached_attention(query, key_value, mask, D, scales, None),
+        call_baseline=lambda fn: fn(query, key_value, mask, D, scales),
+        baseline=baselines.cached_attention_eager, peers=peers, peer_notes=notes, repeats=sizes["attn_repeats"])
+
+
 def _case_builders(args, device, dtype, sizes):
     """(name, builder) pairs in run order; builders allocate only when the case is selected."""
     gen = torch.Generator().manual_seed(args.seed)
@@ -235,6 +294,9 @@ def _case_builders(args, device, dtype, sizes):
     tokens = sizes["prefill_tokens"]
     out.append((f"prefill-{tokens}tok", lambda: _prefill_case(
         device, dtype, args.prefill_batch, tokens, sizes["decode_heads"], sizes["head_dim"], args.block_size, gen)))
+    for storage in ("float", "int8", "fp8"):
+        name = f"attn-{args.dtype if storage == 'float' else storage}"
+        out.append((name, lambda n=name, s=storage: _attention_case(n, s, device, dtype, sizes, gen)))
     return out
 
 
@@ -258,9 +320,10 @@ def _compiled(fn: Callable, mode: str) -> Callable:
 
 
 def _contenders(case: Case, compile_modes: list[str]) -> list[tuple[str, Callable]]:
-    out = [("op", lambda: case.call_op(True)),
-           ("op check_bounds=False", lambda: case.call_op(False)),
-           ("eager baseline", lambda: case.call_baseline(case.baseline))]
+    out = [("op", lambda: case.call_op(True))]
+    if case.kind != "attention":  # cached_attention has no bounds to check
+        out.append(("op check_bounds=False", lambda: case.call_op(False)))
+    out.append(("eager baseline", lambda: case.call_baseline(case.baseline)))
     for mode in compile_modes:
         fn = _compiled(case.baseline, mode)
         if mode == "reduce-overhead":
@@ -384,7 +447,7 @@ def _run_case(case: Case, compile_modes: list[str], sync: Callable, sizes: dict)
         restore()
         is_peer = label in peer_compared
         if is_peer and not peer_compared[label]:
-            notes[label] = "peer: same bytes, other work"
+            notes[label] = case.peer_notes.get(label, "peer: same bytes, other work")
             usable.append((label, fn))
             continue
         begin = time.perf_counter()
@@ -425,8 +488,10 @@ def _run_case(case: Case, compile_modes: list[str], sync: Callable, sizes: dict)
         inner = int(min(case.max_inner, max(1, round(sizes["target_ms"] * 1e-3 / max(probe_time, 1e-7)))))
 
     times = {}
+    repeats = case.repeats or sizes["repeats"]
+    warmup = min(sizes["warmup"], 1) if case.repeats else sizes["warmup"]
     for label, fn in usable:
-        times[label] = _timed(fn, case, sync, inner, sizes["warmup"], sizes["repeats"])
+        times[label] = _timed(fn, case, sync, inner, warmup, repeats)
         print(f"  {label:<28} {times[label] * 1e6:12.1f} us   {notes[label]}")
     for label, _ in contenders:
         if label not in times:

@@ -36,6 +36,7 @@ _KINDS = {
     "bool": "a bool",
     "int": "an int",
     "float": "a float",
+    "float?": "a float or None",
     "tensor": "a torch.Tensor",
     "tensor?": "a torch.Tensor or None",
     "dtype?": "a torch.dtype or None",
@@ -50,6 +51,8 @@ def _is_kind(value, kind: str) -> bool:
         return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
     if kind == "float":
         return isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)) and not isinstance(value, bool)
+    if kind == "float?":
+        return value is None or _is_kind(value, "float")
     if kind == "tensor":
         return isinstance(value, torch.Tensor)
     if kind == "tensor?":
@@ -191,6 +194,15 @@ def _lightning_accept_fake(state, step_states, num_accepted, slot_ids=None, chec
     torch._check(state.dim() == 4 and step_states.dim() == 5, lambda: "state must be 4-D and step_states 5-D")
 
 
+@torch.library.register_fake("lightning_cache::cached_attention")
+def _cached_attention_fake(query, key_value, mask, key_dim, scales=None, softmax_scale=None):
+    _check_one_device("cached_attention", query=query, key_value=key_value, mask=mask, scales=scales)
+    torch._check(query.dim() == 4 and key_value.dim() == 4, lambda: "cached_attention: query and key_value must be 4-D")
+    torch._check_value(1 <= key_dim < key_value.shape[3],
+                       lambda: f"cached_attention: key_dim must be in [1, {key_value.shape[3]}), got {key_dim}")
+    return query.new_empty((query.shape[0], query.shape[1], query.shape[2], key_value.shape[3] - key_dim))
+
+
 # --------------------------------------------------------------------------- wrappers
 
 
@@ -293,6 +305,25 @@ def dequantize_kv(key_value: torch.Tensor, scales: torch.Tensor, key_dim: int,
     if dtype is None:
         raise TypeError("dequantize_kv: dtype must be a torch.dtype, got None")
     return _ops.dequantize_kv(key_value, scales, key_dim, dtype)
+
+
+def cached_attention(query: torch.Tensor, key_value: torch.Tensor, mask: torch.Tensor, key_dim: int,
+                     scales: torch.Tensor | None = None, softmax_scale: float | None = None) -> torch.Tensor:
+    """Attention of ``query [B, q, Hq, Dk]`` over the unified cache, straight from its storage.
+
+    ``key_value [B, L, H, Dk + Dv]`` is float32/float16/bfloat16, or int8 / float8_e4m3fn
+    codes with ``scales [B, L, H, 2]`` float32 (``[..., 0]`` the key's, ``[..., 1]`` the
+    value's; an element means ``code * scale``); ``mask [B, 1, q, L]`` bool is what
+    ``concatenate_to_cache`` returned. ``Hq`` must be a multiple of ``H`` (grouped-query:
+    query head ``hq`` reads cache head ``hq // (Hq // H)``). Equals
+    ``scaled_dot_product_attention`` over the dequantized cache with that mask and
+    ``enable_gqa=True`` (``softmax_scale`` defaults to ``1 / sqrt(Dk)``), accumulated in
+    float32, without making a dequantized copy; a query whose mask row is all false gets
+    zeros. Returns ``[B, q, Hq, Dv]`` in the query's dtype.
+    """
+    check_types("cached_attention", query=(query, "tensor"), key_value=(key_value, "tensor"), mask=(mask, "tensor"),
+                key_dim=(key_dim, "int"), scales=(scales, "tensor?"), softmax_scale=(softmax_scale, "float?"))
+    return _ops.cached_attention(query, key_value, mask, key_dim, scales, softmax_scale)
 
 
 def init_state(batch_size: int, num_heads: int, key_dim: int, value_dim: int, dtype: torch.dtype | None = None,

@@ -35,4 +35,18 @@ cudaError_t launch_decode(at::Tensor& state, at::Tensor& out, const at::Tensor& 
 // b whose slot is in range and not taken by an earlier row.
 cudaError_t launch_scatter_rows(at::Tensor& state, const at::Tensor& src, const at::Tensor& slot_ids) noexcept;
 
+// cached_attention: how many splits of the columns to run (flash-decoding),
+// from the SM count of `device` and the sizes; at least 1.
+int64_t cached_attention_splits(const AttentionDims& d, int device) noexcept;
+
+// cached_attention into `out` [B, q, Hq, Dv] float32 contiguous. `query_f`
+// float32 (any strides), `key_value` validated with a contiguous last
+// dimension, `mask` bool [B, 1, q, L], `scales` (null for float caches) with
+// its four strides in `scale_strides`. With splits > 1, `workspace` holds
+// B * H * splits * Hq / H * q * (Dv + 2) floats. Needs key_dim, value_dim <= 256.
+// Nothing is launched for an empty call or L = 0.
+cudaError_t launch_cached_attention(at::Tensor& out, const at::Tensor& query_f, const at::Tensor& key_value,
+                                    const at::Tensor& mask, const float* scales, const int64_t* scale_strides,
+                                    const AttentionDims& d, int64_t splits, float* workspace) noexcept;
+
 }  // namespace lightning_cache

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <climits>
 
 #include "../ops.h"
@@ -126,9 +127,40 @@ at::Tensor lightning_prefill_cuda(at::Tensor& state, const at::Tensor& query, co
                                    &scatter_state_rows_cuda, checkpoints, checkpoint_every);
 }
 
+at::Tensor cached_attention_cuda(const at::Tensor& query, const at::Tensor& key_value, const at::Tensor& mask,
+                                 int64_t key_dim, const std::optional<at::Tensor>& scales,
+                                 std::optional<double> softmax_scale) {
+  const AttentionDims d = check_cached_attention_args(query, key_value, mask, key_dim, scales, softmax_scale);
+  TORCH_CHECK_VALUE(d.key_dim <= 256 && d.value_dim <= 256, "cached_attention: the CUDA kernel supports key_dim and ",
+                    "value_dim up to 256, got ", d.key_dim, " and ", d.value_dim);
+  TORCH_CHECK_VALUE(d.batch * d.heads <= INT_MAX / 64, "cached_attention: batch * heads (", d.batch * d.heads,
+                    ") is larger than the CUDA kernel supports");
+  const c10::cuda::CUDAGuard guard(query.device());
+  const auto shape = {d.batch, d.queries, d.query_heads, d.value_dim};
+  if (is_empty_call(d)) return at::empty(shape, query.options());
+  if (d.capacity == 0) return at::zeros(shape, query.options());  // every row fully masked, no launch
+  const at::Tensor kv = key_value.stride(3) == 1 ? key_value : key_value.contiguous();
+  const at::Tensor query_f = query.to(at::kFloat);
+  const int64_t splits = std::min<int64_t>(cached_attention_splits(d, query.get_device()), 64);
+  at::Tensor out = at::empty(shape, query.options().dtype(at::kFloat));
+  at::Tensor workspace;
+  if (splits > 1) {
+    workspace = at::empty({d.batch * d.heads * splits * d.group * d.queries * (d.value_dim + 2)}, out.options());
+  }
+  int64_t scale_strides[4] = {0, 0, 0, 0};
+  if (scales.has_value()) {
+    for (int k = 0; k < 4; ++k) scale_strides[k] = scales->stride(k);
+  }
+  C10_CUDA_CHECK(launch_cached_attention(out, query_f, kv, mask,
+                                         scales.has_value() ? scales->const_data_ptr<float>() : nullptr, scale_strides,
+                                         d, splits, splits > 1 ? workspace.data_ptr<float>() : nullptr));
+  return query.scalar_type() == at::kFloat ? out : out.to(query.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lightning_cache, CUDA, m) {
+  m.impl("cached_attention", &cached_attention_cuda);
   m.impl("concatenate_to_cache", &concatenate_to_cache_cuda);
   m.impl("write_to_cache", &write_to_cache_cuda);
   m.impl("lightning_decode", &lightning_decode_cuda);
