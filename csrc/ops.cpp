@@ -75,7 +75,7 @@ TORCH_LIBRARY(lightning_cache, m) {
   // stored codes directly: no dequantized copy of the cache is made.
   m.def(
       "cached_attention(Tensor query, Tensor key_value, Tensor mask, int key_dim, Tensor? scales=None, "
-      "float? softmax_scale=None) -> Tensor");
+      "float? softmax_scale=None) -> Tensor output");
 }
 
 // Factory ops take no tensors, so they are registered for every backend at once.

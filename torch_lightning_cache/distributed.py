@@ -40,6 +40,7 @@ ARGUMENT_DIMS: dict[str, tuple[int | None, int | None]] = {
     "slot_ids": (0, None),  # [B]: ids of the rank's own rows of the state pool
     "step_states": (0, 2),  # [B, n + 1, H, Dk, Dv]
     "checkpoints": (0, 2),  # [B, C, H, Dk, Dv]
+    "scales": (0, 2),  # [B, L, H, 2]: quantized storage, one scale per token, head and K/V
     "num_tokens": (0, None),  # [B]
     "num_accepted": (0, None),  # [B]
     # returns
@@ -49,7 +50,7 @@ ARGUMENT_DIMS: dict[str, tuple[int | None, int | None]] = {
 
 # Ops that take tensors; each gets a strategy from the table above. Per-op exceptions go in OP_ARGUMENT_DIMS.
 SHARDED_OPS = ("concatenate_to_cache", "write_to_cache", "lightning_decode", "lightning_prefill", "rewind_cache",
-               "lightning_accept")
+               "lightning_accept", "cached_attention")
 OP_ARGUMENT_DIMS: dict[str, dict[str, tuple[int | None, int | None]]] = {}
 
 _BATCH, _HEAD = "batch", "head"

@@ -74,7 +74,7 @@ class CachedAttention(nn.Module):
         inner = config.num_heads * config.head_dim
         self.qkv = nn.Linear(config.hidden_size, 3 * inner, bias=False, device=device, dtype=dtype)
         self.out = nn.Linear(inner, config.hidden_size, bias=False, device=device, dtype=dtype)
-        # Quantized storage: int8 / fp8 codes plus per-token scales, dequantized for SDPA after each write.
+        # Quantized storage: int8 / fp8 codes plus per-token scales, read directly by cached_attention.
         self.quantized = config.kv_quantization is not None
         if self.quantized:
             key_value, index, scales = ops.init_quantized_kv_cache(batch_size, config.max_length, config.num_heads,
@@ -108,15 +108,14 @@ class CachedAttention(nn.Module):
         q, k, v = _split_qkv(self.qkv(x), self.heads, self.head_dim)
         if self.quantized:
             assert scales is not None, "quantized storage needs its scales"
-            # The pool write quantizes only the new tokens; attention reads a dense copy (cached_attention avoids it).
+            # The write quantizes only the new tokens; attention reads the codes directly (no dense copy).
             mask = torch.ops.lightning_cache.concatenate_to_cache(key_value, index, k, v, None, None, None, True,
                                                                   False, self.check_bounds, slot_ids, scales)
             if slot_ids is not None:
                 rows = slot_ids.clamp_min(0)  # a skipped row's mask is all false
                 key_value, scales = key_value.index_select(0, rows), scales.index_select(0, rows)
-            dense_keys, dense_values = torch.ops.lightning_cache.dequantize_kv(key_value, scales, self.head_dim,
-                                                                               q.dtype)
-            keys, values = dense_keys.transpose(1, 2), dense_values.transpose(1, 2)
+            o = torch.ops.lightning_cache.cached_attention(q, key_value, mask, self.head_dim, scales, None)
+            return self.out(o.reshape(b, n, self.heads * self.head_dim))
         else:
             mask = torch.ops.lightning_cache.concatenate_to_cache(key_value, index, k, v, None, None, None, True,
                                                                   False, self.check_bounds, slot_ids)

@@ -89,11 +89,14 @@ def pool_cache(model) -> LightningCache:
     """The model's cache buffers as a :class:`LightningCache` (the same tensors), for its slot operations."""
     c = model.config
     meta = LightningCacheMetaData.create(batch_size=model.batch_size, num_heads=c.num_heads, head_dim=c.head_dim,
-                                         max_length=c.max_length, block_size=c.block_size)
+                                         max_length=c.max_length, block_size=c.block_size,
+                                         kv_quantization=c.kv_quantization)
     cache = LightningCache.init_cache(len(model.layers), meta, c.layer_kinds)
     for view, layer in zip(cache, model.layers):
         if layer.kind == ATTENTION:
             view.key_value, view.index = layer.mixer.key_value, layer.mixer.index
+            if layer.mixer.quantized:
+                view.scales = layer.mixer.scales
         else:
             view.key_value = layer.mixer.state
     return cache
