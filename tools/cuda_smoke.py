@@ -1,25 +1,50 @@
 """CUDA kernels against the CPU kernels and tests/reference.py, plus graph capture, launch counts and timings.
 
-    python3 tools/cuda_smoke.py [--quick] [--no-bench]
+    python3 tools/cuda_smoke.py [--quick] [--no-bench] [--device cuda|cpu]
 
 Needs a GPU and the extension built in place (python3 setup.py build_ext --inplace).
 Prints one "ok"/"FAIL" line per check and the timings; exits 1 if a check failed.
+``--device cpu`` dry-runs the script's own logic without a GPU (the CPU is then compared
+with itself; graph capture, launch counts and timings are skipped).
+
+Exactness: pool writes, quantized writes (int8 and fp8 codes, scales) and dequantize_kv
+must equal the CPU kernel bit for bit. Both backends quantize with the same
+C10_HOST_DEVICE code (csrc/quantize_rule.h): one IEEE division amax / code_max, one
+division x / scale, rintf (ties to even) or c10's software e4m3fn conversion; nvcc is not
+given --use_fast_math, so division is correctly rounded and the codes cannot differ. A
+mismatch is reported with its largest code difference (and a separate "within 1 code"
+line says whether it is a rounding-tie difference or a real bug).
 """
 
 import argparse
 import os
 import sys
 import time
+import zlib
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the in-place build and the reference
 import torch_lightning_cache  # noqa: E402,F401  (loads the ops)
-from reference import ref_lightning  # noqa: E402
+from reference import (  # noqa: E402
+    ref_cached_attention, ref_dequantize_kv, ref_lightning, ref_lightning_accept, ref_quantize_kv_tokens,
+    ref_quantized_write, ref_rewind_cache,
+)
 
 ops = torch.ops.lightning_cache
-DEV = "cuda"
+DEV = "cuda"  # --device
 FAILS = []
+
+
+def sync():
+    if torch.device(DEV).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seeded(*key):
+    """A CPU generator seeded from the case's parameters, the same in every process (hash() of str is not)."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
 def check(name, cond, detail=""):
@@ -43,7 +68,7 @@ def strided(t):
 
 
 def concat_case(cache_dt, in_dt, B, L, H, Dk, Dv, q, starts, mask_kind, ring=False, check_bounds=True, layout="dense"):
-    g = torch.Generator().manual_seed(hash((B, L, H, Dk, Dv, q, mask_kind, ring, layout)) % 2**31)
+    g = seeded(B, L, H, Dk, Dv, q, mask_kind, ring, layout)
     kv0 = torch.randn(B, L, H, Dk + Dv, generator=g).to(cache_dt)
     idx0 = torch.tensor(starts, dtype=torch.long)
     key = torch.randn(B, q, H, Dk, generator=g).to(in_dt)
@@ -124,7 +149,7 @@ def concat_suite(quick):
         k = torch.zeros(0, 1, 2, 4, device=DEV)
         m = ops.concatenate_to_cache(kv, idx, k, k, None, None, None, True, False, True)
         ops.write_to_cache(kv, idx, k, k, False, True)
-        torch.cuda.synchronize()
+        sync()
         check("B=0 concatenate/write_to_cache", m.shape == (0, 1, 1, 16))
 
     guarded("B=0", zero_batch)
@@ -176,10 +201,443 @@ def lightning_suite(quick):
         st = torch.zeros(0, 2, 8, 8, device=DEV)
         x = torch.zeros(0, 1, 2, 8, device=DEV)
         out = ops.lightning_decode(st, x, x, x, torch.ones(2, device=DEV), None, 1.0, True)
-        torch.cuda.synchronize()
+        sync()
         check("decode B=0", out.shape == (0, 1, 2, 8))
 
     guarded("decode B=0", zero)
+
+
+# ------------------------------------------------------------------ checks added with pools, quantized storage,
+# cached_attention, prefix checkpoints and speculative decoding (issue 11)
+
+
+def bits(t):
+    """Bit pattern of a tensor on the CPU (NaN-safe equality for floats, fp8 codes as bytes)."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype in (torch.float32,):
+        return t.view(torch.int32)
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return t.view(torch.int16)
+    if t.dtype == torch.float64:
+        return t.view(torch.int64)
+    if t.dtype == torch.float8_e4m3fn:
+        return t.view(torch.uint8)
+    return t
+
+
+def same_bits(a, b):
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
+
+
+def rel_err(actual, expected):
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
+    if a.shape != e.shape:
+        return float("inf")
+    den = e.abs().max().item() if e.numel() else 0.0
+    num = (a - e).abs().max().item() if a.numel() else 0.0
+    return num if den == 0.0 else num / den
+
+
+def code_diff(a, b):
+    """Largest difference of two code tensors in code units (fp8: in e4m3 steps, via the byte order)."""
+    if a.dtype == torch.float8_e4m3fn:  # adjacent e4m3 values of one sign have adjacent byte values
+        a, b = bits(a).to(torch.int16), bits(b).to(torch.int16)
+    return (a.cpu().to(torch.int64) - b.cpu().to(torch.int64)).abs().max().item() if a.numel() else 0
+
+
+def on_both(fn):
+    """fn(device) on the CPU and on DEV (each gets its own copies); returns (cpu result, DEV result)."""
+    return fn("cpu"), fn(DEV)
+
+
+def pool_case(P, B, L, H, Dk, Dv, q, starts, ids, mask_kind, ring=False, check_bounds=True, write_only=False,
+              cache_dt=torch.bfloat16, in_dt=torch.float32):
+    g = seeded(P, B, L, q, tuple(ids), mask_kind, ring, write_only)
+    kv0 = torch.randn(P, L, H, Dk + Dv, generator=g).to(cache_dt)
+    idx0 = torch.tensor(starts, dtype=torch.long)
+    key = torch.randn(B, q, H, Dk, generator=g).to(in_dt)
+    value = torch.randn(B, q, H, Dv, generator=g).to(in_dt)
+    am = (torch.rand(B, L, generator=g) > 0.3) if mask_kind == "2d_bool" else None
+    tt = torch.randint(0, 3, (B, q), generator=g) if mask_kind == "token_types" else None
+    sid = torch.tensor(ids, dtype=torch.long)
+
+    def run(dev):
+        kv, idx = kv0.clone().to(dev), idx0.clone().to(dev)
+        k, v = strided(key.to(dev)), value.to(dev)
+        if write_only:
+            ops.write_to_cache(kv, idx, k, v, ring, check_bounds, sid.to(dev), None)
+            return kv.cpu(), idx.cpu(), None
+        m = ops.concatenate_to_cache(kv, idx, k, v, None if am is None else am.to(dev), None,
+                                     None if tt is None else tt.to(dev), mask_kind != "none", ring, check_bounds,
+                                     sid.to(dev), None)
+        return kv.cpu(), idx.cpu(), m.cpu()
+
+    a, b = on_both(run)
+    ok = torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and (write_only or torch.equal(a[2], b[2]))
+    op = "write_to_cache" if write_only else "concatenate_to_cache"
+    check(f"pool {op} P{P} B{B} L{L} q{q} ids={ids} starts={starts} {mask_kind} ring={ring} cb={check_bounds}", ok,
+          f"kv {torch.equal(a[0], b[0])} idx {a[1].tolist()} vs {b[1].tolist()}"
+          + ("" if write_only else f" mask {torch.equal(a[2], b[2])}"))
+
+
+def pool_suite(quick):
+    cases = [
+        # (P, B, L, q, starts, ids, mask, ring, check_bounds)
+        (5, 3, 32, 1, [0, 4, 9, 31, 2], [2, -1, 0], "causal", False, True),         # -1 skips
+        (5, 3, 32, 4, [0, 4, 9, 28, 2], [3, 0, 4], "2d_bool", False, True),         # permuted rows
+        (4, 4, 32, 2, [1, 2, 3, 4], [1, 1, 3, 1], "causal", False, False),         # repeats: first wins
+        (4, 4, 32, 2, [1, 2, 3, 4], [7, -9, 2, 2**62], "2d_bool", False, False),   # out of range: skipped
+        (4, 3, 16, 3, [30, 15, 47, 0], [3, -1, 0], "causal", True, True),          # ring past L
+        (4, 3, 16, 3, [30, 15, 47, 0], [2, 2, -5], "token_types", True, False),    # ring + repeats, checks off
+        (3, 2, 32, 2, [31, 5, 0], [0, 1], "causal", False, False),                  # overflowing row skipped
+    ]
+    for P, B, L, q, starts, ids, kind, ring, cb in cases[:5] if quick else cases:
+        for write_only in (False, True):
+            guarded(f"pool {ids}", lambda: pool_case(P, B, L, 2, 16, 8, q, starts, ids, kind, ring, cb, write_only))
+    if not quick:
+        guarded("pool f32/bf16", lambda: pool_case(5, 3, 64, 4, 128, 128, 3, [0, 4, 9, 28, 2], [4, -1, 1], "causal",
+                                                   cache_dt=torch.float32, in_dt=torch.bfloat16))
+
+
+def quant_case(fmt, in_dt, P, B, L, H, Dk, Dv, q, starts, ids, ring=False, check_bounds=True, special=False):
+    g = seeded(fmt, str(in_dt), P, B, L, H, Dk, Dv, q, str(ids), ring)
+    code_dt = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}[fmt]
+    codes0 = torch.randint(-100, 100, (P, L, H, Dk + Dv), generator=g).to(code_dt)
+    scales0 = torch.rand(P, L, H, 2, generator=g)
+    idx0 = torch.tensor(starts, dtype=torch.long)
+    key = (torch.randn(B, q, H, Dk, generator=g) * 3).to(in_dt)
+    value = torch.randn(B, q, H, Dv, generator=g).to(in_dt)
+    if special:  # an all-zero token-head (scale 0), a NaN one (scale NaN, codes 0), an exact tie, a huge value
+        key[0, 0, 0] = 0
+        value[-1, -1, -1, 0] = float("nan")
+        key[-1, 0, 0, :2] = torch.tensor([254.0, 1.0]).to(in_dt)  # int8: x / scale = 0.5 exactly
+        value[0, -1, 0, 0] = 6e4 if in_dt != torch.float16 else 6e4
+    sid = None if ids is None else torch.tensor(ids, dtype=torch.long)
+    name = (f"quantized {fmt} {in_dt} P{P} B{B} H{H} D{Dk}+{Dv} q{q} ids={ids} ring={ring} cb={check_bounds}"
+            f"{' special' if special else ''}")
+
+    def run(dev, write_only):
+        kv, sc, idx = codes0.clone().to(dev), scales0.clone().to(dev), idx0.clone().to(dev)
+        k, v = key.to(dev), strided(value.to(dev))
+        s = None if sid is None else sid.to(dev)
+        if write_only:
+            ops.write_to_cache(kv, idx, k, v, ring, check_bounds, s, sc)
+            m = None
+        else:
+            m = ops.concatenate_to_cache(kv, idx, k, v, None, None, None, True, ring, check_bounds, s, sc).cpu()
+        return kv.cpu(), sc.cpu(), idx.cpu(), m
+
+    for write_only in (False, True):
+        op = "write_to_cache" if write_only else "concatenate_to_cache"
+        a, b = run("cpu", write_only), run(DEV, write_only)
+        same = same_bits(a[0], b[0]) and same_bits(a[1], b[1]) and torch.equal(a[2], b[2]) and (
+            write_only or torch.equal(a[3], b[3]))
+        check(f"{op} {name}: codes and scales bit-equal to CPU", same,
+              f"codes {same_bits(a[0], b[0])} (max diff {code_diff(a[0], b[0])} codes) "
+              f"scales {same_bits(a[1], b[1])} idx {torch.equal(a[2], b[2])}")
+        if not same:
+            check(f"{op} {name}: codes within 1 of CPU", code_diff(a[0], b[0]) <= 1 and torch.equal(a[2], b[2]),
+                  code_diff(a[0], b[0]))
+        if not write_only and check_bounds:  # the oracle (checks on: its rows rule is the op's)
+            ref_kv, ref_sc, ref_idx = ref_quantized_write(codes0, scales0, idx0, key, value, fmt, ring=ring,
+                                                          slot_ids=sid)
+            check(f"{op} {name}: equals ref_quantized_write",
+                  same_bits(b[0], ref_kv) and same_bits(b[1], ref_sc) and torch.equal(b[2], ref_idx),
+                  f"codes max diff {code_diff(b[0], ref_kv)} scales {same_bits(b[1], ref_sc)}")
+        if write_only:
+            continue
+        # dequantize_kv of what was written, every output dtype, CPU vs DEV vs reference
+        for dt in (torch.float32, torch.bfloat16) if check_bounds else (torch.float16, torch.float64):
+            kc, vc = ops.dequantize_kv(a[0], a[1], Dk, dt)
+            kd, vd = ops.dequantize_kv(b[0].to(DEV), b[1].to(DEV), Dk, dt)
+            kr, vr = ref_dequantize_kv(a[0], a[1], Dk, dt)
+            ok = same_bits(kc, kd.cpu()) and same_bits(vc, vd.cpu()) and same_bits(kd.cpu(), kr) and same_bits(
+                vd.cpu(), vr) and kd.device.type == torch.device(DEV).type
+            check(f"dequantize_kv {fmt} -> {dt} (from {name})", ok)
+
+
+def quant_suite(quick):
+    fmts = ("int8", "fp8_e4m3")
+    for fmt in fmts:
+        for in_dt in (torch.float32, torch.bfloat16):
+            # D = 128 + 128: full-warp amax shuffles; 5 + 3: 8-lane shuffle groups (several heads per warp)
+            guarded("quant", lambda: quant_case(fmt, in_dt, 3, 3, 24, 2, 128, 128, 2, [0, 5, 22], None))
+            guarded("quant", lambda: quant_case(fmt, in_dt, 4, 3, 24, 3, 5, 3, 3, [0, 5, 21, 9], [3, -1, 0],
+                                                special=True))
+        guarded("quant ring", lambda: quant_case(fmt, torch.float32, 4, 3, 16, 2, 16, 16, 3, [30, 15, 47, 0],
+                                                 [2, 2, 7], ring=True, check_bounds=False))
+    if quick:
+        return
+    for fmt in fmts:
+        for in_dt in (torch.float16, torch.float64):
+            guarded("quant dtypes", lambda: quant_case(fmt, in_dt, 3, 3, 24, 2, 64, 32, 2, [0, 5, 22], [1, 0, 2]))
+        # more heads than the block's y-threads (tx = 32 -> 8 rows of heads): heads loop twice, unevenly
+        guarded("quant H10", lambda: quant_case(fmt, torch.bfloat16, 2, 2, 40, 10, 64, 64, 5, [0, 30], None,
+                                                special=True))
+        guarded("quant 1 token", lambda: quant_case(fmt, torch.float32, 6, 4, 64, 8, 128, 128, 1, [0, 9, 63, 2, 4, 5],
+                                                    [5, 0, -1, 3]))
+        guarded("quant bad ids", lambda: quant_case(fmt, torch.float32, 4, 4, 16, 2, 8, 8, 2, [1, 15, 3, 4],
+                                                    [1, 1, 9, 2], check_bounds=False))
+
+
+def attention_case(storage, B, L, H, group, Dk, Dv, q, query_dt=torch.float32, masked_rows=False, strided_in=False,
+                   softmax_scale=None, positions=None):
+    g = seeded(storage, B, L, H, group, Dk, Dv, q, str(query_dt))
+    dense = torch.randn(B, L, H, Dk + Dv, generator=g)
+    index = torch.tensor(positions if positions is not None else
+                         [int(torch.randint(0, L - q + 1, (1,), generator=g)) for _ in range(B)])
+    nk, nv = torch.randn(B, q, H, Dk, generator=g), torch.randn(B, q, H, Dv, generator=g)
+    mask = ops.concatenate_to_cache(dense, index, nk, nv, None, None, None, True, False, True)
+    if masked_rows:  # random masks, one query and one whole batch row seeing nothing
+        mask = torch.rand(B, 1, q, L, generator=g) < 0.3
+        mask[0, 0, q - 1] = False
+        mask[-1] = False
+    scales = None
+    if storage in ("int8", "fp8_e4m3"):
+        kc, ks = ref_quantize_kv_tokens(dense[..., :Dk], storage)
+        vc, vs = ref_quantize_kv_tokens(dense[..., Dk:], storage)
+        key_value, scales = torch.cat([kc, vc], -1), torch.stack([ks, vs], -1).contiguous()
+    else:
+        key_value = dense.to(getattr(torch, storage))
+    query = torch.randn(B, q, H * group, Dk, generator=g).to(query_dt)
+    want = ref_cached_attention(query, key_value, mask, Dk, scales, softmax_scale)
+
+    def run(dev):
+        qd, kv = query.to(dev), key_value.to(dev)
+        if strided_in:
+            qd = qd.transpose(1, 2).contiguous().transpose(1, 2)  # [B, Hq, q, Dk] memory
+            wide = torch.zeros(B, L, H, Dk + Dv + 8, dtype=kv.dtype, device=dev)
+            wide[..., 4 : 4 + Dk + Dv] = kv
+            kv = wide[..., 4 : 4 + Dk + Dv]  # unit last stride, padded heads
+        return ops.cached_attention(qd, kv, mask.to(dev), Dk, None if scales is None else scales.to(dev),
+                                    softmax_scale)
+
+    got_cpu, got = on_both(run)
+    tol = 1e-2 if query_dt != torch.float32 else 1e-4  # float32 accumulation over up to 8192 columns
+    err, err_cpu = rel_err(got, want), rel_err(got, got_cpu)
+    seen = mask.any(-1).squeeze(1)  # [B, q]
+    blind = got.cpu()[~seen]
+    zeros_ok = torch.equal(blind, torch.zeros_like(blind))
+    ok = (got.shape == want.shape and got.dtype == query_dt and got.device.type == torch.device(DEV).type
+          and err <= tol and err_cpu <= 2 * tol and bool(torch.isfinite(got.cpu()).all()) and zeros_ok)
+    check(f"cached_attention {storage} q{q} B{B} L{L} H{H} G{group} D{Dk}/{Dv} query {query_dt}"
+          f"{' masked' if masked_rows else ''}{' strided' if strided_in else ''}", ok,
+          f"rel err vs ref {err:.3g} vs CPU op {err_cpu:.3g} (tol {tol}); masked rows zero {zeros_ok}")
+
+
+def attention_suite(quick):
+    storages = ["float32", "bfloat16", "float16", "int8", "fp8_e4m3"]
+    # (q, group, Dk, Dv): q = 1 and q > 1, GQA 1/4/8, lanes holding 1, 2, 4 and 8 dims
+    shapes = [(1, 1, 16, 16), (1, 4, 128, 128), (1, 8, 24, 20), (3, 4, 64, 64), (5, 1, 32, 40), (2, 8, 256, 256)]
+    for storage in storages if not quick else ["float32", "bfloat16", "int8", "fp8_e4m3"]:
+        for q, group, Dk, Dv in shapes[:3] if quick else shapes:
+            guarded("attn", lambda: attention_case(storage, 3, 150, 2, group, Dk, Dv, q))
+        guarded("attn masked", lambda: attention_case(storage, 3, 140, 2, 2, 24, 24, 4, masked_rows=True))
+    # long rows: B * H = 2 blocks of work, so the columns are split (flash-decoding) and combined
+    for storage in ["float32", "int8"] if quick else storages:
+        for q, group in ((1, 4), (2, 8)) if not quick else ((1, 4),):
+            guarded("attn long", lambda: attention_case(storage, 1, 8192, 2, group, 128, 128, q,
+                                                        positions=[8192 - q]))
+    guarded("attn long masked", lambda: attention_case("fp8_e4m3", 1, 8192, 2, 8, 64, 64, 3, masked_rows=True))
+    guarded("attn bf16 query", lambda: attention_case("int8", 2, 300, 2, 4, 64, 64, 1, query_dt=torch.bfloat16))
+    guarded("attn strided", lambda: attention_case("bfloat16", 2, 100, 3, 2, 32, 48, 2, strided_in=True,
+                                                   softmax_scale=0.3))
+    if not quick:
+        guarded("attn f16 query", lambda: attention_case("float16", 2, 3000, 4, 8, 128, 128, 1,
+                                                         query_dt=torch.float16))
+        guarded("attn many rows", lambda: attention_case("int8", 16, 1024, 8, 4, 128, 128, 4))
+
+    def empty():
+        out = ops.cached_attention(torch.randn(2, 1, 4, 8, device=DEV), torch.zeros(2, 0, 2, 16, device=DEV),
+                                   torch.zeros(2, 1, 1, 0, dtype=torch.bool, device=DEV), 8, None, None)
+        out0 = ops.cached_attention(torch.randn(0, 1, 4, 8, device=DEV), torch.zeros(0, 5, 2, 16, device=DEV),
+                                    torch.zeros(0, 1, 1, 5, dtype=torch.bool, device=DEV), 8, None, None)
+        sync()
+        check("cached_attention L=0 (zeros) and B=0", torch.equal(out.cpu(), torch.zeros(2, 1, 4, 8))
+              and out0.shape == (0, 1, 4, 8))
+
+    guarded("attn empty", empty)
+
+
+def checkpoint_case(n, every, C, block, ids, masked, state_dt=torch.float32, B=3, H=2, Dk=16, Dv=24):
+    g = torch.Generator().manual_seed(n * 100 + every * 10 + C + block)
+    S = B if ids is None else 5
+    state0 = (torch.randn(S, H, Dk, Dv, generator=g) * 0.5).to(state_dt)
+    q = torch.randn(B, n, H, Dk, generator=g)
+    k = torch.randn(B, n, H, Dk, generator=g) / Dk**0.5
+    v = torch.randn(B, n, H, Dv, generator=g)
+    slopes = torch.rand(H, generator=g) + 0.1
+    am = (torch.rand(B, n, generator=g) > 0.2) if masked else None
+    sid = None if ids is None else torch.tensor(ids)
+    sentinel = (torch.arange(B * C * H * Dk * Dv, dtype=torch.float64).view(B, C, H, Dk, Dv) * 1e3 + 7.25)
+    sentinel.view(-1)[::5] = float("nan")
+    sentinel = sentinel.to(state_dt)
+
+    def run(dev):
+        st, cps = state0.clone().to(dev), sentinel.clone().to(dev)
+        out = ops.lightning_prefill(st, q.to(dev), k.to(dev), strided(v.to(dev)), slopes.to(dev),
+                                    None if am is None else am.to(dev), None if sid is None else sid.to(dev), block,
+                                    1.0, ids is None or -1 in ids, cps, every)
+        return out.cpu(), st.cpu(), cps.cpu()
+
+    a, b = on_both(run)
+    tol = 2e-2 if state_dt == torch.bfloat16 else 1e-4
+    untouched = bits(a[2]) == bits(sentinel)  # entries the CPU op did not write
+    ok_untouched = torch.equal(bits(b[2])[untouched], bits(sentinel)[untouched])
+    written = ~untouched
+    err_cp = rel_err(b[2][written], a[2][written]) if written.any() else 0.0
+    err_out, err_state = rel_err(b[0], a[0]), rel_err(b[1], a[1])
+    check(f"lightning_prefill checkpoints n{n} every{every} C{C} block{block} ids={ids} masked={masked} {state_dt}",
+          ok_untouched and err_cp <= tol and err_out <= tol and err_state <= tol and bool(written.any()),
+          f"unwritten kept {ok_untouched}, rel err checkpoints {err_cp:.3g} out {err_out:.3g} state {err_state:.3g}")
+
+
+def checkpoint_suite(quick):
+    cases = [(37, 8, 6, 8, None, False), (37, 5, 8, 8, [4, -1, 0], True), (36, 12, 3, 8, [2, 2, 7], False),
+             (40, 13, 4, 16, None, True), (9, 1, 12, 4, [1, 0, 3], False), (70, 24, 2, 256, None, False)]
+    for n, every, C, block, ids, masked in cases[:3] if quick else cases:
+        guarded("checkpoints", lambda: checkpoint_case(n, every, C, block, ids, masked))
+    guarded("checkpoints bf16", lambda: checkpoint_case(33, 8, 4, 8, None, False, state_dt=torch.bfloat16))
+
+
+def speculative_suite(quick):
+    """lightning_decode(step_states=...) (a new kernel store), rewind_cache and lightning_accept."""
+    g = torch.Generator().manual_seed(11)
+    for state_dt, ids in ((torch.float32, None), (torch.bfloat16, [3, -1, 0]), (torch.float32, [1, 1, 2])):
+        B, n, H, Dk, Dv = 3, 4, 2, 64, 48
+        S = B if ids is None else 4
+        state0 = torch.randn(S, H, Dk, Dv, generator=g).to(state_dt)
+        q, k, v = (torch.randn(B, n, H, d, generator=g) for d in (Dk, Dk, Dv))
+        slopes = torch.rand(H, generator=g) + 0.1
+        sid = None if ids is None else torch.tensor(ids)
+        cb = ids is None or len(set(ids)) == len(ids)  # repeated ids only with checks off
+
+        def run(dev):
+            st = state0.clone().to(dev)
+            steps = torch.full((B, n + 1, H, Dk, Dv), 3.5, dtype=state_dt, device=dev)
+            out = ops.lightning_decode(st, q.to(dev), k.to(dev), v.to(dev), slopes.to(dev),
+                                       None if sid is None else sid.to(dev), 1.0, cb,
+                                       steps)
+            accept = torch.tensor([2, 4, 0])
+            st2 = state0.clone().to(dev)
+            ops.lightning_accept(st2, steps, accept.to(dev), None if sid is None else sid.to(dev), cb)
+            return out.cpu(), st.cpu(), steps.cpu(), st2.cpu(), accept
+
+        def guarded_run():
+            a, b = on_both(run)
+            tol = 2e-2 if state_dt == torch.bfloat16 else 1e-4
+            errs = [rel_err(x, y) for x, y in zip(b[:4], a[:4])]
+            want_accept = ref_lightning_accept(state0, b[2], b[4], sid)
+            check(f"lightning_decode step_states + lightning_accept {state_dt} ids={ids}",
+                  max(errs) <= tol and torch.equal(b[3], want_accept.to(b[3].dtype)), f"rel errs {errs}")
+
+        guarded("step_states", guarded_run)
+
+    def rewind():
+        for ids, check_bounds in ((None, True), ([2, -1, 0, 2], False), ([3, 0, 9, 1], False)):
+            index0 = torch.tensor([5, 0, 9, 2])
+            num = torch.tensor([2, 3, 20, 1])
+            sid = None if ids is None else torch.tensor(ids)
+
+            def run(dev):
+                idx = index0.clone().to(dev)
+                ops.rewind_cache(idx, num.to(dev), None if sid is None else sid.to(dev), False, check_bounds)
+                return idx.cpu()
+
+            a, b = on_both(run)
+            check(f"rewind_cache ids={ids} cb={check_bounds}",
+                  torch.equal(a, b) and torch.equal(b, ref_rewind_cache(index0, num, sid)), f"{a} vs {b}")
+
+    guarded("rewind", rewind)
+
+
+def raising_suite():
+    """Each new argument, bad, on DEV: the right Python exception, the process alive, nothing written."""
+    d = DEV
+    kv = torch.randn(4, 16, 2, 8, device=d)
+    idx = torch.tensor([0, 3, 5, 15], device=d)
+    k = torch.randn(3, 2, 2, 4, device=d)
+    codes = torch.zeros(4, 16, 2, 8, dtype=torch.int8, device=d)
+    scales = torch.ones(4, 16, 2, 2, device=d)
+    st = torch.randn(3, 2, 4, 4, device=d)
+    x = torch.randn(3, 5, 2, 4, device=d)
+    sl = torch.ones(2, device=d)
+    m = torch.ones(4, 1, 1, 16, dtype=torch.bool, device=d)
+    qa = torch.randn(4, 1, 4, 4, device=d)
+    big_kv = torch.zeros(1, 4, 1, 600, device=d)
+    ids = lambda *v: torch.tensor(v, device=d)  # noqa: E731
+    cases = [
+        ("concatenate_to_cache slot id out of range", IndexError,
+         lambda: ops.concatenate_to_cache(kv, idx, k, k, None, None, None, True, False, True, ids(5, 0, 1), None)),
+        ("write_to_cache repeated slot id", IndexError,
+         lambda: ops.write_to_cache(kv, idx, k, k, False, True, ids(1, 1, 0), None)),
+        ("write_to_cache slot_ids int32", TypeError,
+         lambda: ops.write_to_cache(kv, idx, k, k, False, True, ids(1, 2, 0).int(), None)),
+        ("write_to_cache slot_ids wrong length", ValueError,
+         lambda: ops.write_to_cache(kv, idx, k, k, False, True, ids(1, 2), None)),
+        ("write_to_cache slot row overflows", IndexError,
+         lambda: ops.write_to_cache(kv, idx, k, k, False, True, ids(3, 0, 1), None)),
+        ("write_to_cache int8 without scales", ValueError,
+         lambda: ops.write_to_cache(codes, idx, k, k, False, True, ids(1, 2, 0), None)),
+        ("concatenate_to_cache float64 scales", TypeError,
+         lambda: ops.concatenate_to_cache(codes, idx, k, k, None, None, None, True, False, True, ids(1, 2, 0),
+                                          scales.double())),
+        ("write_to_cache scales wrong shape", ValueError,
+         lambda: ops.write_to_cache(codes, idx, k, k, False, True, ids(1, 2, 0), scales[:, :8])),
+        ("write_to_cache scales with float storage", ValueError,
+         lambda: ops.write_to_cache(kv, idx, k, k, False, True, ids(1, 2, 0), scales)),
+        ("write_to_cache quantized overflow", IndexError,
+         lambda: ops.write_to_cache(codes, idx, k, k, False, True, ids(3, 2, 0), scales)),
+        ("dequantize_kv key_dim", ValueError, lambda: ops.dequantize_kv(codes, scales, 8, torch.float32)),
+        ("dequantize_kv float storage", TypeError, lambda: ops.dequantize_kv(kv, scales, 4, torch.float32)),
+        ("dequantize_kv int dtype", TypeError, lambda: ops.dequantize_kv(codes, scales, 4, torch.int32)),
+        ("cached_attention heads not a multiple", ValueError,
+         lambda: ops.cached_attention(qa[:, :, :3], kv, m, 4, None, None)),
+        ("cached_attention uint8 mask", TypeError,
+         lambda: ops.cached_attention(qa, kv, m.to(torch.uint8), 4, None, None)),
+        ("cached_attention int8 without scales", ValueError, lambda: ops.cached_attention(qa, codes, m, 4, None, None)),
+        ("cached_attention NaN softmax_scale", ValueError,
+         lambda: ops.cached_attention(qa, kv, m, 4, None, float("nan"))),
+        ("lightning_prefill checkpoints without checkpoint_every", ValueError,
+         lambda: ops.lightning_prefill(st, x, x, x, sl, None, None, 2, 1.0, True, torch.zeros(3, 2, 2, 4, 4, device=d),
+                                       0)),
+        ("lightning_prefill checkpoints wrong shape", ValueError,
+         lambda: ops.lightning_prefill(st, x, x, x, sl, None, None, 2, 1.0, True, torch.zeros(3, 2, 2, 4, 3, device=d),
+                                       2)),
+        ("lightning_prefill checkpoints float64", TypeError,
+         lambda: ops.lightning_prefill(st, x, x, x, sl, None, None, 2, 1.0, True,
+                                       torch.zeros(3, 2, 2, 4, 4, dtype=torch.float64, device=d), 2)),
+        ("lightning_decode step_states wrong shape", ValueError,
+         lambda: ops.lightning_decode(st, x, x, x, sl, None, 1.0, True, torch.zeros(3, 5, 2, 4, 4, device=d))),
+        ("rewind_cache ring", ValueError,
+         lambda: ops.rewind_cache(idx, torch.ones(4, dtype=torch.long, device=d), None, True, True)),
+        ("lightning_accept num_accepted out of range", IndexError,
+         lambda: ops.lightning_accept(st, torch.zeros(3, 6, 2, 4, 4, device=d), torch.full((3,), 9, device=d), None,
+                                      True)),
+    ]
+    if torch.device(d).type == "cuda":
+        cases.append(("cached_attention key_dim > 256 (CUDA kernel limit)", ValueError,
+                      lambda: ops.cached_attention(torch.zeros(1, 1, 1, 300, device=d), big_kv,
+                                                   torch.ones(1, 1, 1, 4, dtype=torch.bool, device=d), 300, None,
+                                                   None)))
+    before = [t.clone() for t in (kv, idx, codes, scales, st)]
+    for name, error, fn in cases:
+        try:
+            fn()
+            check(f"raises on {d}: {name}", False, "no exception")
+        except error as e:
+            check(f"raises on {d}: {name} -> {error.__name__}", True)
+            del e
+        except Exception as e:  # noqa: BLE001
+            check(f"raises on {d}: {name}", False, f"{type(e).__name__} instead of {error.__name__}: {str(e)[:200]}")
+    sync()
+    untouched = all(torch.equal(bits(a), bits(b)) for a, b in zip(before, (kv, idx, codes, scales, st)))
+    check(f"every refused call on {d} left its tensors as they were", untouched)
+    # the process and the device are still usable after the raises
+    ops.write_to_cache(kv, idx, k[:, :1], k[:, :1], False, True, ids(0, 1, 2), None)
+    sync()
+    check(f"a good call on {d} after the raises works", idx.cpu().tolist() == [1, 4, 6, 15])
+
 
 
 def graph_suite():
@@ -328,14 +786,29 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu: a dry run of the script itself")
     args = ap.parse_args()
+    global DEV
+    DEV = args.device
+    on_cuda = torch.device(DEV).type == "cuda"
+    print(f"device {DEV}" + (f" ({torch.cuda.get_device_name(DEV)})" if on_cuda else " (dry run: CPU vs CPU)"))
+    # the raise checks first: an op that kills the process when it raises should say so before the long suites
+    guarded("raising suite", raising_suite)
     guarded("concat suite", lambda: concat_suite(args.quick))
+    guarded("pool suite", lambda: pool_suite(args.quick))
+    guarded("quantized suite", lambda: quant_suite(args.quick))
+    guarded("attention suite", lambda: attention_suite(args.quick))
     guarded("lightning suite", lambda: lightning_suite(args.quick))
-    guarded("graph suite", graph_suite)
-    if not args.quick:
-        guarded("launches", launches)
-    if not args.no_bench:
-        guarded("bench", bench)
+    guarded("checkpoint suite", lambda: checkpoint_suite(args.quick))
+    guarded("speculative suite", lambda: speculative_suite(args.quick))
+    if on_cuda:
+        guarded("graph suite", graph_suite)
+        if not args.quick:
+            guarded("launches", launches)
+        if not args.no_bench:
+            guarded("bench", bench)
+    else:
+        print("skip graph capture, launch counts and timings (no CUDA device)")
     print(f"\n{len(FAILS)} failed: {FAILS[:20]}")
     sys.exit(1 if FAILS else 0)
 

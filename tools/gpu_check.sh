@@ -2,8 +2,10 @@
 # One call on the GPU machine checks everything a GPU can check here, within a
 # device budget of a few minutes: build with CUDA; then, at the same time, the
 # CUDA tests, compute-sanitizer's memcheck, racecheck and synccheck over the
-# CUDA smoke run (tools/cuda_smoke.py), and the demo (plain and compiled);
-# then, alone on the GPU, the benchmark at the reference sizes with every peer.
+# quick CUDA smoke run (tools/cuda_smoke.py --quick), the full smoke run, and
+# the demo (plain and compiled); then, alone on the GPU, the benchmark at the
+# reference sizes with every peer (cache, write, decode, prefill), and the
+# cached_attention cases (attn-*) with fewer samples, each with its own cap.
 # Each stage has a time cap so that one slow stage cannot eat the budget.
 # Everything lands in $OUT (./gpu_out when run by hand); summary.txt has the gist.
 #
@@ -11,7 +13,8 @@
 # flash-linear-attention; carry it as a wheel (pure Python). Here, once:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl fla-core==0.6.0
 # then: run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=420).
-# STAGES (default "build checks bench") picks stages; BENCH_ARGS replaces the bench options.
+# STAGES (default "build checks bench") picks stages; BENCH_ARGS and ATTN_BENCH_ARGS replace the
+# options of the two bench runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -66,9 +69,11 @@ PY
   log "CUDA tests, sanitizers and demo, side by side"
   timeout 150 python3 -m pytest tests -q -p no:cacheprovider -p no:benchmark -n 8 -k cuda -rfE >"$OUT/pytest.log" 2>&1 &
   for tool in memcheck racecheck synccheck; do
-    timeout 100 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
+    timeout 140 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
       python3 tools/cuda_smoke.py --quick --no-bench >"/tmp/$tool.log" 2>&1 &
   done
+  (timeout 120 python3 tools/cuda_smoke.py --no-bench >"$OUT/smoke.log" 2>&1
+   echo "smoke exit code $?" >>"$OUT/smoke.log") &
   (timeout 60 python3 -m torch_lightning_cache demo --device cuda --no-progress >"$OUT/demo.log" 2>&1
    echo "demo exit code $?" >>"$OUT/demo.log"
    timeout 100 python3 -m torch_lightning_cache demo --device cuda --compile --ragged --no-progress \
@@ -82,6 +87,9 @@ PY
     { echo "===== $tool"; grep -vE '^ok ' "/tmp/$tool.log" | head -150; } >>"$OUT/sanitize.log"
   done
   grep -hE "^FAIL" /tmp/memcheck.log | head -10 | tee -a "$SUMMARY"
+  printf 'full smoke: %s ok, %s FAIL, %s\n' "$(grep -cE '^ok ' "$OUT/smoke.log")" "$(grep -cE '^FAIL' "$OUT/smoke.log")" \
+    "$(grep -E 'smoke exit code' "$OUT/smoke.log")" | tee -a "$SUMMARY"
+  grep -hE "^FAIL" "$OUT/smoke.log" | head -20 | tee -a "$SUMMARY"
   grep -E "exit code|max|largest|tokens/s|mismatch|Error" "$OUT/demo.log" | tail -8 | tee -a "$SUMMARY"
 fi
 
@@ -89,8 +97,15 @@ if want bench; then
   log "benchmark on CUDA (reference sizes, every peer), alone on the GPU"
   # shellcheck disable=SC2086
   timeout 130 python3 -m torch_lightning_cache bench --device cuda --csv "$OUT/bench_cuda.csv" \
-    ${BENCH_ARGS:---decode-batches 1,64 --repeats 15 --warmup 3} >"$OUT/bench.log" 2>&1
+    ${BENCH_ARGS:---cases cache,write,decode,prefill --decode-batches 1,64 --repeats 15 --warmup 3} \
+    >"$OUT/bench.log" 2>&1
   echo "bench exit code $?" | tee -a "$SUMMARY"
   sed -n '/^case /,$p' "$OUT/bench.log" | tee -a "$SUMMARY"
+  log "benchmark of cached_attention (attn-bfloat16, attn-int8, attn-fp8) on CUDA"
+  # shellcheck disable=SC2086
+  timeout 90 python3 -m torch_lightning_cache bench --device cuda --csv "$OUT/bench_attn_cuda.csv" \
+    ${ATTN_BENCH_ARGS:---cases attn --dtype bfloat16 --attn-repeats 10 --warmup 3} >"$OUT/bench_attn.log" 2>&1
+  echo "attention bench exit code $?" | tee -a "$SUMMARY"
+  sed -n '/^case /,$p' "$OUT/bench_attn.log" | tee -a "$SUMMARY"
 fi
 log "done"
