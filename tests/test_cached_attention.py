@@ -163,6 +163,22 @@ def test_partly_visible_column_with_nan_reaches_only_its_queries(device, gen):
     assert rel_err(out[0, 0], ref_cached_attention(query, clean, mask, Dk)[0, 0]) <= 1e-5
 
 
+def test_minus_infinite_score_before_any_finite_one_has_weight_zero(device, gen):
+    """A visible column whose score is -inf (here a -inf key element) gets weight 0, as in SDPA, also when it is
+    the first column a query sees (the online softmax's running max is still -inf there: no -inf - -inf)."""
+    B, L, H, Dk, Dv = 1, 300, 1, 8, 8
+    kv = randn((B, L, H, Dk + Dv), gen).to(device)
+    kv[0, 0, 0, :Dk] = 0
+    kv[0, 0, 0, 0] = -float("inf")
+    query = torch.ones(B, 1, H, Dk, device=device)
+    mask = torch.ones(B, 1, 1, L, dtype=torch.bool, device=device)
+    out = tlc.cached_attention(query, kv, mask, Dk)
+    assert torch.isfinite(out).all()
+    clean_mask = mask.clone()
+    clean_mask[..., 0] = False
+    assert rel_err(out, ref_cached_attention(query, kv, clean_mask, Dk)) <= 1e-5
+
+
 def test_strided_inputs(device, gen):
     """Query slices of a fused projection, a transposed query, a cache slice, an expanded mask, strided scales."""
     B, L, H, Dk, Dv, group = 2, 90, 2, 32, 32, 4

@@ -130,6 +130,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const __grid_
         if (!seen[r]) continue;  // warp-uniform
         const float s = dot * k_scale;
         const float m_new = fmaxf(m[r], s);
+        if (m_new == -INFINITY) continue;  // a -inf score before any finite one: weight 0 (and no -inf - -inf NaN)
         const float alpha = exp2f(m[r] - m_new);  // 0 while m was -inf
         const float w = exp2f(s - m_new);
         l[r] = l[r] * alpha + w;
