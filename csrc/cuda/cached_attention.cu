@@ -123,11 +123,11 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const __grid_
       }
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
+        if (!seen[r]) continue;  // warp-uniform (depends on r and j only): padding and hidden rows cost nothing
         float dot = 0.0f;
 #pragma unroll
         for (int e = 0; e < DPL; ++e) dot = fmaf(q[r][e], kf[e], dot);
         dot = warp_sum(dot);  // every lane holds the row's score
-        if (!seen[r]) continue;  // warp-uniform
         const float s = dot * k_scale;
         const float m_new = fmaxf(m[r], s);
         if (m_new == -INFINITY) continue;  // a -inf score before any finite one: weight 0 (and no -inf - -inf NaN)
