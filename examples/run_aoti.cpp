@@ -17,25 +17,16 @@
 #include <torch/serialize.h>
 #include <torch/torch.h>
 
-#include <fstream>
+#include "file_bytes.h"
+
 #include <iostream>
-#include <iterator>
 #include <string>
 #include <vector>
 
 namespace {
 
-std::vector<char> read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error("cannot open " + path);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-void write_file(const std::string& path, const std::vector<char>& bytes) {
-  std::ofstream out(path, std::ios::binary);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  if (!out) throw std::runtime_error("cannot write " + path);
-}
+using lightning_cache_examples::read_file;
+using lightning_cache_examples::write_file;
 
 std::vector<at::Tensor> tensors(const c10::IValue& value, const char* what) {
   TORCH_CHECK(value.isList() || value.isTuple(), what, " must be a list of tensors, got ", value.tagKind());

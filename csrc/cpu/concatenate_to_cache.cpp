@@ -59,23 +59,32 @@ RowTargets row_targets(const at::Tensor& index, const std::optional<at::Tensor>&
   return r;
 }
 
+// Calls fn(b, t, cell) in parallel for every new token t of every writable
+// batch row b, where cell = pool row * L + the token's column (token_column):
+// the one loop both the plain and the quantized writes run.
+template <typename Fn>
+void for_each_written_token(const RowTargets& rows, const KVCacheDims& d, bool ring, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / ((d.key_dim + d.value_dim) * d.heads));
+  at::parallel_for(0, d.batch * d.new_tokens, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const int64_t b = bt / d.new_tokens, t = bt % d.new_tokens;
+      if (!rows.writable[b]) continue;
+      fn(b, t, rows.row[b] * d.capacity + token_column(rows.start[b], t, d.capacity, ring));
+    }
+  });
+}
+
 template <typename cache_t, typename in_t>
 void write_tokens(at::Tensor& key_value, const at::Tensor& key, const at::Tensor& value, const RowTargets& rows,
                   const KVCacheDims& d, bool ring) {
   cache_t* kv = key_value.data_ptr<cache_t>();
   const Strided4d<in_t> k(key), v(value);
   const int64_t width = d.key_dim + d.value_dim;
-  const int64_t grain = std::max<int64_t>(1, 16384 / (width * d.heads));
-  at::parallel_for(0, d.batch * d.new_tokens, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t bt = begin; bt < end; ++bt) {
-      const int64_t b = bt / d.new_tokens, t = bt % d.new_tokens;
-      if (!rows.writable[b]) continue;
-      const int64_t column = token_column(rows.start[b], t, d.capacity, ring);
-      cache_t* token = kv + (rows.row[b] * d.capacity + column) * d.heads * width;
-      for (int64_t h = 0; h < d.heads; ++h) {
-        copy_head_rows(token + h * width, k, b, t, h, d.key_dim);
-        copy_head_rows(token + h * width + d.key_dim, v, b, t, h, d.value_dim);
-      }
+  for_each_written_token(rows, d, ring, [&](int64_t b, int64_t t, int64_t cell) {
+    cache_t* token = kv + cell * d.heads * width;
+    for (int64_t h = 0; h < d.heads; ++h) {
+      copy_head_rows(token + h * width, k, b, t, h, d.key_dim);
+      copy_head_rows(token + h * width + d.key_dim, v, b, t, h, d.value_dim);
     }
   });
 }
@@ -102,18 +111,12 @@ void quantize_tokens(at::Tensor& key_value, at::Tensor& scales, const at::Tensor
   float* sc = scales.data_ptr<float>();
   const Strided4d<in_t> k(key), v(value);
   const int64_t width = d.key_dim + d.value_dim;
-  const int64_t grain = std::max<int64_t>(1, 16384 / (width * d.heads));
-  at::parallel_for(0, d.batch * d.new_tokens, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t bt = begin; bt < end; ++bt) {
-      const int64_t b = bt / d.new_tokens, t = bt % d.new_tokens;
-      if (!rows.writable[b]) continue;
-      const int64_t cell = rows.row[b] * d.capacity + token_column(rows.start[b], t, d.capacity, ring);
-      for (int64_t h = 0; h < d.heads; ++h) {
-        code_t* head = kv + (cell * d.heads + h) * width;
-        float* head_scales = sc + (cell * d.heads + h) * 2;
-        quantize_head(head, head_scales, k, b, t, h, d.key_dim);
-        quantize_head(head + d.key_dim, head_scales + 1, v, b, t, h, d.value_dim);
-      }
+  for_each_written_token(rows, d, ring, [&](int64_t b, int64_t t, int64_t cell) {
+    for (int64_t h = 0; h < d.heads; ++h) {
+      code_t* head = kv + (cell * d.heads + h) * width;
+      float* head_scales = sc + (cell * d.heads + h) * 2;
+      quantize_head(head, head_scales, k, b, t, h, d.key_dim);
+      quantize_head(head + d.key_dim, head_scales + 1, v, b, t, h, d.value_dim);
     }
   });
 }
