@@ -60,6 +60,6 @@ __all__ = [
 __version__ = "0.1.0"
 
 if "torch.distributed.tensor" in _sys.modules:  # DTensor already in use: its op strategies now (see distributed.py)
-    from .ops import _register_dtensor_strategies
+    from .distributed import register_sharding_strategies
 
-    _register_dtensor_strategies()
+    register_sharding_strategies()

@@ -227,7 +227,6 @@ def register_sharding_strategies() -> None:
         op = getattr(torch.ops.lightning_cache, name).default
         register_sharding(op)(_make_strategy(op))
     _registered = True
-    ops._dtensor_strategies_registered = True
 
 
 # --------------------------------------------------------------------------- DTensor helpers

@@ -64,19 +64,6 @@ def _is_kind(value, kind: str) -> bool:
     raise AssertionError(kind)
 
 
-_dtensor_strategies_registered = False
-
-
-def _register_dtensor_strategies() -> None:
-    # DTensor arguments need the ops' sharding strategies (torch_lightning_cache.distributed); registered on
-    # first use rather than at import, which would cost every user the import of torch.distributed.tensor.
-    global _dtensor_strategies_registered
-    from . import distributed
-
-    distributed.register_sharding_strategies()
-    _dtensor_strategies_registered = True
-
-
 def check_types(op: str, **args) -> None:
     """Checks Python-level argument types: ``name=(value, kind)`` with a kind of ``_KINDS``.
 
@@ -91,13 +78,13 @@ def check_types(op: str, **args) -> None:
         if kind == "int" and isinstance(value, numbers.Integral) and not -_INT64_MAX - 1 <= value <= _INT64_MAX:
             raise ValueError(f"{op}: {name} = {value} does not fit in int64")
     # DTensor arguments (only possible once torch.distributed.tensor is imported): the ops' sharding strategies
-    # are registered on first use and the placements checked here, so a mismatch is a ValueError. Traced code
+    # are registered on first use (not at import, which would cost every user the import of
+    # torch.distributed.tensor) and the placements checked here, so a mismatch is a ValueError. Traced code
     # skips this (is_compiling first: dynamo folds it); the strategies check again at trace time.
     if not torch.compiler.is_compiling() and "torch.distributed.tensor" in sys.modules:
         from . import distributed
 
-        if not _dtensor_strategies_registered:
-            _register_dtensor_strategies()
+        distributed.register_sharding_strategies()  # idempotent
         distributed.check_dtensor_arguments(op, {name: value for name, (value, kind) in args.items()
                                                  if kind.startswith("tensor")})
 
