@@ -171,6 +171,10 @@ KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor
   return d;
 }
 
+namespace {
+
+// Value checks on the positions of the rows the call writes: index[slots[b]]
+// (validated slot ids; -1 skips), or index[b] without slots.
 void check_positions(const at::Tensor& index, const KVCacheDims& d, bool ring,
                      const std::optional<at::Tensor>& causal_mask, const std::optional<at::Tensor>& slots) {
   const at::Tensor index_cpu = index.cpu();
@@ -197,12 +201,17 @@ void check_positions(const at::Tensor& index, const KVCacheDims& d, bool ring,
   }
 }
 
-std::optional<at::Tensor> prepare_slot_ids(const std::optional<at::Tensor>& slot_ids, const KVCacheDims& d,
-                                           bool host_checks) {
-  LightningDims rows;
+}  // namespace
+
+std::optional<at::Tensor> prepare_write_rows(const at::Tensor& index, const KVCacheDims& d,
+                                             const std::optional<at::Tensor>& slot_ids, bool ring,
+                                             const std::optional<at::Tensor>& causal_mask, bool host_checks) {
+  LightningDims rows;  // the slot-id rule is the lightning ops': batch rows -> rows of a pool
   rows.batch = d.batch;
   rows.slots = d.pool;
-  return prepare_slot_ids(slot_ids, rows, host_checks);
+  std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, rows, host_checks);
+  if (host_checks) check_positions(index, d, ring, causal_mask, slots);
+  return slots;
 }
 
 MaskInputs make_mask_inputs(const KVCacheDims& d, const std::optional<at::Tensor>& attention_mask,

@@ -45,13 +45,18 @@ KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor
 bool is_quantized_cache(at::ScalarType dtype);
 void check_scales(const char* op, const at::Tensor& key_value, const std::optional<at::Tensor>& scales);
 
-// Value checks on the positions of the rows the call writes: index[slots[b]]
-// (slots = prepare_slot_ids' result; -1 skips), or index[b] without slots.
-// They live on the device, so on CUDA this copies them to the host (a sync):
-// call only where that is allowed.
-void check_positions(const at::Tensor& index, const KVCacheDims& dims, bool ring,
-                     const std::optional<at::Tensor>& causal_mask,
-                     const std::optional<at::Tensor>& slots = std::nullopt);
+// The rows a sequence-cache write targets, the one prelude every backend runs
+// after check_write_args / check_concatenate_args: the slot ids as
+// prepare_slot_ids gives them (batch row b -> pool row of key_value / index;
+// checks raise IndexError; without, bad or repeated ids become -1, first
+// occurrence wins), then, with `host_checks`, the positions of the rows named
+// (IndexError for a row that cannot take its q tokens: negative, past the
+// capacity without ring, past the causal mask, int64 overflow). The positions
+// live on the device, so on CUDA host checks copy them to the host (a sync):
+// pass host_checks only where that is allowed.
+std::optional<at::Tensor> prepare_write_rows(const at::Tensor& index, const KVCacheDims& dims,
+                                             const std::optional<at::Tensor>& slot_ids, bool ring,
+                                             const std::optional<at::Tensor>& causal_mask, bool host_checks);
 
 // The mask rule's inputs as raw pointers and strides (see mask_rule.h).
 MaskInputs make_mask_inputs(const KVCacheDims& dims, const std::optional<at::Tensor>& attention_mask,
@@ -121,12 +126,6 @@ void check_slot_ids(const char* op, const std::optional<at::Tensor>& slot_ids, i
 // batch row's (the first occurrence wins), so no two rows ever race for a
 // state row. The one place this rule lives; kernels just skip -1.
 std::optional<at::Tensor> prepare_slot_ids(const std::optional<at::Tensor>& slot_ids, const LightningDims& dims,
-                                           bool host_checks);
-
-// prepare_slot_ids for the sequence-cache writes: batch row b -> pool row of
-// key_value / index, the same rule (checks raise IndexError; without, bad or
-// repeated ids become -1, first occurrence wins).
-std::optional<at::Tensor> prepare_slot_ids(const std::optional<at::Tensor>& slot_ids, const KVCacheDims& dims,
                                            bool host_checks);
 
 struct AttentionDims {

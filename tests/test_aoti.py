@@ -18,7 +18,7 @@ import torch
 from test_torchscript_cpp import run_scripted_exe  # noqa: F401  (the same CMake build directory and lock)
 from test_torchscript_cpp import BUILD_DIR, CONFIG, _run
 
-from torch_lightning_cache.model import HybridLM
+from torch_lightning_cache.models.hybrid import HybridLM
 
 pytestmark = [pytest.mark.slow]
 PROMPT, STEPS = 5, 4

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import torch_lightning_cache  # noqa: F401  (registers the ops)
-from torch_lightning_cache import baselines, bench
+from torch_lightning_cache.cli import baselines, bench
 
 ops = torch.ops.lightning_cache
 

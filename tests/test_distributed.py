@@ -295,8 +295,8 @@ def _check_cache_classes(mesh, axis) -> None:
 
 def _models(mesh, axis, num_layers: int):
     """The single-process model, the same model split over ``mesh``, and this rank's batch rows."""
-    from torch_lightning_cache.distributed import parallelize_hybrid_lm
-    from torch_lightning_cache.model import HybridConfig, HybridLM
+    from torch_lightning_cache.models.tensor_parallel import parallelize_hybrid_lm
+    from torch_lightning_cache.models.hybrid import HybridConfig, HybridLM
 
     config = HybridConfig(vocab_size=96, hidden_size=32, num_layers=num_layers, num_heads=4, head_dim=8,
                           intermediate_size=64, max_length=32, block_size=4)
@@ -310,7 +310,7 @@ def _models(mesh, axis, num_layers: int):
 
 def _check_model(mesh, axis) -> None:
     """HybridLM over heads (and rows): prefill + 8 decode steps equal one process; caches hold their shards."""
-    from torch_lightning_cache.distributed import model_caches
+    from torch_lightning_cache.models.tensor_parallel import model_caches
 
     reference, model, rows = _models(mesh, axis, num_layers=4)
     config = model.config
@@ -415,13 +415,13 @@ def test_four_ranks_tensor_parallel_and_2x2_mesh():
 
 def test_every_tensor_argument_has_a_rule():
     """A new tensor argument of a sharded op needs one row in ARGUMENT_DIMS (else the strategy refuses it)."""
-    from torch_lightning_cache import distributed
+    from torch_lightning_cache import sharding
 
-    for name in distributed.SHARDED_OPS:
+    for name in sharding.SHARDED_OPS:
         schema = getattr(torch.ops.lightning_cache, name).default._schema
         for arg in list(schema.arguments) + list(schema.returns):
             if "Tensor" in str(arg.type):
-                assert distributed._argument_dims(name, arg.name) is not None, (name, arg.name)
+                assert sharding._argument_dims(name, arg.name) is not None, (name, arg.name)
 
 
 def test_partition_axis_and_metadata():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from torch_lightning_cache.model import HybridConfig, HybridLM
+from torch_lightning_cache.models.hybrid import HybridConfig, HybridLM
 
 SMALL = HybridConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=2, head_dim=16, intermediate_size=64,
                      attention_every=2, max_length=32, block_size=4)

@@ -276,7 +276,7 @@ def test_metadata_and_view(device, gen):
 def test_model_on_quantized_storage_tracks_the_unquantized_model(device, fmt):
     """HybridLM with quantized attention storage: same weights, logits within a small distance of the
     unquantized model's over a ragged prefill and decode steps, and the attention cache is smaller."""
-    from torch_lightning_cache.model import HybridConfig, HybridLM
+    from torch_lightning_cache.models.hybrid import HybridConfig, HybridLM
 
     config = HybridConfig(hidden_size=32, num_layers=2, num_heads=2, head_dim=16, intermediate_size=64,
                           max_length=16)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from torch_lightning_cache import __main__ as cli
-from torch_lightning_cache import serve
+from torch_lightning_cache.cli import serve
 
 SMALL = ["demo", "--serve", "--layers", "2", "--hidden", "32", "--heads", "2", "--requests", "7", "--pool-rows", "2",
          "--system-length", "11", "--prompt-length", "9", "--tokens", "12", "--draft-tokens", "3", "--max-length", "48",
@@ -74,7 +74,7 @@ def test_demo_serve_rejects_bad_options(capsys):
 
 @pytest.mark.parametrize("kv_quantization", [None, "int8"])
 def test_pool_cache_shares_the_model_buffers(kv_quantization):
-    from torch_lightning_cache.model import HybridConfig, HybridLM
+    from torch_lightning_cache.models.hybrid import HybridConfig, HybridLM
 
     model = HybridLM(HybridConfig(hidden_size=16, num_layers=2, num_heads=2, head_dim=8, intermediate_size=16,
                                   max_length=8, kv_quantization=kv_quantization), batch_size=3)

@@ -22,7 +22,7 @@ from typing import List, Tuple
 import pytest
 import torch
 
-from torch_lightning_cache.model import HybridConfig, HybridLM
+from torch_lightning_cache.models.hybrid import HybridConfig, HybridLM
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_DIR = Path(os.environ.get("LIGHTNING_CACHE_CMAKE_BUILD_DIR", ROOT / "build" / "cmake"))

@@ -2,6 +2,10 @@
 
 Operators live under ``torch.ops.lightning_cache``; this package adds thin
 wrappers and the cache classes of EasyDeL's Lightning cache.
+
+Layers, each importing only those before it: ``ops`` (wrappers, fake kernels) -> ``sharding`` (DTensor
+rules) -> ``cache`` (the seed's classes) -> ``models`` / ``integrations`` -> ``cli`` (demo, serve, bench,
+the pure-PyTorch peers) -> ``__main__``. ``tests/test_layering.py`` keeps it so.
 """
 
 import sys as _sys
@@ -14,7 +18,7 @@ from .cache import (
     LightningMetadata,
     minimax_layer_kinds,
 )
-from .distributed import PartitionAxis
+from .models.hybrid import HybridConfig, HybridLM
 from .ops import (
     build_info,
     KV_QUANTIZATION,
@@ -32,8 +36,11 @@ from .ops import (
     split_key_value,
     write_to_cache,
 )
+from .sharding import PartitionAxis, register_sharding_strategies
 
 __all__ = [
+    "HybridConfig",
+    "HybridLM",
     "LAYER_KINDS",
     "LightningCache",
     "LightningCacheMetaData",
@@ -59,7 +66,5 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-if "torch.distributed.tensor" in _sys.modules:  # DTensor already in use: its op strategies now (see distributed.py)
-    from .distributed import register_sharding_strategies
-
+if "torch.distributed.tensor" in _sys.modules:  # DTensor already in use: its op strategies now (see sharding.py)
     register_sharding_strategies()

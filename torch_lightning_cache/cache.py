@@ -21,7 +21,7 @@ import typing as tp
 
 import torch
 
-from . import distributed, ops
+from . import ops, sharding
 
 _INT64_LIMIT = 2**63
 
@@ -166,7 +166,7 @@ class LightningCacheView:
                              "on both (LightningCacheView.init(metadata, layer_index, 'lightning', num_layers=N))")
         if mesh is not None:  # the axes checked against the mesh now, not at the first update
             for role in ("batch", "head"):
-                distributed.partition_axis_of(metadata).mesh_dim(mesh, role)
+                sharding.partition_axis_of(metadata).mesh_dim(mesh, role)
         self.metadata = metadata
         self.mesh = mesh  # a DeviceMesh: the tensors are DTensors sharded by metadata.partition_axis
         self.layer_index = layer_index
@@ -202,10 +202,10 @@ class LightningCacheView:
             raise NotImplementedError("quantized storage (kv_quantization) on a device mesh is not supported yet")
         if self.mesh is not None:  # each rank allocates only its shard
             if self.layer_kind == ATTENTION:
-                self.key_value, self.index = distributed.allocate_kv_cache(m, self.mesh, batch_size, max_length,
+                self.key_value, self.index = sharding.allocate_kv_cache(m, self.mesh, batch_size, max_length,
                                                                            dtype, m.device)
             else:
-                self.key_value = distributed.allocate_state(m, self.mesh, batch_size, m.device)
+                self.key_value = sharding.allocate_state(m, self.mesh, batch_size, m.device)
         elif self.layer_kind == ATTENTION and m.kv_quantization is not None:
             self.key_value, self.index, self.scales = ops.init_quantized_kv_cache(
                 batch_size, max_length, m.key_heads, m.key_dim, m.value_dim, m.kv_quantization, device=device)
@@ -219,16 +219,16 @@ class LightningCacheView:
 
     def _adopt_mesh(self, tensor: torch.Tensor) -> None:
         # DTensor inputs to a view built without a mesh: allocate on their mesh, sharded by partition_axis.
-        if self.mesh is None and distributed.is_dtensor(tensor):
+        if self.mesh is None and sharding.is_dtensor(tensor):
             self.mesh = tensor.device_mesh
 
     def _kv_placements(self) -> tuple | None:
         """The placements of ``key_value`` (allocated or to be), ``None`` off a mesh."""
         if self.key_value is not None:
-            return tuple(self.key_value.placements) if distributed.is_dtensor(self.key_value) else None
+            return tuple(self.key_value.placements) if sharding.is_dtensor(self.key_value) else None
         if self.mesh is None:
             return None
-        return distributed.partition_axis_of(self.metadata).placements(self.mesh, "key_value")
+        return sharding.partition_axis_of(self.metadata).placements(self.mesh, "key_value")
 
     def _require(self, kind: str, operation: str) -> None:
         if self.layer_kind != kind:
@@ -305,7 +305,7 @@ class LightningCacheView:
                              f"(kv_quantization={self.metadata.kv_quantization!r}); pass None or the storage's")
         if kv_sharding is not None:  # before the first update allocates anything
             self._adopt_mesh(key)
-            distributed.check_kv_sharding(op, kv_sharding, self.mesh, self._kv_placements())
+            sharding.check_kv_sharding(op, kv_sharding, self.mesh, self._kv_placements())
         if self.key_value is None:
             max_length = self.metadata.max_length
             if max_length is None:
@@ -340,8 +340,8 @@ class LightningCacheView:
             self.slopes = ops.lightning_slopes(self.metadata.key_heads, self.layer_index, self.num_layers,
                                                device=device)
             if self.mesh is not None:  # every rank holds the global heads' slopes of its shard
-                placements = distributed.partition_axis_of(self.metadata).placements(self.mesh, "slopes")
-                self.slopes = distributed.shard_full_tensor(self.slopes, self.mesh, placements)
+                placements = sharding.partition_axis_of(self.metadata).placements(self.mesh, "slopes")
+                self.slopes = sharding.shard_full_tensor(self.slopes, self.mesh, placements)
         return self.slopes
 
     def recurrent_update(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -458,7 +458,7 @@ class LightningCache:
         for i, view in enumerate(self.views):
             if view is None or view.key_value is None:
                 continue
-            local = (lambda t: t.to_local()) if distributed.is_dtensor(view.key_value) else (lambda t: t)
+            local = (lambda t: t.to_local()) if sharding.is_dtensor(view.key_value) else (lambda t: t)
             buffers.append((f"layer {i} key_value", local(view.key_value)))
             if view.index is not None:
                 buffers.append((f"layer {i} index", local(view.index)))

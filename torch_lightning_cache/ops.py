@@ -77,16 +77,23 @@ def check_types(op: str, **args) -> None:
             raise TypeError(f"{op}: {name} must be {_KINDS[kind]}, got {type(value).__name__} {value!r}")
         if kind == "int" and isinstance(value, numbers.Integral) and not -_INT64_MAX - 1 <= value <= _INT64_MAX:
             raise ValueError(f"{op}: {name} = {value} does not fit in int64")
-    # DTensor arguments (only possible once torch.distributed.tensor is imported): the ops' sharding strategies
-    # are registered on first use (not at import, which would cost every user the import of
-    # torch.distributed.tensor) and the placements checked here, so a mismatch is a ValueError. Traced code
+    # DTensor arguments (only possible once torch.distributed.tensor is imported): the sharding module's check
+    # registers the ops' strategies on first use (not at import, which would cost every user the import of
+    # torch.distributed.tensor) and checks the placements here, so a mismatch is a ValueError. Traced code
     # skips this (is_compiling first: dynamo folds it); the strategies check again at trace time.
-    if not torch.compiler.is_compiling() and "torch.distributed.tensor" in sys.modules:
-        from . import distributed
+    if (not torch.compiler.is_compiling() and _dtensor_argument_check is not None
+            and "torch.distributed.tensor" in sys.modules):
+        _dtensor_argument_check(op, {name: value for name, (value, kind) in args.items() if kind.startswith("tensor")})
 
-        distributed.register_sharding_strategies()  # idempotent
-        distributed.check_dtensor_arguments(op, {name: value for name, (value, kind) in args.items()
-                                                 if kind.startswith("tensor")})
+
+# Set by torch_lightning_cache.sharding (which sits above this module): (op name, {argument: tensor or None}).
+_dtensor_argument_check = None
+
+
+def set_dtensor_argument_check(check) -> None:
+    """Installs the DTensor placement check that :func:`check_types` runs on eager calls with DTensors."""
+    global _dtensor_argument_check
+    _dtensor_argument_check = check
 
 
 # --------------------------------------------------------------------------- fake kernels

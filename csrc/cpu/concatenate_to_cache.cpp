@@ -193,8 +193,7 @@ at::Tensor concatenate_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, co
                                     const std::optional<at::Tensor>& scales) {
   const KVCacheDims d = check_concatenate_args(key_value, index, key, value, attention_mask, causal_mask,
                                                token_type_ids, is_causal, ring, slot_ids, scales);
-  const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, check_bounds);
-  if (check_bounds) check_positions(index, d, ring, causal_mask, slots);
+  const std::optional<at::Tensor> slots = prepare_write_rows(index, d, slot_ids, ring, causal_mask, check_bounds);
 
   const MaskInputs in = make_mask_inputs(d, attention_mask, causal_mask, token_type_ids, is_causal, ring);
   const int64_t limit = position_limit(in);
@@ -231,8 +230,7 @@ void write_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, const at::Tens
                         bool ring, bool check_bounds, const std::optional<at::Tensor>& slot_ids,
                         const std::optional<at::Tensor>& scales) {
   const KVCacheDims d = check_write_args(key_value, index, key, value, ring, slot_ids, "write_to_cache", scales);
-  const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, check_bounds);
-  if (check_bounds) check_positions(index, d, ring, std::nullopt, slots);
+  const std::optional<at::Tensor> slots = prepare_write_rows(index, d, slot_ids, ring, std::nullopt, check_bounds);
   write_and_advance(key_value, index, key, value, slots, scales, d, ring, kNoPositionLimit);
 }
 

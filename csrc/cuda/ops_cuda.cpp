@@ -49,8 +49,7 @@ at::Tensor concatenate_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, c
   check_kernel_limits(d);
   const c10::cuda::CUDAGuard guard(key_value.device());
   const bool host_checks = host_checks_allowed(check_bounds);
-  const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, host_checks);
-  if (host_checks) check_positions(index, d, ring, causal_mask, slots);
+  const std::optional<at::Tensor> slots = prepare_write_rows(index, d, slot_ids, ring, causal_mask, host_checks);
 
   at::Tensor mask = at::empty({d.batch, 1, d.new_tokens, d.capacity}, key_value.options().dtype(at::kBool));
   if (is_empty_call(d)) return mask;  // B = 0 or q = 0: nothing to write, no launch
@@ -67,8 +66,7 @@ void write_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, const at::Ten
   check_kernel_limits(d);
   const c10::cuda::CUDAGuard guard(key_value.device());
   const bool host_checks = host_checks_allowed(check_bounds);
-  const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, host_checks);
-  if (host_checks) check_positions(index, d, ring, std::nullopt, slots);
+  const std::optional<at::Tensor> slots = prepare_write_rows(index, d, slot_ids, ring, std::nullopt, host_checks);
   if (is_empty_call(d)) return;  // B = 0 or q = 0: nothing to write, no launch
   MaskInputs no_mask;  // only position_limit (none) and the ring flag are read without a mask
   no_mask.new_tokens = d.new_tokens;

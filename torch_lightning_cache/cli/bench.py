@@ -57,7 +57,7 @@ from typing import Callable
 import torch
 
 from . import baselines
-from .ops import init_kv_cache, lightning_slopes
+from ..ops import init_kv_cache, lightning_slopes
 
 _ops = torch.ops.lightning_cache
 

@@ -1,6 +1,6 @@
 """``python -m torch_lightning_cache demo --serve``: continuous batching over a cache pool.
 
-A small hybrid model (``model.HybridLM``) serves more requests than its cache
+A small hybrid model (``models.hybrid.HybridLM``) serves more requests than its cache
 has rows. Requests arrive over time, are admitted into free pool rows, decode
 together (each row at its own position, ``slot_ids`` picking pool rows in every
 layer) and leave at different lengths; their rows are then forgotten with
@@ -37,12 +37,13 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import sys
 import time
 
 import torch
 
-from .cache import ATTENTION, LightningCache, LightningCacheMetaData
+from ..cache import ATTENTION, LightningCache, LightningCacheMetaData
+from ..models.hybrid import HybridConfig, HybridLM
+from .common import DTYPES, TOLERANCE, OptionError, check_model_options, check_positive, report_option_error, sync
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -298,24 +299,18 @@ def _copy(requests: list[Request]) -> list[Request]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import demo
-    from .model import HybridConfig, HybridLM
-
     try:
-        device = demo._check_options(args)
-        for name in ("requests", "pool_rows", "system_length", "draft_tokens"):
-            if getattr(args, name) < 1:
-                raise demo.DemoError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+        device = check_model_options(args)
+        check_positive(args, "requests", "pool_rows", "system_length", "draft_tokens")
         if not args.draft_noise >= 0:
-            raise demo.DemoError(f"--draft-noise must be non-negative, got {args.draft_noise}")
+            raise OptionError(f"--draft-noise must be non-negative, got {args.draft_noise}")
         need = args.system_length + args.prompt_length + args.tokens + args.draft_tokens + 1
         if need > args.max_length:
-            raise demo.DemoError(f"a request may need {need} cache positions (system prompt + --prompt-length + "
+            raise OptionError(f"a request may need {need} cache positions (system prompt + --prompt-length + "
                                  f"--tokens + --draft-tokens + 1) but --max-length is {args.max_length}")
-    except demo.DemoError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    dtype = demo.DTYPES[args.dtype]
+    except OptionError as error:
+        return report_option_error(error)
+    dtype = DTYPES[args.dtype]
     config = HybridConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                           head_dim=args.hidden // args.heads, intermediate_size=2 * args.hidden,
                           max_length=args.max_length)
@@ -343,17 +338,17 @@ def run(args: argparse.Namespace) -> int:
         for mode in ("plain", "speculative"):
             target = engine()
             served = _copy(requests)
-            demo._sync(device)
+            sync(device)
             start = time.perf_counter()
             if mode == "plain":
                 calls = serve_plain(target, served, args.pool_rows)
             else:
                 calls, accepted, drafted = serve_speculative(target, engine(), served, args.pool_rows,
                                                              args.draft_tokens, args.draft_noise, args.seed)
-            demo._sync(device)
+            sync(device)
             seconds = time.perf_counter() - start
             tokens = sum(len(r.generated) for r in served)
-            mismatches, ties = check_requests(target.model, system, served, demo.TOLERANCE[dtype])
+            mismatches, ties = check_requests(target.model, system, served, TOLERANCE[dtype])
             failed |= mismatches > 0
             results[mode] = served
             line = (f"{mode + ':':<12} {len(served) / seconds:7.1f} requests/s, {tokens / seconds:8.1f} tokens/s "

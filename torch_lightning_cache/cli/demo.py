@@ -17,20 +17,11 @@ import time
 
 import torch
 
+from ..models.hybrid import HybridConfig, HybridLM
 from . import serve
-from .model import HybridConfig, HybridLM
-
-# Largest allowed |cached - recomputed| logit difference, by model dtype.
-# float32 paths differ only in summation order (observed ~1.4e-6 on logits of
-# size ~3); half precision rounds every activation (observed on the default
-# model, CPU: bfloat16 8e-3 to 1.6e-2, float16 2e-3).
-TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.02}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class DemoError(Exception):
-    """A bad option: reported as one line, exit code 2."""
-
+from .common import (DTYPES, TOLERANCE, OptionError, Progress, check_model_options, generate_with_cache,
+                     generate_without_cache, report_option_error, sync)
+from .tensor_parallel import DemoTensorParallel
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -48,89 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=256, help="cache capacity in tokens (default: 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    serve.add_arguments(parser)  # --serve and its options (torch_lightning_cache/serve.py)
+    serve.add_arguments(parser)  # --serve and its options (torch_lightning_cache/cli/serve.py)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks over heads; run under torchrun "
                         "--nproc-per-node N (gloo on the CPU, NCCL on GPUs) and compare with one process")
     parser.add_argument("--kv-quantization", choices=["int8", "fp8_e4m3"], default=None,
                         help="also run the attention layers on quantized K/V storage and compare with the "
                              "unquantized run (logits difference, greedy-token agreement, cache memory)")
-
-
-def _check_options(args: argparse.Namespace) -> torch.device:
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise DemoError(f"--device {args.device} was requested but no CUDA GPU is available "
-                        f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as error:
-        raise DemoError(f"--device {args.device!r} is not a device: {error}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise DemoError(f"--device must be cpu or cuda, got {args.device!r}")
-    for name in ("tokens", "prompt_length", "batch", "layers", "hidden", "heads", "max_length", "tp"):
-        if getattr(args, name) < 1:
-            raise DemoError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.hidden % args.heads:
-        raise DemoError(f"--hidden ({args.hidden}) must be a multiple of --heads ({args.heads})")
-    if args.prompt_length + args.tokens > args.max_length:
-        raise DemoError(f"the prompt ({args.prompt_length} tokens) plus --tokens ({args.tokens}) needs "
-                        f"{args.prompt_length + args.tokens} cache positions but --max-length is {args.max_length}")
-    return device
-
-
-class _Progress:
-    def __init__(self, total: int, label: str, enabled: bool):
-        self.total, self.label, self.enabled, self.done = total, label, enabled, 0
-        self.start = time.perf_counter()
-
-    def step(self) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        width = 30
-        filled = width * self.done // self.total
-        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                         f"{rate:6.1f} steps/s")
-        if self.done == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def generate_with_cache(model: HybridLM, prompts: list[torch.Tensor], tokens: int, decode_step, progress: _Progress):
-    """Greedy generation. Returns the per-row sequences and every step's logits [B, tokens, V]."""
-    batch = len(prompts)
-    model.reset_cache()
-    if len({p.numel() for p in prompts}) == 1:
-        last = model(torch.stack(prompts))[:, -1]
-    else:  # ragged: prefill row by row, each into its own cache rows
-        last = torch.cat([model(p[None], row_start=b)[:, -1] for b, p in enumerate(prompts)])
-    step_logits = [last]
-    generated = [last.argmax(-1)]
-    progress.step()
-    for _ in range(tokens - 1):
-        logits = decode_step(generated[-1].view(batch, 1))[:, -1]
-        step_logits.append(logits)
-        generated.append(logits.argmax(-1))
-        progress.step()
-    new_tokens = torch.stack(generated, 1)
-    sequences = [torch.cat([p, new_tokens[b]]) for b, p in enumerate(prompts)]
-    return sequences, torch.stack(step_logits, 1)
-
-
-def generate_without_cache(model: HybridLM, prompts: list[torch.Tensor], tokens: int, progress: _Progress):
-    """The same greedy generation, recomputing every row's whole sequence for each new token."""
-    sequences = [p.clone() for p in prompts]
-    for _ in range(tokens):
-        for b, seq in enumerate(sequences):
-            next_token = model.forward_uncached(seq[None])[0, -1].argmax(-1)
-            sequences[b] = torch.cat([seq, next_token.view(1)])
-        progress.step()
-    return sequences
 
 
 def _kv_quantization_report(args, config: HybridConfig, prompts, sequences, reference_logits, dtype,
@@ -164,23 +78,19 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "serve", False):
         return serve.run(args)
     try:
-        device = _check_options(args)
-    except DemoError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        device = check_model_options(args)
+    except OptionError as error:
+        return report_option_error(error)
     dtype = DTYPES[args.dtype]
     config = HybridConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                           head_dim=args.hidden // args.heads, intermediate_size=2 * args.hidden,
                           max_length=args.max_length)
     tensor_parallel = None
     if args.tp != 1:
-        from .distributed import DemoTensorParallel
-
         try:
             tensor_parallel = DemoTensorParallel(args, device)
-        except DemoError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        except OptionError as error:
+            return report_option_error(error)
         device = tensor_parallel.device  # this rank's GPU
     model = HybridLM(config, batch_size=args.batch, dtype=dtype, device=device, seed=args.seed).eval()
     if tensor_parallel is not None:
@@ -206,18 +116,18 @@ def run(args: argparse.Namespace) -> int:
     show = not args.no_progress and sys.stderr.isatty()  # a bar is noise in logs
     with torch.inference_mode():
         if args.compile:  # compile outside the timed region (and on a throwaway run)
-            generate_with_cache(model, prompts, min(args.tokens, 3), decode_step, _Progress(3, "compiling", False))
-        _sync(device)
+            generate_with_cache(model, prompts, min(args.tokens, 3), decode_step, Progress(3, "compiling", False))
+        sync(device)
         start = time.perf_counter()
         sequences, cached_logits = generate_with_cache(model, prompts, args.tokens, decode_step,
-                                                       _Progress(args.tokens, "with cache   ", show))
-        _sync(device)
+                                                       Progress(args.tokens, "with cache   ", show))
+        sync(device)
         cached_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
         uncached_sequences = generate_without_cache(model, prompts, args.tokens,
-                                                    _Progress(args.tokens, "without cache", show))
-        _sync(device)
+                                                    Progress(args.tokens, "without cache", show))
+        sync(device)
         uncached_seconds = time.perf_counter() - start
 
         # Self-check: each step's logits, recomputed from the final sequence without any cache.

@@ -1,4 +1,4 @@
-"""The seed's ``partition_axis`` / ``kv_sharding`` on ``torch.distributed``: DeviceMesh, DTensor, tensor parallelism.
+"""The seed's ``partition_axis`` / ``kv_sharding`` on ``torch.distributed``: DeviceMesh and DTensor.
 
 * :class:`PartitionAxis` names the mesh dimensions that shard batch rows and heads.
 * Every op that takes tensors gets a DTensor sharding strategy (:func:`register_sharding_strategies`): each
@@ -7,22 +7,27 @@
   trailing argument is one row. Placements that disagree are a ``ValueError`` naming the argument and its
   placement, raised before anything is written: DTensor would otherwise redistribute the argument, and a
   cache redistributed into a temporary would silently lose the write.
-* :func:`parallelize_hybrid_lm` runs :class:`~torch_lightning_cache.model.HybridLM` tensor-parallel over heads
-  with ``torch.distributed.tensor.parallel`` and caches holding only each rank's heads (and batch rows).
+* Sharded allocation of the caches (:func:`allocate_kv_cache`, :func:`allocate_state`) and the ``kv_sharding``
+  check (:func:`check_kv_sharding`) used by the cache classes. The tensor-parallel model is
+  :mod:`torch_lightning_cache.models.tensor_parallel`.
 
 ``torch.distributed.tensor`` is imported only when DTensors are used (it costs over a second at import),
 so the strategies are registered on first use: when ``torch_lightning_cache`` is imported after
 ``torch.distributed.tensor``, by the first eager call of a wrapper (``torch_lightning_cache.concatenate_to_cache``
-...) or cache class with DTensors, by a cache built on a mesh, or by :func:`register_sharding_strategies`.
-Call that before the first raw ``torch.ops.lightning_cache`` call on DTensors (or compiled one) otherwise.
+...) or cache class with DTensors (the check :mod:`~torch_lightning_cache.ops` runs through the hook this
+module installs), by a cache built on a mesh, or by :func:`register_sharding_strategies`. Call that before the
+first raw ``torch.ops.lightning_cache`` call on DTensors (or compiled one) otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing as tp
 
 import torch
+
+from . import ops
 
 # Tensor argument (or return) name -> (dim sharded over the batch axis, dim sharded over the head axis);
 # None: replicated over that axis. The one source of truth for the op strategies and the cache allocation.
@@ -53,7 +58,8 @@ SHARDED_OPS = ("concatenate_to_cache", "write_to_cache", "lightning_decode", "li
                "lightning_accept", "cached_attention")
 OP_ARGUMENT_DIMS: dict[str, dict[str, tuple[int | None, int | None]]] = {}
 
-_BATCH, _HEAD = "batch", "head"
+# The two roles a mesh dimension can play (PartitionAxis.mesh_dim).
+BATCH_ROLE, HEAD_ROLE = "batch", "head"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +87,7 @@ class PartitionAxis:
 
     def mesh_dim(self, mesh, role: str) -> int | None:
         """Index in ``mesh`` of the batch (``role="batch"``) or head axis; ``None`` if not sharded."""
-        axis = self.batch_axis if role == _BATCH else self.head_axis
+        axis = self.batch_axis if role == BATCH_ROLE else self.head_axis
         if axis is None:
             return None
         names = mesh.mesh_dim_names or ()
@@ -96,11 +102,11 @@ class PartitionAxis:
 
     def placements(self, mesh, name: str) -> tuple:
         """The placements of the tensor argument ``name`` (a key of :data:`ARGUMENT_DIMS`) on ``mesh``."""
-        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor import Replicate, Shard  # slow to import: DTensor users only
 
         batch_dim, head_dim = ARGUMENT_DIMS[name]
         result = [Replicate()] * mesh.ndim
-        for role, dim in ((_BATCH, batch_dim), (_HEAD, head_dim)):
+        for role, dim in ((BATCH_ROLE, batch_dim), (HEAD_ROLE, head_dim)):
             mesh_dim = self.mesh_dim(mesh, role)
             if mesh_dim is not None and dim is not None:
                 result[mesh_dim] = Shard(dim)
@@ -124,7 +130,7 @@ def _check_placements(op_name: str, mesh_ndim: int, named_specs: list[tuple[str,
     """Infers each mesh dimension's role (batch, head or replicated) from the first argument sharded on it,
     then checks every argument (``(name, object with .placements)``) against that role. Returns the roles;
     raises ``ValueError`` naming the first argument whose placement disagrees."""
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import Replicate, Shard  # slow to import: DTensor users only
 
     roles: list[str | None] = []
     for mesh_dim in range(mesh_ndim):
@@ -135,7 +141,7 @@ def _check_placements(op_name: str, mesh_ndim: int, named_specs: list[tuple[str,
                 continue
             dims = _argument_dims(op_name, name)
             if type(placement) is Shard and placement.dim in dims:
-                role = _BATCH if placement.dim == dims[0] else _HEAD
+                role = BATCH_ROLE if placement.dim == dims[0] else HEAD_ROLE
                 anchor = f"{name} {_describe(spec.placements)}"
             else:
                 raise ValueError(f"{op_name}: {name} has placement {_describe(spec.placements)}; on mesh dim "
@@ -153,16 +159,16 @@ def _check_placements(op_name: str, mesh_ndim: int, named_specs: list[tuple[str,
 
 def _shard_choices(dims) -> str:
     batch_dim, head_dim = dims
-    return "".join(f", Shard({d}) (the {r} axis)" for d, r in ((batch_dim, _BATCH), (head_dim, _HEAD))
+    return "".join(f", Shard({d}) (the {r} axis)" for d, r in ((batch_dim, BATCH_ROLE), (head_dim, HEAD_ROLE))
                    if d is not None)
 
 
 def _role_placement(op_name: str, name: str, role: str | None):
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import Replicate, Shard  # slow to import: DTensor users only
 
     if role is None:
         return Replicate()
-    dim = _argument_dims(op_name, name)[0 if role == _BATCH else 1]
+    dim = _argument_dims(op_name, name)[0 if role == BATCH_ROLE else 1]
     return Replicate() if dim is None else Shard(dim)
 
 
@@ -173,14 +179,14 @@ def _make_strategy(op):
     return_names = [r.name for r in schema.returns]
 
     def strategy(*args, **kwargs):
-        from torch.distributed.tensor._dtensor_spec import DTensorSpec
+        from torch.distributed.tensor._dtensor_spec import DTensorSpec  # slow to import: DTensor users only
 
         named = list(zip(arg_names, args)) + list(kwargs.items())
         named_specs = [(name, value) for name, value in named if isinstance(value, DTensorSpec)]
         for name, _ in named_specs + [(name, None) for name in return_names]:
             if _argument_dims(op_name, name) is None:
                 raise NotImplementedError(f"{op_name}: no sharding rule for the tensor argument {name!r}: add it to "
-                                          "torch_lightning_cache.distributed.ARGUMENT_DIMS")
+                                          "torch_lightning_cache.sharding.ARGUMENT_DIMS")
         roles = _check_placements(op_name, named_specs[0][1].mesh.ndim, named_specs)
         result = []
         for role in dict.fromkeys(roles):  # each distinct role once: the mesh expansion combines them
@@ -219,9 +225,7 @@ def register_sharding_strategies() -> None:
     global _registered
     if _registered:
         return
-    from torch.distributed.tensor.experimental import register_sharding
-
-    from . import ops  # noqa: F401  (loads the operator library)
+    from torch.distributed.tensor.experimental import register_sharding  # slow import: only when DTensors are used
 
     for name in SHARDED_OPS:
         op = getattr(torch.ops.lightning_cache, name).default
@@ -234,14 +238,12 @@ def register_sharding_strategies() -> None:
 
 def is_dtensor(value: tp.Any) -> bool:
     """True for a DTensor (without importing ``torch.distributed.tensor`` when no one else did)."""
-    import sys
-
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(value, module.DTensor)
 
 
 def _local_shape(op: str, name: str, shape: tp.Sequence[int], mesh, placements) -> list[int]:
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Shard  # slow to import: DTensor users only
 
     local = list(shape)
     for mesh_dim, placement in enumerate(placements):
@@ -256,7 +258,7 @@ def _local_shape(op: str, name: str, shape: tp.Sequence[int], mesh, placements) 
 
 def from_local_shard(local: torch.Tensor, mesh, placements, global_shape: tp.Sequence[int]):
     """Wraps this rank's shard (no copy, no communication) as a DTensor of ``global_shape``."""
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # slow to import: DTensor users only
 
     return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(global_shape),
                               stride=torch.empty(global_shape, device="meta").stride())
@@ -264,7 +266,7 @@ def from_local_shard(local: torch.Tensor, mesh, placements, global_shape: tp.Seq
 
 def shard_full_tensor(full: torch.Tensor, mesh, placements):
     """This rank's shard of a tensor every rank holds in full, as a DTensor (no communication)."""
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Shard  # slow to import: DTensor users only
 
     local = full
     coordinate = mesh.get_coordinate()
@@ -293,8 +295,6 @@ def partition_axis_of(metadata) -> PartitionAxis:
 
 def allocate_kv_cache(metadata, mesh, batch_size: int, max_length: int, dtype, device=None):
     """``(key_value, index)`` as DTensors on ``mesh``, each rank allocating only its shard."""
-    from . import ops
-
     register_sharding_strategies()
     axis = partition_axis_of(metadata)
     m = metadata
@@ -309,8 +309,6 @@ def allocate_kv_cache(metadata, mesh, batch_size: int, max_length: int, dtype, d
 
 def allocate_state(metadata, mesh, batch_size: int, device=None):
     """A recurrent state ``[B, H, Dk, Dv]`` as a DTensor on ``mesh``, each rank allocating only its shard."""
-    from . import ops
-
     register_sharding_strategies()
     m = metadata
     shape = [batch_size, m.key_heads, m.key_dim, m.value_dim]
@@ -330,7 +328,7 @@ def check_kv_sharding(op: str, kv_sharding, mesh, actual) -> None:
     if mesh is None or actual is None:
         raise ValueError(f"{op}: kv_sharding={kv_sharding!r} was given but the cache is not a DTensor; build it "
                          "with LightningCache.init_cache(..., mesh=mesh) (or pass DTensor keys and values)")
-    from torch.distributed.tensor import Placement, Replicate, Shard
+    from torch.distributed.tensor import Placement, Replicate, Shard  # slow to import: DTensor users only
 
     actual = tuple(actual)
     if isinstance(kv_sharding, PartitionAxis):
@@ -358,199 +356,11 @@ def check_kv_sharding(op: str, kv_sharding, mesh, actual) -> None:
                          f"{_describe(actual)} on mesh {mesh.mesh_dim_names or mesh.shape}")
 
 
-# --------------------------------------------------------------------------- tensor-parallel HybridLM
+def _check_dtensor_call(op_name: str, tensors: dict[str, tp.Any]) -> None:
+    register_sharding_strategies()  # idempotent
+    check_dtensor_arguments(op_name, tensors)
 
 
-class HeadShardedRMSNorm(torch.nn.Module):
-    """RMSNorm over features split across the head axis: the sum of squares is all-reduced (as vLLM's
-    MiniMax RMSNormTP does), so every rank normalizes its heads by the norm of the whole vector."""
-
-    def __init__(self, norm, mesh, tp_rank: int, tp_size: int):
-        super().__init__()
-        size = norm.weight.shape[0]
-        self.weight = torch.nn.Parameter(norm.weight.detach().chunk(tp_size)[tp_rank].clone())
-        self.eps, self.size, self.mesh = norm.eps, size, mesh
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.distributed import _functional_collectives as funcol
-
-        x32 = x.float()
-        square_sum = funcol.all_reduce(x32.pow(2).sum(-1, keepdim=True), "sum", self.mesh)
-        x32 = x32 * torch.rsqrt(square_sum / self.size + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
-
-
-def _group_rows_by_rank(linear: torch.nn.Linear, parts: int, tp_size: int) -> None:
-    """Reorders a fused projection's output rows ``[part 0 | part 1 | ...]`` (each split by heads) so that
-    column-wise sharding gives rank ``r`` its own heads of every part: ``[part 0 of r | part 1 of r | ...]``."""
-    with torch.no_grad():
-        w = linear.weight
-        linear.weight.copy_(w.view(parts, tp_size, w.shape[0] // (parts * tp_size), w.shape[1])
-                            .transpose(0, 1).reshape(w.shape))
-
-
-def parallelize_hybrid_lm(model, mesh, partition_axis: PartitionAxis | None = None):
-    """Makes ``model`` (a :class:`~torch_lightning_cache.model.HybridLM`) tensor-parallel over heads, in place.
-
-    The head axis of ``partition_axis`` (default: the whole 1-D ``mesh``) splits every attention and
-    lightning layer's heads: q/k/v (and the lightning gate) column-wise, the output projection row-wise
-    (``torch.distributed.tensor.parallel``); the MLPs are split the same way. Each rank keeps only its heads'
-    caches (``key_value``, states) and the global heads' slopes. With a batch axis, each rank's cache holds
-    only its batch rows and the model takes that rank's rows of ``input_ids`` (data parallel). Every rank
-    computes on local tensors; the only communication is the row-wise projections' all-reduce and the
-    lightning norm's sum of squares. Returns ``model``; :func:`model_caches` gives its caches as DTensors.
-    """
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    from . import ops
-    from .cache import ATTENTION
-
-    axis = partition_axis or PartitionAxis(head_axis=0 if mesh.ndim == 1 else None)
-    head_dim_index = axis.mesh_dim(mesh, _HEAD)
-    batch_dim_index = axis.mesh_dim(mesh, _BATCH)
-    coordinate = mesh.get_coordinate()
-    tp_size = mesh.size(head_dim_index) if head_dim_index is not None else 1
-    tp_rank = coordinate[head_dim_index] if head_dim_index is not None else 0
-    dp_size = mesh.size(batch_dim_index) if batch_dim_index is not None else 1
-    dp_rank = coordinate[batch_dim_index] if batch_dim_index is not None else 0
-    config = model.config
-    if config.num_heads % tp_size:
-        raise ValueError(f"parallelize_hybrid_lm: {config.num_heads} heads cannot be split over {tp_size} ranks")
-    if config.intermediate_size % tp_size:
-        raise ValueError(f"parallelize_hybrid_lm: intermediate_size {config.intermediate_size} cannot be split over "
-                         f"{tp_size} ranks")
-    if model.batch_size % dp_size:
-        raise ValueError(f"parallelize_hybrid_lm: batch_size {model.batch_size} cannot be split over {dp_size} ranks")
-    if tp_size > 1 and mesh.ndim > 1 and not mesh.mesh_dim_names:
-        raise ValueError("parallelize_hybrid_lm: a mesh of several dimensions needs mesh_dim_names")
-    local_heads = config.num_heads // tp_size
-    heads = slice(tp_rank * local_heads, (tp_rank + 1) * local_heads)
-    model.batch_size //= dp_size
-    model.tensor_parallel_mesh, model.tensor_parallel_axis = mesh, axis
-    for layer in model.layers:
-        mixer = layer.mixer
-        if tp_size > 1:
-            head_mesh = mesh[mesh.mesh_dim_names[head_dim_index]] if mesh.ndim > 1 else mesh
-            _group_rows_by_rank(mixer.qkv, 3, tp_size)
-            _group_rows_by_rank(layer.mlp_in, 2, tp_size)
-            plan = {"qkv": ColwiseParallel(), "out": RowwiseParallel()}
-            if layer.kind != ATTENTION:
-                plan["gate"] = ColwiseParallel()
-                mixer.norm = HeadShardedRMSNorm(mixer.norm, head_mesh, tp_rank, tp_size)
-            parallelize_module(mixer, head_mesh, plan)
-            parallelize_module(layer, head_mesh, {"mlp_in": ColwiseParallel(), "mlp_out": RowwiseParallel()})
-        mixer.heads = local_heads
-        # Each rank keeps only its rows and heads of every cache (plain tensors: the layers compute locally).
-        if layer.kind == ATTENTION:
-            key_value, index = ops.init_kv_cache(model.batch_size, config.max_length, local_heads, config.head_dim,
-                                                 config.head_dim, dtype=mixer.key_value.dtype,
-                                                 device=mixer.key_value.device)
-            mixer.key_value, mixer.index = key_value, index
-        else:
-            mixer.state = ops.init_state(model.batch_size, local_heads, config.head_dim, config.head_dim,
-                                         device=mixer.state.device)
-            mixer.slopes = mixer.slopes[heads].clone()  # the global heads' decay rates
-    return model
-
-
-def model_caches(model) -> list:
-    """The caches of a :func:`parallelize_hybrid_lm` model as DTensors (global shapes, no copy: they alias
-    each rank's buffers): ``[key_value, index]`` per attention layer, ``[state]`` per lightning layer."""
-    from .cache import ATTENTION
-
-    mesh, axis = model.tensor_parallel_mesh, model.tensor_parallel_axis
-    result = []
-    for layer in model.layers:
-        mixer = layer.mixer
-        names = ("key_value", "index") if layer.kind == ATTENTION else ("state",)
-        for name in names:
-            local = getattr(mixer, name)
-            placements = axis.placements(mesh, name)
-            shape = list(local.shape)
-            for mesh_dim, placement in enumerate(placements):
-                if placement.is_shard():
-                    shape[placement.dim] *= mesh.size(mesh_dim)
-            result.append(from_local_shard(local, mesh, placements, shape))
-    return result
-
-
-# --------------------------------------------------------------------------- the demo's --tp
-
-
-class DemoTensorParallel:
-    """``torchrun --nproc-per-node N -m torch_lightning_cache demo --tp N``: the demo's model split over N ranks
-    (gloo on the CPU, NCCL on GPUs), checked against the same model in one process."""
-
-    def __init__(self, args, device: torch.device):
-        import os
-
-        import torch.distributed as dist
-
-        from .demo import DemoError
-
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world != args.tp:
-            raise DemoError(f"--tp {args.tp} needs {args.tp} processes, this is {world}: run "
-                            f"torchrun --nproc-per-node {args.tp} -m torch_lightning_cache demo --tp {args.tp}")
-        if args.heads % args.tp:
-            raise DemoError(f"--heads ({args.heads}) must be a multiple of --tp ({args.tp})")
-        self.args, self.device = args, device
-        if device.type == "cuda":
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(self.device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        self.rank = dist.get_rank()
-        from torch.distributed.device_mesh import init_device_mesh
-
-        self.mesh = init_device_mesh(device.type, (args.tp,), mesh_dim_names=("tp",))
-        if self.rank != 0:  # one rank reports
-            import sys
-
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
-
-    @staticmethod
-    def _bytes(tensors) -> int:
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def parallelize(self, model):
-        """Keeps a single-process copy for the comparison, then splits ``model`` over the ranks' heads."""
-        import copy
-
-        import torch.distributed as dist
-
-        self.reference = copy.deepcopy(model)
-        full = (self._bytes(model.parameters()), self._bytes(model.cache_buffers()))
-        parallelize_hybrid_lm(model, self.mesh, PartitionAxis(head_axis="tp"))
-        local = (self._bytes(p.to_local() if is_dtensor(p) else p for p in model.parameters()),
-                 self._bytes(model.cache_buffers()))
-        every_rank = [None] * self.args.tp
-        dist.all_gather_object(every_rank, local)
-        print(f"tensor parallel: {self.args.tp} ranks ({dist.get_backend()}), heads split {self.args.heads // self.args.tp}"
-              f" per rank; memory per rank (weights + caches): "
-              + ", ".join(f"rank {r} {w / 2**20:.2f} + {c / 2**20:.2f} MiB" for r, (w, c) in enumerate(every_rank))
-              + f"; one process: {full[0] / 2**20:.2f} + {full[1] / 2**20:.2f} MiB")
-        return model
-
-    def check(self, prompts, sequences, logits) -> bool:
-        """Generates with the single-process model; True when the logits agree to 1e-5 (float32) and the
-        tokens are identical. Ends the process group."""
-        import torch.distributed as dist
-
-        from .demo import _Progress, generate_with_cache
-
-        with torch.inference_mode():
-            expected_sequences, expected = generate_with_cache(self.reference, prompts, self.args.tokens,
-                                                               self.reference, _Progress(1, "", False))
-        worst = (logits - expected).abs().max().item()
-        same = all(torch.equal(a, b) for a, b in zip(sequences, expected_sequences))
-        tolerance = 1e-5 if logits.dtype == torch.float32 and self.reference.embed.weight.dtype == torch.float32 \
-            else 0.1
-        worst_all = torch.tensor([worst, float(not same)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(worst_all, op=dist.ReduceOp.MAX)  # every rank's verdict
-        worst, same = worst_all[0].item(), worst_all[1].item() == 0
-        ok = worst <= tolerance and same
-        print(f"tensor parallel check: max |logits with {self.args.tp} ranks - one process| = {worst:.3e} "
-              f"(tolerance {tolerance:g}) {'PASS' if ok else 'FAIL'}; greedy tokens identical: {same}")
-        dist.destroy_process_group()
-        return ok
+# ops.check_types runs this on eager calls once torch.distributed.tensor is loaded (ops sits below this module
+# and cannot import it).
+ops.set_dtensor_argument_check(_check_dtensor_call)

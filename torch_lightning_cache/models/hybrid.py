@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .cache import ATTENTION, minimax_layer_kinds
+from .. import ops
+from ..cache import ATTENTION, minimax_layer_kinds
 
 
 @dataclasses.dataclass

@@ -1,0 +1,1 @@
+"""Models built on the cache: the hybrid decoder and its tensor-parallel form."""
