@@ -25,6 +25,7 @@ LAYERS = [
     "ops",
     "sharding",
     "cache",
+    "paging",  # page allocator of a paged K|V pool (plain Python, model-agnostic)
     "models",
     "models.hybrid",
     "models.tensor_parallel",

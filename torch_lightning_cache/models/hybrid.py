@@ -16,6 +16,7 @@ lightning recurrence): the demo and the tests check the cached path against it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import List, Optional
 
 import torch
@@ -42,6 +43,71 @@ class HybridConfig:
     @property
     def layer_kinds(self) -> list[str]:
         return minimax_layer_kinds(self.num_layers, self.attention_every)
+
+
+def _takes(function, *names: str) -> bool:
+    parameters = inspect.signature(function).parameters
+    return all(name in parameters for name in names)
+
+
+# Whether the operator library has section 11's paged / packed arguments. Without them the packed forward runs
+# the same computation with the ops it has (one batched call for the decodes, one call per prefill chunk, and a
+# gather of the pages for attention); with them, one call per layer through the block tables.
+PAGED_PACKED_OPS = (_takes(ops.write_to_cache, "block_tables", "cu_seqlens")
+                    and _takes(ops.cached_attention, "block_tables", "cu_seqlens", "cache_seqlens")
+                    and _takes(ops.lightning_prefill, "cu_seqlens"))
+
+
+@dataclasses.dataclass
+class PackedBatch:
+    """One engine step: ``S`` sequences packed into ``[1, T]`` tokens (no padding).
+
+    Sequence ``s`` is tokens ``cu_seqlens[s] .. cu_seqlens[s + 1] - 1``, sits at positions
+    ``start_positions[s] ..`` of its request, reads and writes its K|V through
+    ``block_tables[s]`` (page ids, ``page_size`` tokens each) and its lightning state in
+    row ``slot_ids[s]``. The first ``num_decodes`` sequences are single tokens (decodes).
+    Build it with :meth:`build`.
+    """
+
+    cu_seqlens: torch.Tensor  # [S + 1] int64
+    slot_ids: torch.Tensor  # [S] int64, lightning-state rows
+    block_tables: torch.Tensor  # [S, max_pages] int64 (-1 past a sequence's pages: never read)
+    start_positions: torch.Tensor  # [S] int64, tokens of each sequence already in the cache
+    cache_seqlens: torch.Tensor  # [S] int64, tokens in the cache after this step
+    page_size: int
+    lengths: list  # host copies, for the path without packed ops
+    num_decodes: int
+    write_rows: torch.Tensor  # [T] int64: page * page_size + slot of each token (path without paged ops)
+
+    @staticmethod
+    def build(lengths: list[int], start_positions: list[int], slot_ids: list[int], block_tables: list[list[int]],
+              page_size: int, device: torch.device | str = "cpu") -> "PackedBatch":
+        if not (len(lengths) == len(start_positions) == len(slot_ids) == len(block_tables)):
+            raise ValueError("PackedBatch.build: lengths, start_positions, slot_ids and block_tables must have "
+                             "one entry per sequence")
+        ends = [start + n for start, n in zip(start_positions, lengths)]
+        width = max([-(-end // page_size) for end in ends] + [1])
+        table = torch.full((len(lengths), width), -1, dtype=torch.int64)
+        write_rows = []
+        for s, (pages, start, n) in enumerate(zip(block_tables, start_positions, lengths)):
+            needed = -(-ends[s] // page_size)
+            if len(pages) < needed:
+                raise ValueError(f"PackedBatch.build: sequence {s} reaches position {ends[s] - 1} but its block "
+                                 f"table has {len(pages)} pages of {page_size}")
+            table[s, :needed] = torch.tensor(pages[:needed], dtype=torch.int64)
+            write_rows += [pages[p // page_size] * page_size + p % page_size for p in range(start, start + n)]
+        num_decodes = 0
+        while num_decodes < len(lengths) and lengths[num_decodes] == 1:
+            num_decodes += 1
+        cu = [0]
+        for n in lengths:
+            cu.append(cu[-1] + n)
+
+        def ids(values):
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        return PackedBatch(ids(cu), ids(slot_ids), table.to(device), ids(start_positions), ids(ends), page_size,
+                           list(lengths), num_decodes, ids(write_rows))
 
 
 class RMSNorm(nn.Module):
@@ -126,6 +192,51 @@ class CachedAttention(nn.Module):
         o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
         return self.out(o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
+    @torch.jit.unused
+    def attend_packed(self, x: torch.Tensor, pages: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """``forward`` on packed tokens ``x [1, T, hidden]``, K|V in the page pool ``pages [N, page_size, H, 2D]``."""
+        t = x.shape[1]
+        q, k, v = _split_qkv(self.qkv(x), self.heads, self.head_dim)
+        if PAGED_PACKED_OPS:
+            index = batch.start_positions.clone()  # advanced by the write
+            ops.write_to_cache(pages, index, k, v, check_bounds=self.check_bounds, block_tables=batch.block_tables,
+                               cu_seqlens=batch.cu_seqlens)
+            o = ops.cached_attention(q, pages, None, self.head_dim, block_tables=batch.block_tables,
+                                     cu_seqlens=batch.cu_seqlens, cache_seqlens=batch.cache_seqlens)
+        else:
+            o = self._attend_pages_gathered(q, k, v, pages, batch)
+        return self.out(o.reshape(1, t, self.heads * self.head_dim))
+
+    def _attend_pages_gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor,
+                               batch: PackedBatch) -> torch.Tensor:
+        # Without the paged ops: write every token into its page slot, gather each sequence's pages into a
+        # contiguous [S, width * page_size] row and attend with a causal-by-position mask (decodes in one call).
+        flat = pages.view(-1, pages.shape[2], pages.shape[3])
+        flat.index_copy_(0, batch.write_rows, torch.cat([k[0], v[0]], -1).to(pages.dtype))
+        s, width = batch.block_tables.shape
+        rows = pages.index_select(0, batch.block_tables.reshape(-1).clamp_min(0))
+        rows = rows.view(s, width * batch.page_size, pages.shape[2], pages.shape[3])
+        columns = torch.arange(rows.shape[1], device=rows.device)
+        outputs = []
+        nd = batch.num_decodes
+        if nd:
+            mask = (columns[None, :] < batch.cache_seqlens[:nd, None]).view(nd, 1, 1, -1)
+            o = torch.ops.lightning_cache.cached_attention(q[:, :nd].transpose(0, 1), rows[:nd], mask,
+                                                           self.head_dim, None, None)
+            outputs.append(o.transpose(0, 1))
+        start = nd
+        for i in range(nd, s):
+            n = batch.lengths[i]
+            if n == 0:
+                continue
+            first = int(batch.start_positions[i])  # host copy of a host-built tensor (CPU) or one sync (CUDA)
+            positions = torch.arange(first, first + n, device=rows.device)
+            mask = (columns[None, :] <= positions[:, None]).view(1, 1, n, -1)
+            outputs.append(torch.ops.lightning_cache.cached_attention(q[:, start:start + n], rows[i:i + 1], mask,
+                                                                      self.head_dim, None, None))
+            start += n
+        return torch.cat(outputs, 1)
+
     def forward_uncached(self, x: torch.Tensor) -> torch.Tensor:
         b, n = x.shape[0], x.shape[1]
         q, k, v = _split_qkv(self.qkv(x), self.heads, self.head_dim)
@@ -182,6 +293,35 @@ class LightningAttention(nn.Module):
                                                            checkpoint_every)
         return self._finish(x, o)
 
+    @torch.jit.unused
+    def recur_packed(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """``forward`` on packed tokens ``x [1, T, hidden]``: sequence ``s`` runs from state row ``slot_ids[s]``."""
+        q, k, v = _split_qkv(F.silu(self.qkv(x)), self.heads, self.head_dim)
+        if PAGED_PACKED_OPS:
+            o = ops.lightning_prefill(self.state, q, k, v, self.slopes, slot_ids=batch.slot_ids,
+                                      block_size=self.block_size, check_bounds=self.check_bounds,
+                                      cu_seqlens=batch.cu_seqlens)
+            return self._finish(x, o)
+        outputs = []
+        nd = batch.num_decodes
+        if nd:  # the decodes: one batched call, token s of the packed batch is row s
+            o = torch.ops.lightning_cache.lightning_decode(self.state, q[:, :nd].transpose(0, 1),
+                                                           k[:, :nd].transpose(0, 1), v[:, :nd].transpose(0, 1),
+                                                           self.slopes, batch.slot_ids[:nd], 1.0, self.check_bounds,
+                                                           None)
+            outputs.append(o.transpose(0, 1))
+        start = nd
+        for i in range(nd, len(batch.lengths)):
+            n = batch.lengths[i]
+            if n == 0:
+                continue
+            chunk = slice(start, start + n)
+            outputs.append(torch.ops.lightning_cache.lightning_prefill(
+                self.state, q[:, chunk], k[:, chunk], v[:, chunk], self.slopes, None, batch.slot_ids[i:i + 1],
+                self.block_size, 1.0, self.check_bounds, None, 0))
+            start += n
+        return self._finish(x, torch.cat(outputs, 1))
+
     def forward_uncached(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[1]
         q, k, v = _split_qkv(F.silu(self.qkv(x)), self.heads, self.head_dim)
@@ -215,6 +355,16 @@ class DecoderLayer(nn.Module):
                 checkpoints: Optional[torch.Tensor] = None, checkpoint_every: int = 0,
                 step_states: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.mixer(self.input_norm(x), row_start, slot_ids, checkpoints, checkpoint_every, step_states)
+        return self._mlp(x + h)
+
+    @torch.jit.unused
+    def forward_packed(self, x: torch.Tensor, batch: PackedBatch, pages: Optional[torch.Tensor]) -> torch.Tensor:
+        h = self.input_norm(x)
+        if self.kind == ATTENTION:
+            assert pages is not None
+            h = self.mixer.attend_packed(h, pages, batch)
+        else:
+            h = self.mixer.recur_packed(h, batch)
         return self._mlp(x + h)
 
     def forward_uncached(self, x: torch.Tensor) -> torch.Tensor:
@@ -271,6 +421,39 @@ class HybridLM(nn.Module):
                 j += 1
             x = layer(x, row_start, slot_ids, layer_checkpoints, checkpoint_every, layer_steps)
         return self.lm_head(self.final_norm(x)).float()
+
+    @torch.jit.unused
+    def init_pages(self, num_pages: int, page_size: int) -> list[torch.Tensor]:
+        """Gives every attention layer a paged K|V pool ``[num_pages, page_size, H, 2D]`` (zeros) for
+        :meth:`forward_packed`, and returns them in layer order. Page ids are the caller's (one block table serves
+        every layer). The lightning states stay the ``[batch_size, H, D, D]`` buffers: one row per running request."""
+        if self.config.kv_quantization is not None:
+            raise ValueError("init_pages: the packed engine serves float K|V pages only (kv_quantization is "
+                             f"{self.config.kv_quantization!r})")
+        self.pages = []
+        for layer in self.layers:
+            if layer.kind == ATTENTION:
+                c = self.config
+                dtype = layer.mixer.key_value.dtype
+                self.pages.append(torch.zeros(num_pages, page_size, c.num_heads, 2 * c.head_dim, dtype=dtype,
+                                              device=layer.mixer.key_value.device))
+        self.page_size = page_size
+        return self.pages
+
+    @torch.jit.unused
+    def forward_packed(self, input_ids: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """One engine step over packed tokens ``input_ids [1, T]`` (see :class:`PackedBatch`): appends each
+        sequence's tokens to its pages and state row and returns float32 logits ``[S, vocab]`` of each
+        sequence's LAST token (a zero-length sequence's row is meaningless). Needs :meth:`init_pages`."""
+        if batch.page_size != self.page_size:
+            raise ValueError(f"forward_packed: batch.page_size is {batch.page_size} but the pages hold "
+                             f"{self.page_size} tokens")
+        x = self.embed(input_ids)
+        pages = iter(self.pages)
+        for layer in self.layers:
+            x = layer.forward_packed(x, batch, next(pages) if layer.kind == ATTENTION else None)
+        last = (batch.cu_seqlens[1:] - 1).clamp_min(0)
+        return self.lm_head(self.final_norm(x[0].index_select(0, last))).float()
 
     @torch.jit.unused
     def forward_with_caches(self, input_ids: torch.Tensor, caches: list[torch.Tensor]) -> torch.Tensor:
