@@ -46,11 +46,12 @@ TORCH_LIBRARY(lightning_cache, m) {
       "concatenate_to_cache(Tensor(a!) key_value, Tensor(b!) index, Tensor key, Tensor value, "
       "Tensor? attention_mask=None, Tensor? causal_mask=None, Tensor? token_type_ids=None, "
       "bool is_causal=False, bool ring=False, bool check_bounds=True, Tensor? slot_ids=None, "
-      "Tensor(c!)? scales=None) -> Tensor mask");
+      "Tensor(c!)? scales=None, Tensor? block_tables=None) -> Tensor mask");
   // concatenate_to_cache without the mask, for attention kernels that take lengths.
   m.def(
       "write_to_cache(Tensor(a!) key_value, Tensor(b!) index, Tensor key, Tensor value, bool ring=False, "
-      "bool check_bounds=True, Tensor? slot_ids=None, Tensor(c!)? scales=None) -> ()");
+      "bool check_bounds=True, Tensor? slot_ids=None, Tensor(c!)? scales=None, Tensor? block_tables=None, "
+      "Tensor? cu_seqlens=None) -> ()");
   // Quantized storage (int8 / float8_e4m3fn codes, scales [P, L, H, 2]) to dense keys and values.
   m.def("dequantize_kv(Tensor key_value, Tensor scales, int key_dim, ScalarType dtype) -> (Tensor key, Tensor value)");
   m.def(
@@ -62,7 +63,8 @@ TORCH_LIBRARY(lightning_cache, m) {
   m.def(
       "lightning_prefill(Tensor(a!) state, Tensor query, Tensor key, Tensor value, Tensor slopes, "
       "Tensor? attention_mask=None, Tensor? slot_ids=None, int block_size=256, float scale=1.0, "
-      "bool check_bounds=True, Tensor(b!)? checkpoints=None, int checkpoint_every=0) -> Tensor output");
+      "bool check_bounds=True, Tensor(b!)? checkpoints=None, int checkpoint_every=0, Tensor? cu_seqlens=None) -> Tensor "
+      "output");
   // Speculative decoding (csrc/serving.cpp): move positions back by the rejected
   // tokens; set each state row to the step state after its accepted tokens.
   m.def(
@@ -74,8 +76,9 @@ TORCH_LIBRARY(lightning_cache, m) {
   // Attention of new queries over the sequence cache (SPEC 8), reading the
   // stored codes directly: no dequantized copy of the cache is made.
   m.def(
-      "cached_attention(Tensor query, Tensor key_value, Tensor mask, int key_dim, Tensor? scales=None, "
-      "float? softmax_scale=None) -> Tensor output");
+      "cached_attention(Tensor query, Tensor key_value, Tensor? mask, int key_dim, Tensor? scales=None, "
+      "float? softmax_scale=None, Tensor? block_tables=None, Tensor? cu_seqlens=None, Tensor? cache_seqlens=None, "
+      "Tensor? slot_ids=None, bool check_bounds=True) -> Tensor output");
 }
 
 // Factory ops take no tensors, so they are registered for every backend at once.

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 #include <set>
+#include <unordered_map>
 #include <sstream>
 #include <string_view>
 
@@ -53,7 +54,9 @@ at::Tensor causal_matrix(const at::Tensor& causal_mask) {
 
 KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
                              const at::Tensor& value, bool ring, const std::optional<at::Tensor>& slot_ids,
-                             const char* op, const std::optional<at::Tensor>& scales) {
+                             const char* op, const std::optional<at::Tensor>& scales,
+                             const std::optional<at::Tensor>& block_tables,
+                             const std::optional<at::Tensor>& cu_seqlens) {
   TORCH_CHECK_VALUE(key_value.dim() == 4,
                     "key_value must be [batch, max_length, heads, key_dim + value_dim], got shape ",
                     shape_of(key_value));
@@ -66,6 +69,19 @@ KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& inde
   d.capacity = key_value.size(1);
   d.heads = key_value.size(2);
   TORCH_CHECK_VALUE(d.capacity > 0, "key_value must have max_length > 0");
+  d.paged = block_tables.has_value();
+  d.packed = cu_seqlens.has_value();
+  if (d.paged) {
+    TORCH_CHECK_VALUE(!ring, op, ": ring=True cannot be used with block_tables (a paged row grows by whole pages)");
+    TORCH_CHECK_VALUE(!slot_ids.has_value(), op, ": slot_ids cannot be used with block_tables (each row's block "
+                      "table names its pages; index and block_tables have one row per batch row)");
+    const PageTable table = check_block_tables(op, *block_tables, -1, key_value);
+    d.pool = block_tables->size(0);  // rows of index: one per batch row
+    d.capacity = table.max_pages * table.page_size;
+    d.num_pages = table.num_pages;
+    d.page_size = table.page_size;
+  }
+  TORCH_CHECK_VALUE(!(d.packed && ring), op, ": ring=True cannot be used with cu_seqlens");
 
   TORCH_CHECK_VALUE(key.dim() == 4, "key must be [batch, new_tokens, heads, key_dim], got shape ", shape_of(key));
   TORCH_CHECK_VALUE(value.dim() == 4, "value must be [batch, new_tokens, heads, value_dim], got shape ",
@@ -75,11 +91,20 @@ KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& inde
   d.value_dim = value.size(3);
   // Without slot_ids batch row b is cache row b; with them key_value and
   // index are a pool of P rows and the batch is key's.
-  d.batch = slot_ids.has_value() ? key.size(0) : d.pool;
-  const char* batch_from = slot_ids.has_value() ? "slot_ids" : "key_value";
-  TORCH_CHECK_VALUE(key.size(0) == d.batch, "key has batch ", key.size(0), " but ", batch_from, " has batch ", d.batch);
-  TORCH_CHECK_VALUE(value.size(0) == d.batch, "value has batch ", value.size(0), " but ", batch_from, " has batch ",
-                    d.batch);
+  // Packed: the batch is the S sequences of key [1, T, ...], which are rows of
+  // index (or slot_ids, or block_tables).
+  const int64_t key_batch = d.packed ? 1 : (slot_ids.has_value() ? key.size(0) : d.pool);
+  d.batch = d.packed ? check_cu_seqlens(op, *cu_seqlens, key, "key") : key_batch;
+  const char* batch_from = slot_ids.has_value() ? "slot_ids" : (d.paged ? "block_tables" : "key_value");
+  const int64_t rows_in = d.packed ? 1 : d.batch;
+  if (d.packed) batch_from = "cu_seqlens (packed)";
+  TORCH_CHECK_VALUE(key.size(0) == rows_in, "key has batch ", key.size(0), " but ", batch_from, " has batch ", rows_in);
+  TORCH_CHECK_VALUE(value.size(0) == rows_in, "value has batch ", value.size(0), " but ", batch_from, " has batch ",
+                    rows_in);
+  if (d.paged) {
+    TORCH_CHECK_VALUE(d.batch == d.pool, op, ": block_tables has ", d.pool, " rows but the batch has ", d.batch,
+                      d.packed ? " sequences (cu_seqlens)" : " rows (key)");
+  }
   TORCH_CHECK_VALUE(value.size(1) == d.new_tokens, "value has ", value.size(1), " new tokens but key has ",
                     d.new_tokens);
   TORCH_CHECK_VALUE(key.size(2) == d.heads, "key has ", key.size(2), " heads but key_value has ", d.heads);
@@ -104,7 +129,11 @@ KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& inde
   check_same_device(index, "index", key_value, "key_value");
   check_same_device(key, "key", key_value, "key_value");
   check_same_device(value, "value", key_value, "key_value");
-  check_slot_ids(op, slot_ids, d.batch, "key", key_value, "key_value");
+  if (d.paged) {
+    check_same_device(*block_tables, "block_tables", key_value, "key_value");
+  } else {
+    check_slot_ids(op, slot_ids, d.batch, d.packed ? "cu_seqlens" : "key", key_value, "key_value");
+  }
   check_scales(op, key_value, scales);
   return d;
 }
@@ -134,9 +163,10 @@ KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor
                                    const std::optional<at::Tensor>& causal_mask,
                                    const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring,
                                    const std::optional<at::Tensor>& slot_ids,
-                                   const std::optional<at::Tensor>& scales) {
-  const KVCacheDims d =
-      check_write_args(key_value, index, key, value, ring, slot_ids, "concatenate_to_cache", scales);
+                                   const std::optional<at::Tensor>& scales,
+                                   const std::optional<at::Tensor>& block_tables) {
+  const KVCacheDims d = check_write_args(key_value, index, key, value, ring, slot_ids, "concatenate_to_cache", scales,
+                                         block_tables);
   if (attention_mask.has_value()) {
     const at::Tensor& m = *attention_mask;
     check_same_device(m, "attention_mask", key_value, "key_value");
@@ -173,6 +203,18 @@ KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor
 
 namespace {
 
+// The IndexError for a row that row_writable refuses; the branches only pick the message.
+[[noreturn]] void raise_unwritable(int64_t r, int64_t start, int64_t tokens, int64_t capacity, bool ring,
+                                   int64_t horizon) {
+  TORCH_CHECK_INDEX(start >= 0, "index[", r, "] = ", start, " is negative; positions start at 0");
+  TORCH_CHECK_INDEX(ring || start <= capacity - tokens, "cache overflow in row ", r, ": position ", start, " + ",
+                    tokens, " new tokens exceeds max_length ", capacity,
+                    " (nothing was written; use a larger max_length or ring=True)");
+  TORCH_CHECK_INDEX(start > kNoPositionLimit - tokens || start <= horizon - tokens, "causal_mask covers T = ",
+                    horizon, " positions but row ", r, " starts at position ", start, " and needs ", tokens, " more");
+  TORCH_CHECK_INDEX(false, "index[", r, "] = ", start, " + ", tokens, " new tokens overflows int64 (nothing was written)");
+}
+
 // Value checks on the positions of the rows the call writes: index[slots[b]]
 // (validated slot ids; -1 skips), or index[b] without slots.
 void check_positions(const at::Tensor& index, const KVCacheDims& d, bool ring,
@@ -188,16 +230,9 @@ void check_positions(const at::Tensor& index, const KVCacheDims& d, bool ring,
     const int64_t start = position[r];
     // The same predicate the kernels use, so the host check and the in-kernel
     // skip cannot disagree; the branches below only pick the message.
-    if (row_writable(start, d.new_tokens, d.capacity, ring, horizon)) continue;
-    TORCH_CHECK_INDEX(start >= 0, "index[", r, "] = ", start, " is negative; positions start at 0");
-    TORCH_CHECK_INDEX(ring || start <= d.capacity - d.new_tokens, "cache overflow in row ", r, ": position ", start,
-                      " + ", d.new_tokens, " new tokens exceeds max_length ", d.capacity,
-                      " (nothing was written; use a larger max_length or ring=True)");
-    TORCH_CHECK_INDEX(start > kNoPositionLimit - d.new_tokens || start <= horizon - d.new_tokens,
-                      "causal_mask covers T = ", horizon, " positions but row ", r, " starts at position ", start,
-                      " and needs ", d.new_tokens, " more");
-    TORCH_CHECK_INDEX(false, "index[", r, "] = ", start, " + ", d.new_tokens,
-                      " new tokens overflows int64 (nothing was written)");
+    if (!row_writable(start, d.new_tokens, d.capacity, ring, horizon)) {
+      raise_unwritable(r, start, d.new_tokens, d.capacity, ring, horizon);
+    }
   }
 }
 
@@ -210,8 +245,149 @@ std::optional<at::Tensor> prepare_write_rows(const at::Tensor& index, const KVCa
   rows.batch = d.batch;
   rows.slots = d.pool;
   std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, rows, host_checks);
-  if (host_checks) check_positions(index, d, ring, causal_mask, slots);
+  // Packed and paged writes check their rows in plan_writes (per-sequence lengths, pages).
+  if (host_checks && !d.packed && !d.paged) check_positions(index, d, ring, causal_mask, slots);
   return slots;
+}
+
+int64_t check_cu_seqlens(const char* op, const at::Tensor& cu_seqlens, const at::Tensor& tokens,
+                         const char* tokens_name) {
+  const at::Tensor& c = cu_seqlens;
+  TORCH_CHECK_VALUE(c.dim() == 1 && c.size(0) >= 1, op, ": cu_seqlens must be [num_sequences + 1] (1-D, at least ",
+                    "one entry), got shape ", shape_of(c));
+  TORCH_CHECK_VALUE(c.scalar_type() == at::kInt || c.scalar_type() == at::kLong, op,
+                    ": cu_seqlens must be int32 or int64, got ", c.scalar_type());
+  check_same_device(c, "cu_seqlens", tokens, tokens_name);
+  TORCH_CHECK_VALUE(tokens.dim() >= 1 && tokens.size(0) == 1, op, ": with cu_seqlens, ", tokens_name,
+                    " must be packed as [1, total_tokens, ...], got shape ", shape_of(tokens));
+  return c.size(0) - 1;
+}
+
+PackedSequences prepare_cu_seqlens(const char* op, const at::Tensor& cu_seqlens, int64_t total_tokens,
+                                   bool host_checks) {
+  const at::Tensor c = cu_seqlens.to(at::kCPU).to(at::kLong).contiguous();
+  const int64_t* v = c.const_data_ptr<int64_t>();
+  const int64_t S = c.size(0) - 1;
+  if (host_checks) {
+    TORCH_CHECK_VALUE(v[0] == 0, op, ": cu_seqlens must start at 0, got cu_seqlens[0] = ", v[0]);
+    for (int64_t s = 0; s < S; ++s) {
+      TORCH_CHECK_VALUE(v[s + 1] >= v[s], op, ": cu_seqlens must be non-decreasing, got cu_seqlens[", s + 1, "] = ",
+                        v[s + 1], " < cu_seqlens[", s, "] = ", v[s]);
+    }
+    TORCH_CHECK_VALUE(v[S] == total_tokens, op, ": cu_seqlens[-1] must equal the number of packed tokens (",
+                      total_tokens, "), got ", v[S]);
+  }
+  PackedSequences seqs{std::vector<int64_t>(S, 0), std::vector<int64_t>(S, -1)};
+  int64_t earlier_max = 0;  // the largest entry before c_s (and 0)
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t begin = v[s], end = v[s + 1];
+    if (begin >= earlier_max && begin <= end && end <= total_tokens) {
+      seqs.begin[s] = begin;
+      seqs.length[s] = end - begin;  // no overflow: 0 <= begin <= end
+    }
+    earlier_max = std::max(earlier_max, begin);
+  }
+  return seqs;
+}
+
+PageTable check_block_tables(const char* op, const at::Tensor& block_tables, int64_t batch, const at::Tensor& pages) {
+  const at::Tensor& t = block_tables;
+  TORCH_CHECK_VALUE(t.dim() == 2, op, ": block_tables must be [batch, max_pages], got shape ", shape_of(t));
+  TORCH_CHECK_VALUE(batch < 0 || t.size(0) == batch, op, ": block_tables must have one row per batch row (", batch,
+                    "), got shape ", shape_of(t));
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op,
+                   ": block_tables must be int32 or int64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(pages.dim() == 4 && pages.size(1) > 0, op,
+                    ": with block_tables, key_value must be the page pool [num_pages, page_size, heads, key_dim + "
+                    "value_dim] with page_size > 0 (init_paged_kv_cache), got shape ", shape_of(pages));
+  PageTable table;
+  table.data = t.const_data_ptr();
+  table.type = t.scalar_type() == at::kInt ? ElemType::Int32 : ElemType::Int64;
+  table.stride_row = t.stride(0);
+  table.stride_page = t.stride(1);
+  table.page_size = pages.size(1);
+  table.num_pages = pages.size(0);
+  table.max_pages = t.size(1);
+  TORCH_CHECK_VALUE(table.max_pages <= std::numeric_limits<int64_t>::max() / table.page_size, op,
+                    ": block_tables' max_pages (", table.max_pages, ") * page_size (", table.page_size,
+                    ") overflows int64");
+  return table;
+}
+
+WritePlan plan_writes(const at::Tensor& index, const KVCacheDims& d, const std::optional<at::Tensor>& slots,
+                      const std::optional<at::Tensor>& block_tables, const std::optional<at::Tensor>& cu_seqlens,
+                      bool ring, int64_t position_limit, bool host_checks) {
+  const at::Tensor index_cpu = index.cpu();
+  const int64_t* position = index_cpu.const_data_ptr<int64_t>();
+  const at::Tensor slots_cpu = slots.has_value() ? slots->cpu().contiguous() : at::Tensor();
+  const int64_t* slot = slots.has_value() ? slots_cpu.const_data_ptr<int64_t>() : nullptr;
+  const int64_t source_rows = d.packed ? 1 : d.batch;
+  WritePlan plan{std::vector<int64_t>(d.batch, -1), std::vector<int64_t>(d.batch, 0),
+                 std::vector<int64_t>(d.batch, 0), std::vector<int64_t>(d.batch, 0),
+                 std::vector<int64_t>(source_rows * d.new_tokens, -1)};
+  PackedSequences seqs;
+  if (d.packed) seqs = prepare_cu_seqlens("write_to_cache", *cu_seqlens, d.new_tokens, host_checks);
+  at::Tensor table_cpu;
+  PageTable table;
+  if (d.paged) {
+    table_cpu = block_tables->cpu();
+    table.data = table_cpu.const_data_ptr();
+    table.type = table_cpu.scalar_type() == at::kInt ? ElemType::Int32 : ElemType::Int64;
+    table.stride_row = table_cpu.stride(0);
+    table.stride_page = table_cpu.stride(1);
+    table.page_size = d.page_size;
+    table.num_pages = d.num_pages;
+    table.max_pages = table_cpu.size(1);
+  }
+  // Page slots taken by earlier rows of this call -> the row that took them.
+  std::unordered_map<int64_t, int64_t> claimed;
+  std::vector<int64_t> cells;
+  for (int64_t w = 0; w < d.batch; ++w) {
+    const int64_t r = slot != nullptr ? slot[w] : w;  // sanitized slot ids: -1 skips
+    if (r < 0 || r >= d.pool) continue;
+    const int64_t length = d.packed ? seqs.length[w] : d.new_tokens;
+    // A skipped sequence writes nothing; an empty one does nothing (its position is not even read).
+    if (length <= 0) continue;
+    const int64_t source = d.packed ? seqs.begin[w] : w * d.new_tokens;
+    const int64_t start = position[r];
+    if (!row_writable(start, length, d.capacity, ring, position_limit)) {
+      if (host_checks) raise_unwritable(r, start, length, d.capacity, ring, position_limit);
+      continue;
+    }
+    cells.resize(length);
+    bool ok = true;
+    for (int64_t t = 0; t < length && ok; ++t) {
+      if (!d.paged) {
+        cells[t] = r * d.capacity + token_column(start, t, d.capacity, ring);
+        continue;
+      }
+      const int64_t p = start + t;
+      cells[t] = paged_cell(table, r, p);
+      if (cells[t] < 0) {
+        TORCH_CHECK_INDEX(!host_checks, "block_tables[", r, ", ", p / d.page_size, "] = ", page_entry(table, r, p),
+                          " is outside the page pool [0, ", d.num_pages, ") but row ", r, " writes position ", p,
+                          " (nothing was written)");
+        for (int64_t u = 0; u < t; ++u) claimed.erase(cells[u]);  // this row is skipped: release its slots
+        ok = false;
+        break;
+      }
+      const auto [taken, fresh] = claimed.emplace(cells[t], r);
+      if (!fresh) {
+        TORCH_CHECK_INDEX(!host_checks, "block_tables: rows ", taken->second, " and ", r, " both write page ",
+                          cells[t] / d.page_size, " slot ", cells[t] % d.page_size,
+                          "; a page slot may be written once per call (nothing was written)");
+        for (int64_t u = 0; u < t; ++u) claimed.erase(cells[u]);  // this row is skipped: release its slots
+        ok = false;
+      }
+    }
+    if (!ok) continue;  // skipped whole: the earlier row keeps a contested slot
+    plan.row[w] = r;
+    plan.start[w] = start;
+    plan.length[w] = length;
+    plan.source[w] = source;
+    std::copy(cells.begin(), cells.end(), plan.cell.begin() + source);
+  }
+  return plan;
 }
 
 MaskInputs make_mask_inputs(const KVCacheDims& d, const std::optional<at::Tensor>& attention_mask,
@@ -253,7 +429,8 @@ MaskInputs make_mask_inputs(const KVCacheDims& d, const std::optional<at::Tensor
 LightningDims check_lightning_args(const char* op, const at::Tensor& state, const at::Tensor& query,
                                    const at::Tensor& key, const at::Tensor& value, const at::Tensor& slopes,
                                    const std::optional<at::Tensor>& attention_mask,
-                                   const std::optional<at::Tensor>& slot_ids, int64_t block_size) {
+                                   const std::optional<at::Tensor>& slot_ids, int64_t block_size,
+                                   const std::optional<at::Tensor>& cu_seqlens) {
   TORCH_CHECK_VALUE(state.dim() == 4, op, ": state must be [slots, heads, key_dim, value_dim], got shape ",
                     shape_of(state));
   check_state_dtype(state.scalar_type());
@@ -305,7 +482,13 @@ LightningDims check_lightning_args(const char* op, const at::Tensor& state, cons
     elem_type(m, "attention_mask");
     check_same_device(m, "attention_mask", state, "state");
   }
-  check_slot_ids(op, slot_ids, d.batch, "query", state, "state");
+  if (cu_seqlens.has_value()) {
+    TORCH_CHECK_VALUE(!attention_mask.has_value(), op, ": attention_mask cannot be used with cu_seqlens (packing "
+                      "replaces padding: give each sequence only its own tokens)");
+    d.batch = check_cu_seqlens(op, *cu_seqlens, query, "query");
+    d.packed = true;
+  }
+  check_slot_ids(op, slot_ids, d.batch, d.packed ? "cu_seqlens" : "query", state, "state");
   TORCH_CHECK_VALUE(block_size >= 1, op, ": block_size must be at least 1, got ", block_size);
   return d;
 }
@@ -347,7 +530,7 @@ int64_t check_checkpoints(const std::optional<at::Tensor>& checkpoints, int64_t 
 }
 
 at::Tensor empty_lightning_output(const LightningDims& d, const at::Tensor& query) {
-  return at::empty({d.batch, d.tokens, d.heads, d.value_dim}, query.options());
+  return at::empty({input_rows(d), d.tokens, d.heads, d.value_dim}, query.options());
 }
 
 void check_slot_ids(const char* op, const std::optional<at::Tensor>& slot_ids, int64_t batch, const char* batch_from,
@@ -397,9 +580,14 @@ std::optional<at::Tensor> prepare_slot_ids(const std::optional<at::Tensor>& slot
   return clean.masked_fill_(repeat, -1);
 }
 
-AttentionDims check_cached_attention_args(const at::Tensor& query, const at::Tensor& key_value, const at::Tensor& mask,
-                                          int64_t key_dim, const std::optional<at::Tensor>& scales,
-                                          std::optional<double> softmax_scale) {
+AttentionDims check_cached_attention_args(const at::Tensor& query, const at::Tensor& key_value,
+                                          const std::optional<at::Tensor>& mask, int64_t key_dim,
+                                          const std::optional<at::Tensor>& scales,
+                                          std::optional<double> softmax_scale,
+                                          const std::optional<at::Tensor>& block_tables,
+                                          const std::optional<at::Tensor>& cu_seqlens,
+                                          const std::optional<at::Tensor>& cache_seqlens,
+                                          const std::optional<at::Tensor>& slot_ids) {
   constexpr const char* op = "cached_attention";
   TORCH_CHECK_VALUE(query.dim() == 4, op, ": query must be [batch, queries, query_heads, key_dim], got shape ",
                     shape_of(query));
@@ -417,8 +605,42 @@ AttentionDims check_cached_attention_args(const at::Tensor& query, const at::Ten
   d.query_heads = query.size(2);
   d.capacity = key_value.size(1);
   d.heads = key_value.size(2);
-  TORCH_CHECK_VALUE(key_value.size(0) == d.batch, op, ": key_value has batch ", key_value.size(0),
-                    " but query has batch ", d.batch);
+  d.pool_rows = key_value.size(0);
+  d.packed = cu_seqlens.has_value();
+  d.paged = block_tables.has_value();
+  d.has_mask = mask.has_value();
+  d.rows = d.packed ? check_cu_seqlens(op, *cu_seqlens, query, "query") : d.batch;
+  TORCH_CHECK_VALUE(!(d.packed && d.has_mask), op, ": mask cannot be used with cu_seqlens (packed queries are placed "
+                    "by cache_seqlens, causally)");
+  TORCH_CHECK_VALUE(d.has_mask != cache_seqlens.has_value(), op, d.has_mask
+                        ? ": pass either mask or cache_seqlens, not both"
+                        : ": without a mask, cache_seqlens [rows] (each row's valid tokens) is required");
+  if (d.paged) {
+    TORCH_CHECK_VALUE(!slot_ids.has_value(), op, ": slot_ids cannot be used with block_tables (each row's block "
+                      "table names its pages)");
+    const PageTable table = check_block_tables(op, *block_tables, d.rows, key_value);
+    check_same_device(*block_tables, "block_tables", query, "query");
+    d.page_size = table.page_size;
+    d.capacity = table.max_pages * table.page_size;
+  } else if (slot_ids.has_value()) {
+    const at::Tensor& ids = *slot_ids;
+    TORCH_CHECK_VALUE(ids.dim() == 1 && ids.size(0) == d.rows, op, ": slot_ids must be [rows] = [", d.rows,
+                      "], got shape ", shape_of(ids));
+    TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, op, ": slot_ids must be int64, got ", ids.scalar_type());
+    check_same_device(ids, "slot_ids", query, "query");
+  } else {
+    TORCH_CHECK_VALUE(key_value.size(0) == d.rows, op, ": key_value has batch ", key_value.size(0), " but ",
+                      d.packed ? "cu_seqlens has " : "query has batch ", d.rows,
+                      d.packed ? " sequences" : "", " (pass slot_ids to read rows of a pool)");
+  }
+  if (cache_seqlens.has_value()) {
+    const at::Tensor& c = *cache_seqlens;
+    TORCH_CHECK_VALUE(c.dim() == 1 && c.size(0) == d.rows, op, ": cache_seqlens must be [rows] = [", d.rows,
+                      "], got shape ", shape_of(c));
+    TORCH_CHECK_VALUE(c.scalar_type() == at::kInt || c.scalar_type() == at::kLong, op,
+                      ": cache_seqlens must be int32 or int64, got ", c.scalar_type());
+    check_same_device(c, "cache_seqlens", query, "query");
+  }
   TORCH_CHECK_VALUE(d.heads > 0, op, ": heads must be positive: key_value has shape ", shape_of(key_value));
   TORCH_CHECK_VALUE(key_dim >= 1 && key_dim < key_value.size(3), op, ": key_dim must be in [1, ", key_value.size(3),
                     ") so that key and value dims are positive (key_value's last dimension is key_dim + value_dim = ",
@@ -430,14 +652,17 @@ AttentionDims check_cached_attention_args(const at::Tensor& query, const at::Ten
   TORCH_CHECK_VALUE(d.query_heads % d.heads == 0, op, ": query_heads (", d.query_heads,
                     ") must be a multiple of the cache's heads (", d.heads, ") for grouped-query attention");
   d.group = d.query_heads / d.heads;
-  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, op, ": mask must be bool (as concatenate_to_cache returns it), ",
-                   "got ", mask.scalar_type());
-  TORCH_CHECK_VALUE(mask.dim() == 4 && mask.size(0) == d.batch && mask.size(1) == 1 && mask.size(2) == d.queries &&
-                        mask.size(3) == d.capacity,
-                    op, ": mask must be [batch, 1, queries, max_length] = [", d.batch, ", 1, ", d.queries, ", ",
-                    d.capacity, "], got shape ", shape_of(mask));
+  if (d.has_mask) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, op, ": mask must be bool (as concatenate_to_cache returns it), ",
+                     "got ", m.scalar_type());
+    TORCH_CHECK_VALUE(m.dim() == 4 && m.size(0) == d.batch && m.size(1) == 1 && m.size(2) == d.queries &&
+                          m.size(3) == d.capacity,
+                      op, ": mask must be [batch, 1, queries, max_length] = [", d.batch, ", 1, ", d.queries, ", ",
+                      d.capacity, "], got shape ", shape_of(m));
+    check_same_device(m, "mask", query, "query");
+  }
   check_same_device(key_value, "key_value", query, "query");
-  check_same_device(mask, "mask", query, "query");
   if (d.quantized) {
     TORCH_CHECK_VALUE(scales.has_value(), op, ": key_value is ", kv_type,
                       ": scales [batch, max_length, heads, 2] float32 are required");
@@ -448,10 +673,11 @@ AttentionDims check_cached_attention_args(const at::Tensor& query, const at::Ten
   if (scales.has_value()) {
     const at::Tensor& s = *scales;
     TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, op, ": scales must be float32, got ", s.scalar_type());
-    TORCH_CHECK_VALUE(s.dim() == 4 && s.size(0) == d.batch && s.size(1) == d.capacity && s.size(2) == d.heads &&
-                          s.size(3) == 2,
-                      op, ": scales must be [batch, max_length, heads, 2] = [", d.batch, ", ", d.capacity, ", ",
-                      d.heads, ", 2], got shape ", shape_of(s));
+    TORCH_CHECK_VALUE(s.dim() == 4 && s.size(0) == key_value.size(0) && s.size(1) == key_value.size(1) &&
+                          s.size(2) == d.heads && s.size(3) == 2,
+                      op, ": scales must be [", d.paged ? "num_pages, page_size" : "batch, max_length",
+                      ", heads, 2] = [", key_value.size(0), ", ", key_value.size(1), ", ", d.heads,
+                      ", 2] like key_value, got shape ", shape_of(s));
     check_same_device(s, "scales", query, "query");
   }
   const double scale = softmax_scale.value_or(1.0 / std::sqrt(static_cast<double>(key_dim)));
@@ -459,6 +685,25 @@ AttentionDims check_cached_attention_args(const at::Tensor& query, const at::Ten
                     ": softmax_scale must be finite in float32, got ", scale);
   d.softmax_scale = static_cast<float>(scale);
   return d;
+}
+
+std::vector<int64_t> prepare_cache_seqlens(const at::Tensor& cache_seqlens, const std::vector<int64_t>& queries,
+                                           int64_t capacity, bool host_checks) {
+  const at::Tensor c = cache_seqlens.to(at::kCPU).to(at::kLong).contiguous();
+  const int64_t* v = c.const_data_ptr<int64_t>();
+  std::vector<int64_t> valid(queries.size(), -1);
+  for (size_t r = 0; r < queries.size(); ++r) {
+    if (queries[r] < 0) continue;
+    const bool ok = v[r] >= queries[r] && v[r] <= capacity;
+    if (!ok && host_checks) {
+      TORCH_CHECK_VALUE(v[r] <= capacity, "cached_attention: cache_seqlens[", r, "] = ", v[r],
+                        " is larger than the cache's capacity (", capacity, ")");
+      TORCH_CHECK_VALUE(false, "cached_attention: cache_seqlens[", r, "] = ", v[r], " is smaller than the row's ",
+                        queries[r], " queries (the count after writing them)");
+    }
+    if (ok) valid[r] = v[r];
+  }
+  return valid;
 }
 
 void check_init_sizes(const char* op, std::initializer_list<std::pair<const char*, int64_t>> sizes) {

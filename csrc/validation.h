@@ -5,8 +5,10 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <vector>
 
 #include "mask_rule.h"
+#include "paging_rule.h"
 
 namespace lightning_cache {
 
@@ -17,7 +19,11 @@ struct KVCacheDims {
   int64_t heads = 0;       // H
   int64_t key_dim = 0;     // Dk
   int64_t value_dim = 0;   // Dv
-  int64_t new_tokens = 0;  // q
+  int64_t new_tokens = 0;  // q (packed: T, all sequences' tokens)
+  bool packed = false;     // cu_seqlens given: batch = S sequences of key [1, T, ...]
+  bool paged = false;      // block_tables given: key_value is a page pool [N, page_size, ...]
+  int64_t num_pages = 0;   // N (paged)
+  int64_t page_size = 0;   // (paged)
 };
 
 // Shapes, dtypes and devices of the arguments write_to_cache and
@@ -25,10 +31,18 @@ struct KVCacheDims {
 // the optional slot ids [B] into a pool key_value [P, ...] / index [P]; without
 // them P == B). Zero heads, key_dim or value_dim are a ValueError; B = 0 or
 // q = 0 pass (an empty call, see is_empty_call). `op` names the op in messages.
+//
+// Paged storage (block_tables [B, max_pages], SPEC 11): key_value [N,
+// page_size, H, Dk + Dv] is a page pool, P == B rows of index, L = max_pages *
+// page_size; ring=True or slot_ids with it are a ValueError. Packed batches
+// (cu_seqlens [S + 1]): key/value are [1, T, ...] and the batch is the S
+// sequences (rows of index, of slot_ids or of block_tables).
 KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
                              const at::Tensor& value, bool ring,
                              const std::optional<at::Tensor>& slot_ids = std::nullopt,
-                             const char* op = "write_to_cache", const std::optional<at::Tensor>& scales = std::nullopt);
+                             const char* op = "write_to_cache", const std::optional<at::Tensor>& scales = std::nullopt,
+                             const std::optional<at::Tensor>& block_tables = std::nullopt,
+                             const std::optional<at::Tensor>& cu_seqlens = std::nullopt);
 
 // check_write_args plus the mask arguments of concatenate_to_cache (masks and
 // token types are per batch row: [B, ...]).
@@ -37,7 +51,8 @@ KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor
                                    const std::optional<at::Tensor>& causal_mask,
                                    const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring,
                                    const std::optional<at::Tensor>& slot_ids = std::nullopt,
-                                   const std::optional<at::Tensor>& scales = std::nullopt);
+                                   const std::optional<at::Tensor>& scales = std::nullopt,
+                                   const std::optional<at::Tensor>& block_tables = std::nullopt);
 
 // Quantized storage: key_value of int8 or float8_e4m3fn codes, which need
 // scales [P, L, H, 2] float32 (contiguous, key_value's device); float storage
@@ -58,6 +73,55 @@ std::optional<at::Tensor> prepare_write_rows(const at::Tensor& index, const KVCa
                                              const std::optional<at::Tensor>& slot_ids, bool ring,
                                              const std::optional<at::Tensor>& causal_mask, bool host_checks);
 
+// ---------------------------------------------------------------- packed batches and pages (SPEC 11)
+
+// The sequences of a packed batch as the kernels use them: sequence s is
+// tokens begin[s] .. begin[s] + length[s] - 1, or skipped when length[s] < 0.
+struct PackedSequences {
+  std::vector<int64_t> begin, length;
+  int64_t count() const { return static_cast<int64_t>(begin.size()); }
+};
+
+// Shape, dtype and device of cu_seqlens [S + 1] (int32 or int64): ValueError
+// otherwise, whatever check_bounds says. `tokens` (query or key, [1, T, ...])
+// must have batch 1. Returns S.
+int64_t check_cu_seqlens(const char* op, const at::Tensor& cu_seqlens, const at::Tensor& tokens,
+                         const char* tokens_name);
+
+// The values of cu_seqlens over T tokens. With host_checks: c_0 = 0, c_s <=
+// c_{s+1}, c_S = T, else ValueError naming cu_seqlens. Without: sequence s is
+// kept iff 0 <= c_s <= c_{s+1} <= T and c_s is at least every earlier entry,
+// which keeps the kept sequences' tokens disjoint and inside [0, T); the rest
+// are skipped (length -1). The one place this rule lives. Reads the values on
+// the host (a copy from the device on CUDA).
+PackedSequences prepare_cu_seqlens(const char* op, const at::Tensor& cu_seqlens, int64_t total_tokens,
+                                   bool host_checks);
+
+// Shape, dtype and device of block_tables [batch, max_pages] (int32 or int64)
+// over the page pool `pages` [N, page_size, ...]; max_pages * page_size must
+// fit int64. The table as the paging rule reads it (entries are not checked
+// here: a write or a visible column checks the entries it needs).
+PageTable check_block_tables(const char* op, const at::Tensor& block_tables, int64_t batch, const at::Tensor& pages);
+
+// Where every token of a write lands, for writes through block tables or of a
+// packed batch (and plain ones: one plan for every layout on the CPU). Per
+// write row w (batch row, or sequence): the index row it advances (row, -1:
+// skipped), its position before the call (start), its tokens (length) and the
+// first of them in key's flattened [B * q] tokens (source). cell[token] is the
+// flat cell (row * L + column, or page * page_size + slot) token `token` is
+// written to, -1 for none. A row that cannot take its tokens (row_writable;
+// a needed page outside [0, N); a page slot an earlier row of the call
+// writes) raises IndexError with host_checks, naming the argument, before
+// anything is written; without, it is skipped whole (the first row in batch
+// order keeps a contested slot). `slots` are prepare_write_rows' result.
+struct WritePlan {
+  std::vector<int64_t> row, start, length, source;
+  std::vector<int64_t> cell;
+};
+WritePlan plan_writes(const at::Tensor& index, const KVCacheDims& dims, const std::optional<at::Tensor>& slots,
+                      const std::optional<at::Tensor>& block_tables, const std::optional<at::Tensor>& cu_seqlens,
+                      bool ring, int64_t position_limit, bool host_checks);
+
 // The mask rule's inputs as raw pointers and strides (see mask_rule.h).
 MaskInputs make_mask_inputs(const KVCacheDims& dims, const std::optional<at::Tensor>& attention_mask,
                             const std::optional<at::Tensor>& causal_mask,
@@ -74,6 +138,7 @@ struct LightningDims {
   int64_t key_dim = 0;    // Dk
   int64_t value_dim = 0;  // Dv
   int64_t slots = 0;      // rows of the state
+  bool packed = false;    // cu_seqlens: batch = S sequences of query [1, n, ...] (n = T, all their tokens)
 };
 
 // Shapes, dtypes and devices of lightning_decode / lightning_prefill arguments.
@@ -82,7 +147,8 @@ struct LightningDims {
 LightningDims check_lightning_args(const char* op, const at::Tensor& state, const at::Tensor& query,
                                    const at::Tensor& key, const at::Tensor& value, const at::Tensor& slopes,
                                    const std::optional<at::Tensor>& attention_mask,
-                                   const std::optional<at::Tensor>& slot_ids, int64_t block_size);
+                                   const std::optional<at::Tensor>& slot_ids, int64_t block_size,
+                                   const std::optional<at::Tensor>& cu_seqlens = std::nullopt);
 
 // step_states of lightning_decode: [B, n + 1, H, Dk, Dv], the state's dtype and
 // device, contiguous (the kernels write it with flat offsets).
@@ -108,6 +174,8 @@ inline int64_t checkpoints_written(int64_t tokens, int64_t count, int64_t every)
 
 // B = 0 or n = 0: the output is empty and the state is left as it is.
 inline bool is_empty_call(const LightningDims& d) { return d.batch == 0 || d.tokens == 0; }
+// Rows of query/key/value and of the output: the batch, or 1 when packed.
+inline int64_t input_rows(const LightningDims& d) { return d.packed ? 1 : d.batch; }
 
 // The empty output [B, n, H, Dv] of an empty lightning call.
 at::Tensor empty_lightning_output(const LightningDims& d, const at::Tensor& query);
@@ -139,6 +207,13 @@ struct AttentionDims {
   int64_t value_dim = 0;    // Dv
   bool quantized = false;   // int8 / float8_e4m3fn codes with float32 scales
   float softmax_scale = 0;  // the given one, or 1 / sqrt(Dk)
+  // SPEC 11. rows: the attention rows (B, or S sequences when packed); each
+  // reads cache row slot_ids[r] (or r) of the pool_rows, or, paged, the pages
+  // block_tables[r] names. Without a mask, queries are placed by cache_seqlens.
+  int64_t rows = 0;
+  int64_t pool_rows = 0;  // P (dense) or N (paged): key_value.size(0)
+  int64_t page_size = 0;  // paged only
+  bool packed = false, paged = false, has_mask = true;
 };
 
 // Shapes, dtypes and devices of cached_attention's arguments: query [B, q, Hq,
@@ -146,9 +221,29 @@ struct AttentionDims {
 // float8_e4m3fn codes with scales [B, L, H, 2] float32), mask [B, 1, q, L]
 // bool, Hq a multiple of H. Zero H, Dk or Dv are a ValueError; B, q or Hq = 0
 // pass (an empty call), and L = 0 gives zeros (every row fully masked).
-AttentionDims check_cached_attention_args(const at::Tensor& query, const at::Tensor& key_value, const at::Tensor& mask,
-                                          int64_t key_dim, const std::optional<at::Tensor>& scales,
-                                          std::optional<double> softmax_scale);
+//
+// SPEC 11: block_tables [rows, max_pages] makes key_value the page pool [N,
+// page_size, H, Dk + Dv] and L = max_pages * page_size (slot_ids with it: a
+// ValueError); cu_seqlens packs S sequences in query [1, T, ...]; mask
+// becomes optional, and without one cache_seqlens [rows] (int32 / int64)
+// places each row's queries causally at its last positions (exactly one of
+// mask and cache_seqlens; a mask with cu_seqlens is a ValueError).
+AttentionDims check_cached_attention_args(const at::Tensor& query, const at::Tensor& key_value,
+                                          const std::optional<at::Tensor>& mask, int64_t key_dim,
+                                          const std::optional<at::Tensor>& scales,
+                                          std::optional<double> softmax_scale,
+                                          const std::optional<at::Tensor>& block_tables = std::nullopt,
+                                          const std::optional<at::Tensor>& cu_seqlens = std::nullopt,
+                                          const std::optional<at::Tensor>& cache_seqlens = std::nullopt,
+                                          const std::optional<at::Tensor>& slot_ids = std::nullopt);
+
+// The valid-token counts of cached_attention's rows (cache_seqlens), on the
+// host: with host_checks, a count above the capacity L or below the row's
+// query count is a ValueError naming cache_seqlens; without, that row is
+// skipped (-1: its outputs are zeros). `queries[r]` is row r's query count
+// (-1: the row is already skipped).
+std::vector<int64_t> prepare_cache_seqlens(const at::Tensor& cache_seqlens, const std::vector<int64_t>& queries,
+                                           int64_t capacity, bool host_checks);
 
 inline bool is_empty_call(const AttentionDims& d) { return d.batch == 0 || d.queries == 0 || d.query_heads == 0; }
 

@@ -438,3 +438,94 @@ def ref_cached_attention(query, key_value, mask, key_dim, scales=None, softmax_s
         enable_gqa=True).transpose(1, 2)
     seen = m.any(dim=-1).squeeze(1)  # [B, q]
     return torch.where(seen[:, :, None, None], out, torch.zeros((), dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- packed batches and pages (SPEC 11)
+
+
+def ref_packed_sequences(cu_seqlens, total_tokens: int, check_bounds: bool) -> list[tuple[int, int] | None]:
+    """SPEC 11: ``(begin, length)`` of each packed sequence, or ``None`` (skipped).
+
+    With checks ``cu_seqlens`` must start at 0, not decrease and end at ``T`` (``ValueError``).
+    Without, sequence ``s`` is kept iff ``0 <= c_s <= c_{s+1} <= T`` and ``c_s`` is at least
+    every earlier entry (the kept sequences' tokens are disjoint).
+    """
+    c = [int(x) for x in cu_seqlens.cpu()]
+    if check_bounds:
+        if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])) or c[-1] != total_tokens:
+            raise ValueError(f"bad cu_seqlens {c}")
+    out, earlier = [], 0
+    for begin, end in zip(c, c[1:]):
+        out.append((begin, end - begin) if earlier <= begin <= end <= total_tokens else None)
+        earlier = max(earlier, begin)
+    return out
+
+
+def ref_lightning_packed(state, q, k, v, slopes, cu_seqlens, slot_ids=None, scale=1.0, check_bounds=True):
+    """``lightning_prefill(..., cu_seqlens=...)`` as ``S`` separate :func:`ref_lightning` calls (float64).
+
+    Sequence ``s`` runs from state row ``slot_ids[s]`` (or ``s``); skipped sequences, rows taken by an
+    earlier sequence and tokens of no sequence output zeros. Returns ``(new_state, output [1, T, H, Dv])``.
+    """
+    seqs = ref_packed_sequences(cu_seqlens, q.shape[1], check_bounds)
+    S = state.detach().cpu().to(torch.float64).clone()
+    out = torch.zeros(1, q.shape[1], q.shape[2], v.shape[3], dtype=torch.float64)
+    rows = ref_pool_rows(slot_ids, len(seqs), state.shape[0], check_bounds)
+    for seq, row in zip(seqs, rows):
+        if seq is None or row is None or seq[1] == 0:
+            continue
+        begin, n = seq
+        part = slice(begin, begin + n)
+        S_row, o = ref_lightning(S[row:row + 1], q[:, part], k[:, part], v[:, part], slopes, scale=scale)
+        S[row] = S_row[0]
+        out[0, part] = o[0]
+    return S, out
+
+
+def ref_paged_to_dense(pages: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """The dense ``[B, max_pages * page_size, ...]`` rows a page pool ``[N, page_size, ...]`` holds through
+    ``block_tables [B, max_pages]`` (entries outside ``[0, N)`` read as zeros)."""
+    N, page_size = pages.shape[0], pages.shape[1]
+    B, max_pages = block_tables.shape
+    dense = torch.zeros((B, max_pages * page_size) + tuple(pages.shape[2:]), dtype=pages.dtype)
+    for b in range(B):
+        for p in range(max_pages):
+            page = int(block_tables[b, p])
+            if 0 <= page < N:
+                dense[b, p * page_size:(p + 1) * page_size] = pages[page].cpu()
+    return dense
+
+
+def ref_cached_attention_rows(query, key_value, key_dim, cache_seqlens, cu_seqlens=None, slot_ids=None,
+                              block_tables=None, scales=None, softmax_scale=None):
+    """SPEC 11's ``cached_attention`` without a mask, as one :func:`ref_cached_attention` per row (float64).
+
+    Row ``r`` (batch row, or packed sequence) reads cache row ``slot_ids[r]`` (or ``r``), or the pages
+    ``block_tables[r]`` names; its ``n`` queries sit at positions ``cache_seqlens[r] - n ..``, causal.
+    Rows whose ids or counts are bad give zeros (the checks-off rule).
+    """
+    if block_tables is not None:
+        key_value = ref_paged_to_dense(key_value, block_tables)
+        scales = ref_paged_to_dense(scales, block_tables) if scales is not None else None
+    L = key_value.shape[1]
+    if cu_seqlens is not None:
+        seqs = ref_packed_sequences(cu_seqlens, query.shape[1], check_bounds=False)
+        parts = [(0, s) if s is not None else None for s in seqs]
+    else:
+        parts = [(b, (0, query.shape[1])) for b in range(query.shape[0])]
+    out = torch.zeros(query.shape[:3] + (key_value.shape[3] - key_dim,), dtype=torch.float64)
+    for r, part in enumerate(parts):
+        if part is None:
+            continue
+        src, (begin, n) = part
+        row = int(slot_ids[r]) if slot_ids is not None else r
+        valid = int(cache_seqlens[r])
+        if n == 0 or not 0 <= row < key_value.shape[0] or not n <= valid <= L:
+            continue
+        positions = torch.arange(valid - n, valid)
+        mask = (torch.arange(L)[None, :] <= positions[:, None]).view(1, 1, n, L)
+        q = query[src:src + 1, begin:begin + n]
+        sc = scales[row:row + 1] if scales is not None else None
+        out[src, begin:begin + n] = ref_cached_attention(q, key_value[row:row + 1], mask, key_dim, sc,
+                                                         softmax_scale)[0]
+    return out

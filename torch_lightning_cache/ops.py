@@ -117,9 +117,10 @@ def _init_kv_cache_fake(batch_size, max_length, num_heads, key_dim, value_dim, d
 
 
 @torch.library.register_fake("lightning_cache::write_to_cache")
-def _write_to_cache_fake(key_value, index, key, value, ring=False, check_bounds=True, slot_ids=None, scales=None):
+def _write_to_cache_fake(key_value, index, key, value, ring=False, check_bounds=True, slot_ids=None, scales=None,
+                         block_tables=None, cu_seqlens=None):
     _check_one_device("write_to_cache", key_value=key_value, index=index, key=key, value=value, slot_ids=slot_ids,
-                      scales=scales)
+                      scales=scales, block_tables=block_tables, cu_seqlens=cu_seqlens)
     torch._check(key_value.dim() == 4 and key.dim() == 4, lambda: "key_value and key must be 4-D")
 
 
@@ -141,18 +142,20 @@ def _init_state_fake(batch_size, num_heads, key_dim, value_dim, dtype=None, devi
 @torch.library.register_fake("lightning_cache::concatenate_to_cache")
 def _concatenate_to_cache_fake(key_value, index, key, value, attention_mask=None, causal_mask=None,
                                token_type_ids=None, is_causal=False, ring=False, check_bounds=True, slot_ids=None,
-                               scales=None):
+                               scales=None, block_tables=None):
     _check_one_device("concatenate_to_cache", key_value=key_value, index=index, key=key, value=value,
                       attention_mask=attention_mask, causal_mask=causal_mask, token_type_ids=token_type_ids,
-                      slot_ids=slot_ids, scales=scales)
+                      slot_ids=slot_ids, scales=scales, block_tables=block_tables)
     torch._check(key_value.dim() == 4 and key.dim() == 4, lambda: "key_value and key must be 4-D")
-    # The mask has one row per batch row (key's batch; the pool's rows without slot_ids, where they are equal).
-    return key_value.new_empty((key.shape[0], 1, key.shape[1], key_value.shape[1]), dtype=torch.bool)
+    # The mask has one row per batch row (key's batch; the pool's rows without slot_ids, where they are equal),
+    # over the logical columns: max_pages * page_size through block tables.
+    capacity = key_value.shape[1] if block_tables is None else block_tables.shape[1] * key_value.shape[1]
+    return key_value.new_empty((key.shape[0], 1, key.shape[1], capacity), dtype=torch.bool)
 
 
-def _lightning_fake(op, state, query, key, value, slopes, attention_mask=None, slot_ids=None):
+def _lightning_fake(op, state, query, key, value, slopes, attention_mask=None, slot_ids=None, cu_seqlens=None):
     _check_one_device(op, state=state, query=query, key=key, value=value, slopes=slopes,
-                      attention_mask=attention_mask, slot_ids=slot_ids)
+                      attention_mask=attention_mask, slot_ids=slot_ids, cu_seqlens=cu_seqlens)
     torch._check(state.dim() == 4 and query.dim() == 4, lambda: "state and query must be 4-D")
     return query.new_empty((query.shape[0], query.shape[1], query.shape[2], state.shape[3]))
 
@@ -167,11 +170,13 @@ def _lightning_decode_fake(state, query, key, value, slopes, slot_ids=None, scal
 
 @torch.library.register_fake("lightning_cache::lightning_prefill")
 def _lightning_prefill_fake(state, query, key, value, slopes, attention_mask=None, slot_ids=None, block_size=256,
-                            scale=1.0, check_bounds=True, checkpoints=None, checkpoint_every=0):
+                            scale=1.0, check_bounds=True, checkpoints=None, checkpoint_every=0, cu_seqlens=None):
     if checkpoints is not None:
         _check_one_device("lightning_prefill", state=state, checkpoints=checkpoints)
         torch._check(checkpoints.dim() == 5, lambda: "lightning_prefill: checkpoints must be 5-D")
-    return _lightning_fake("lightning_prefill", state, query, key, value, slopes, attention_mask, slot_ids)
+    torch._check_value(cu_seqlens is None or attention_mask is None,
+                       lambda: "lightning_prefill: attention_mask cannot be used with cu_seqlens")
+    return _lightning_fake("lightning_prefill", state, query, key, value, slopes, attention_mask, slot_ids, cu_seqlens)
 
 
 @torch.library.register_fake("lightning_cache::rewind_cache")
@@ -189,8 +194,13 @@ def _lightning_accept_fake(state, step_states, num_accepted, slot_ids=None, chec
 
 
 @torch.library.register_fake("lightning_cache::cached_attention")
-def _cached_attention_fake(query, key_value, mask, key_dim, scales=None, softmax_scale=None):
-    _check_one_device("cached_attention", query=query, key_value=key_value, mask=mask, scales=scales)
+def _cached_attention_fake(query, key_value, mask, key_dim, scales=None, softmax_scale=None, block_tables=None,
+                           cu_seqlens=None, cache_seqlens=None, slot_ids=None, check_bounds=True):
+    _check_one_device("cached_attention", query=query, key_value=key_value, mask=mask, scales=scales,
+                      block_tables=block_tables, cu_seqlens=cu_seqlens, cache_seqlens=cache_seqlens,
+                      slot_ids=slot_ids)
+    torch._check_value((mask is None) != (cache_seqlens is None),
+                       lambda: "cached_attention: pass exactly one of mask and cache_seqlens")
     torch._check(query.dim() == 4 and key_value.dim() == 4, lambda: "cached_attention: query and key_value must be 4-D")
     torch._check_value(1 <= key_dim < key_value.shape[3],
                        lambda: f"cached_attention: key_dim must be in [1, {key_value.shape[3]}), got {key_dim}")
@@ -222,7 +232,7 @@ def concatenate_to_cache(key_value: torch.Tensor, index: torch.Tensor, key: torc
                          attention_mask: torch.Tensor | None = None, causal_mask: torch.Tensor | None = None,
                          token_type_ids: torch.Tensor | None = None, is_causal: bool = False, ring: bool = False,
                          check_bounds: bool = True, slot_ids: torch.Tensor | None = None,
-                         scales: torch.Tensor | None = None):
+                         scales: torch.Tensor | None = None, block_tables: torch.Tensor | None = None):
     """Writes ``key``/``value`` ``[B, q, H, D*]`` at each row's position and advances ``index``.
 
     Returns ``(key_cache, value_cache, mask)``: views into ``key_value`` and the
@@ -241,34 +251,79 @@ def concatenate_to_cache(key_value: torch.Tensor, index: torch.Tensor, key: torc
     quantized as they are written (one scale per token, head and K/V; only the new
     tokens' codes and scales change). The returned views are then of the codes; use
     :func:`dequantize_kv` for dense keys and values.
+
+    Paged storage: with ``block_tables [B, max_pages]`` (int32/int64) ``key_value`` is the
+    page pool ``[N, page_size, H, Dk + Dv]`` of :func:`init_paged_kv_cache` (``scales``
+    ``[N, page_size, H, 2]``) and ``index [B]``; position ``p`` of row ``b`` is page
+    ``block_tables[b, p // page_size]``, slot ``p % page_size``; the mask is over the
+    ``L = max_pages * page_size`` logical columns. A needed entry outside ``[0, N)`` or a
+    page slot two rows write: ``IndexError`` with ``check_bounds`` (nothing written), else
+    that row is skipped whole (the first row keeps a contested slot). ``ring=True`` or
+    ``slot_ids`` with ``block_tables``: ``ValueError``. The returned views are of the pages.
     """
     check_types("concatenate_to_cache", key_value=(key_value, "tensor"), index=(index, "tensor"), key=(key, "tensor"),
                 value=(value, "tensor"), attention_mask=(attention_mask, "tensor?"),
                 causal_mask=(causal_mask, "tensor?"), token_type_ids=(token_type_ids, "tensor?"),
                 is_causal=(is_causal, "bool"), ring=(ring, "bool"), check_bounds=(check_bounds, "bool"),
-                slot_ids=(slot_ids, "tensor?"), scales=(scales, "tensor?"))
+                slot_ids=(slot_ids, "tensor?"), scales=(scales, "tensor?"), block_tables=(block_tables, "tensor?"))
     mask = _ops.concatenate_to_cache(key_value, index, key, value, attention_mask, causal_mask, token_type_ids,
-                                     is_causal, ring, check_bounds, slot_ids, scales)
+                                     is_causal, ring, check_bounds, slot_ids, scales, block_tables)
     key_cache, value_cache = split_key_value(key_value, key.shape[-1])
     return key_cache, value_cache, mask
 
 
 def write_to_cache(key_value: torch.Tensor, index: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    ring: bool = False, check_bounds: bool = True, slot_ids: torch.Tensor | None = None,
-                   scales: torch.Tensor | None = None):
+                   scales: torch.Tensor | None = None, block_tables: torch.Tensor | None = None,
+                   cu_seqlens: torch.Tensor | None = None):
     """``concatenate_to_cache`` without the mask, for attention kernels that take lengths.
 
     Writes ``key``/``value`` ``[B, q, H, D*]`` at each row's position and advances
     ``index``, with the same validation and the same skip rules (a row that cannot be
-    written with ``check_bounds=False`` is skipped whole; ``slot_ids`` and ``scales`` as in
-    :func:`concatenate_to_cache`). Returns ``(key_cache, value_cache)``, views into
-    ``key_value``.
+    written with ``check_bounds=False`` is skipped whole; ``slot_ids``, ``scales`` and
+    ``block_tables`` as in :func:`concatenate_to_cache`). Returns ``(key_cache,
+    value_cache)``, views into ``key_value``.
+
+    Packed batch: with ``cu_seqlens [S + 1]`` (int32/int64, ``0 = c_0 <= ... <= c_S = T``)
+    ``key``/``value`` are ``[1, T, H, D*]`` and sequence ``s`` (tokens ``c_s .. c_{s+1} - 1``)
+    writes row ``slot_ids[s]`` (or ``s``, or through ``block_tables[s]``) at that row's
+    position, which advances by its length. Bad ``cu_seqlens``: ``ValueError`` with
+    ``check_bounds``, else the bad sequences are skipped.
     """
     check_types("write_to_cache", key_value=(key_value, "tensor"), index=(index, "tensor"), key=(key, "tensor"),
                 value=(value, "tensor"), ring=(ring, "bool"), check_bounds=(check_bounds, "bool"),
-                slot_ids=(slot_ids, "tensor?"), scales=(scales, "tensor?"))
-    _ops.write_to_cache(key_value, index, key, value, ring, check_bounds, slot_ids, scales)
+                slot_ids=(slot_ids, "tensor?"), scales=(scales, "tensor?"), block_tables=(block_tables, "tensor?"),
+                cu_seqlens=(cu_seqlens, "tensor?"))
+    _ops.write_to_cache(key_value, index, key, value, ring, check_bounds, slot_ids, scales, block_tables, cu_seqlens)
     return split_key_value(key_value, key.shape[-1])
+
+
+def init_paged_kv_cache(num_pages: int, page_size: int, num_heads: int, key_dim: int, value_dim: int,
+                        dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                        kv_quantization: str | None = None):
+    """Zeroed page pool ``key_value [N, page_size, H, Dk + Dv]`` for block tables (SPEC 11).
+
+    With ``kv_quantization`` ``"int8"`` / ``"fp8_e4m3"`` returns ``(key_value codes, scales
+    [N, page_size, H, 2] float32)`` (``dtype`` must then be None). Positions live per row
+    in the caller's ``index [B]``; pages are addressed by ``block_tables [B, max_pages]``.
+    """
+    check_types("init_paged_kv_cache", num_pages=(num_pages, "int"), page_size=(page_size, "int"),
+                num_heads=(num_heads, "int"), key_dim=(key_dim, "int"), value_dim=(value_dim, "int"),
+                dtype=(dtype, "dtype?"), device=(device, "device?"))
+    if kv_quantization is not None and not isinstance(kv_quantization, str):
+        raise TypeError(f"init_paged_kv_cache: kv_quantization must be a str or None, got "
+                        f"{type(kv_quantization).__name__} {kv_quantization!r}")
+    if kv_quantization is None:
+        key_value, _ = init_kv_cache(num_pages, page_size, num_heads, key_dim, value_dim, dtype=dtype, device=device)
+        return key_value
+    if kv_quantization not in KV_QUANTIZATION:
+        raise ValueError(f"init_paged_kv_cache: kv_quantization must be one of {sorted(KV_QUANTIZATION)} or None, "
+                         f"got {kv_quantization!r}")
+    if dtype is not None:
+        raise ValueError("init_paged_kv_cache: dtype is the codes' own with kv_quantization; pass dtype=None")
+    key_value, _, scales = init_quantized_kv_cache(num_pages, page_size, num_heads, key_dim, value_dim,
+                                                   kv_quantization, device=device)
+    return key_value, scales
 
 
 # Quantized sequence-cache storage: the metadata's kv_quantization string -> code dtype.
@@ -301,8 +356,11 @@ def dequantize_kv(key_value: torch.Tensor, scales: torch.Tensor, key_dim: int,
     return _ops.dequantize_kv(key_value, scales, key_dim, dtype)
 
 
-def cached_attention(query: torch.Tensor, key_value: torch.Tensor, mask: torch.Tensor, key_dim: int,
-                     scales: torch.Tensor | None = None, softmax_scale: float | None = None) -> torch.Tensor:
+def cached_attention(query: torch.Tensor, key_value: torch.Tensor, mask: torch.Tensor | None = None,
+                     key_dim: int | None = None, scales: torch.Tensor | None = None,
+                     softmax_scale: float | None = None, block_tables: torch.Tensor | None = None,
+                     cu_seqlens: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
+                     slot_ids: torch.Tensor | None = None, check_bounds: bool = True) -> torch.Tensor:
     """Attention of ``query [B, q, Hq, Dk]`` over the unified cache, straight from its storage.
 
     ``key_value [B, L, H, Dk + Dv]`` is float32/float16/bfloat16, or int8 / float8_e4m3fn
@@ -314,10 +372,25 @@ def cached_attention(query: torch.Tensor, key_value: torch.Tensor, mask: torch.T
     ``enable_gqa=True`` (``softmax_scale`` defaults to ``1 / sqrt(Dk)``), accumulated in
     float32, without making a dequantized copy; a query whose mask row is all false gets
     zeros. Returns ``[B, q, Hq, Dv]`` in the query's dtype.
+
+    Serving layouts (SPEC 11): without ``mask``, ``cache_seqlens [rows]`` (int32/int64, each
+    row's valid tokens after the write) places row ``r``'s queries at its last positions,
+    causally. ``cu_seqlens [S + 1]`` packs ``S`` sequences in ``query [1, T, Hq, Dk]``
+    (query ``t`` of sequence ``s`` at position ``cache_seqlens[s] - len_s + (t - c_s)``).
+    ``slot_ids [rows]`` (int64) reads pool rows of ``key_value [P, L, ...]`` (``-1``: zeros);
+    ``block_tables [rows, max_pages]`` reads the page pool ``[N, page_size, ...]`` (``L =
+    max_pages * page_size``). With ``check_bounds`` an out-of-range slot id, a
+    ``cache_seqlens`` entry above ``L`` or below the row's query count, or a visible column
+    whose page entry is outside ``[0, N)`` raise; without, such rows give zeros and such
+    columns are hidden.
     """
-    check_types("cached_attention", query=(query, "tensor"), key_value=(key_value, "tensor"), mask=(mask, "tensor"),
-                key_dim=(key_dim, "int"), scales=(scales, "tensor?"), softmax_scale=(softmax_scale, "float?"))
-    return _ops.cached_attention(query, key_value, mask, key_dim, scales, softmax_scale)
+    check_types("cached_attention", query=(query, "tensor"), key_value=(key_value, "tensor"), mask=(mask, "tensor?"),
+                key_dim=(key_dim, "int"), scales=(scales, "tensor?"), softmax_scale=(softmax_scale, "float?"),
+                block_tables=(block_tables, "tensor?"), cu_seqlens=(cu_seqlens, "tensor?"),
+                cache_seqlens=(cache_seqlens, "tensor?"), slot_ids=(slot_ids, "tensor?"),
+                check_bounds=(check_bounds, "bool"))
+    return _ops.cached_attention(query, key_value, mask, key_dim, scales, softmax_scale, block_tables, cu_seqlens,
+                                 cache_seqlens, slot_ids, check_bounds)
 
 
 def init_state(batch_size: int, num_heads: int, key_dim: int, value_dim: int, dtype: torch.dtype | None = None,
@@ -349,7 +422,7 @@ def lightning_prefill(state: torch.Tensor, query: torch.Tensor, key: torch.Tenso
                       slopes: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       slot_ids: torch.Tensor | None = None, block_size: int = 256, scale: float = 1.0,
                       check_bounds: bool = True, checkpoints: torch.Tensor | None = None,
-                      checkpoint_every: int = 0) -> torch.Tensor:
+                      checkpoint_every: int = 0, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Chunked equivalent of ``n`` decode steps from the current state; a masked token is skipped whole.
 
     Prefix caching: ``checkpoints [B, C, H, Dk, Dv]`` (state dtype, contiguous), if given,
@@ -360,14 +433,21 @@ def lightning_prefill(state: torch.Tensor, query: torch.Tensor, key: torch.Tenso
     counts and leaves the state as it is. Prefilling from ``checkpoints[:, c]`` the
     tokens after it gives the same outputs and final state. ``checkpoint_every`` must
     be positive when ``checkpoints`` is given (without, it stores nothing).
+
+    Packed batch: with ``cu_seqlens [S + 1]`` (int32/int64) ``query``/``key``/``value`` are
+    ``[1, T, H, D*]`` and sequence ``s`` runs from state row ``slot_ids[s]`` (or ``s``)
+    exactly as ``S`` separate prefills would; output ``[1, T, H, Dv]``; ``checkpoints [S, C,
+    H, Dk, Dv]`` count each sequence's own tokens. ``attention_mask`` with it is a
+    ``ValueError``; bad ``cu_seqlens`` are a ``ValueError`` with ``check_bounds``, else the
+    bad sequences are skipped (their tokens output zeros).
     """
     check_types("lightning_prefill", state=(state, "tensor"), query=(query, "tensor"), key=(key, "tensor"),
                 value=(value, "tensor"), slopes=(slopes, "tensor"), attention_mask=(attention_mask, "tensor?"),
                 slot_ids=(slot_ids, "tensor?"), block_size=(block_size, "int"), scale=(scale, "float"),
                 check_bounds=(check_bounds, "bool"), checkpoints=(checkpoints, "tensor?"),
-                checkpoint_every=(checkpoint_every, "int"))
+                checkpoint_every=(checkpoint_every, "int"), cu_seqlens=(cu_seqlens, "tensor?"))
     return _ops.lightning_prefill(state, query, key, value, slopes, attention_mask, slot_ids, block_size, scale,
-                                  check_bounds, checkpoints, checkpoint_every)
+                                  check_bounds, checkpoints, checkpoint_every, cu_seqlens)
 
 
 def rewind_cache(index: torch.Tensor, num_tokens: torch.Tensor, slot_ids: torch.Tensor | None = None,

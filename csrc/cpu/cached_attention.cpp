@@ -400,8 +400,19 @@ const Isa& isa() {
 
 // ---------------------------------------------------------------- driver
 
+// A run of queries that read one cache row: batch row b (or packed sequence
+// s), query tokens i0 .. i0 + count - 1 of input row src; kv_row is the cache
+// row (dense) or the block-table row (paged).
+struct Segment {
+  int64_t src, i0, count, kv_row;
+};
+
 struct Problem {
   AttentionDims d;
+  std::vector<Segment> segs;
+  std::vector<int64_t> chunk_seg, chunk_rc;  // work chunk c: (segment, row chunk); item = c * splits + split
+  int64_t q_rows;                            // query.size(1): mask rows, states and outputs per input row
+  PageTable table;                           // paged: the block table (host data), else data == null
   const float* query;  // float32, pre-scaling
   int64_t q_sb, q_si, q_sh, q_sd;
   const char* kv;
@@ -414,7 +425,7 @@ struct Problem {
   const uint8_t* states;  // [B, q, blocks]: kNone / kAll / kSome
   int64_t blocks;
   int64_t chunk_rows;  // query rows of one head per work item
-  int64_t row_chunks, splits;
+  int64_t splits;
   float q_scale;  // softmax_scale * log2(e)
   TypeKernels kernels;
 };
@@ -440,25 +451,33 @@ struct Scratch {
         rows(P.d.heads * kBlock * (P.d.key_dim + P.d.value_dim) * P.elem_size) {}
 };
 
-// Item (b, row chunk, split): rows r0 .. r0 + nr - 1 of every head over the
+// Item (work chunk = segment and row chunk, split): rows r0 .. r0 + nr - 1 of every head over the
 // split's blocks. A head's row r is query i = r / G, query head h * G + r % G.
 // The heads are the inner loop, so the cache is read in its memory order.
 void run_item(const Problem& P, int64_t item, Scratch& w, const Sink& sink) {
   const AttentionDims& d = P.d;
   const Isa& k = isa();
   const int64_t split = item % P.splits;
-  const int64_t rc = (item / P.splits) % P.row_chunks;
-  const int64_t b = item / (P.splits * P.row_chunks);
-  const int64_t rows_total = d.group * d.queries;
+  const int64_t chunk = item / P.splits;
+  const Segment& seg = P.segs[P.chunk_seg[chunk]];
+  const int64_t rc = P.chunk_rc[chunk];
+  const int64_t rows_total = d.group * seg.count;
   const int64_t r0 = rc * P.chunk_rows, nr = std::min(P.chunk_rows, rows_total - r0);
   const int64_t blk_per_split = (P.blocks + P.splits - 1) / P.splits;
   const int64_t blk0 = split * blk_per_split, blk1 = std::min(P.blocks, blk0 + blk_per_split);
   const int64_t H = d.heads, Dk = d.key_dim, Dv = d.value_dim, CR = P.chunk_rows;
+  const int64_t first_row = seg.src * P.q_rows + seg.i0;  // the segment's first query in [input rows * q] order
+  // Element offset of column j's token in key_value (dense row, or its page's slot); a visible
+  // column's page is inside the pool (checked, or hidden by the mask when checks are off).
+  auto token_offset = [&](int64_t j, int64_t sb, int64_t sl) {
+    if (P.table.data == nullptr) return seg.kv_row * sb + j * sl;
+    return page_entry(P.table, seg.kv_row, j) * sb + (j % P.table.page_size) * sl;
+  };
 
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t rr = 0; rr < nr; ++rr) {
       const int64_t r = r0 + rr, i = r / d.group, hq = h * d.group + r % d.group;
-      const float* src = P.query + b * P.q_sb + i * P.q_si + hq * P.q_sh;
+      const float* src = P.query + seg.src * P.q_sb + (seg.i0 + i) * P.q_si + hq * P.q_sh;
       float* dst = w.qf.data() + (h * CR + rr) * Dk;
       for (int64_t c = 0; c < Dk; ++c) dst[c] = src[c * P.q_sd] * P.q_scale;
     }
@@ -467,8 +486,7 @@ void run_item(const Problem& P, int64_t item, Scratch& w, const Sink& sink) {
   std::fill(w.l.begin(), w.l.end(), 0.0f);
   std::fill(w.acc.begin(), w.acc.end(), 0.0f);
   const int64_t i0 = r0 / d.group, i1 = (r0 + nr - 1) / d.group, nq = i1 - i0 + 1;
-  const uint8_t* states = P.states + (b * d.queries) * P.blocks;
-  const char* kv_row = P.kv + b * P.kv_sb * P.elem_size;
+  const uint8_t* states = P.states + first_row * P.blocks;
   const float unit = P.kernels.unit;
   const int64_t row_bytes = (Dk + Dv) * P.elem_size;
 
@@ -481,7 +499,7 @@ void run_item(const Problem& P, int64_t item, Scratch& w, const Sink& sink) {
     }
     if (!any) continue;
     const int64_t c_begin = blk * kBlock, width = std::min(kBlock, d.capacity - c_begin);
-    const uint8_t* mrow = P.mask + b * P.m_sb + c_begin;
+    const uint8_t* mrow = P.mask + seg.src * P.m_sb + seg.i0 * P.m_si + c_begin;
     // The block's columns some row of the chunk sees, in order.
     int64_t n = 0;
     if (full) {
@@ -506,7 +524,7 @@ void run_item(const Problem& P, int64_t item, Scratch& w, const Sink& sink) {
     // share a few L1 sets while the value pass walks them once per dim group.
     for (int64_t jj = 0; jj < n; ++jj) {
       const int64_t j = c_begin + w.cols[jj];
-      const char* src = kv_row + j * P.kv_sl * P.elem_size;
+      const char* src = P.kv + token_offset(j, P.kv_sb, P.kv_sl) * P.elem_size;
       for (int64_t h = 0; h < H; ++h) {
         std::memcpy(w.rows.data() + (h * kBlock + jj) * row_bytes, src + h * P.kv_sh * P.elem_size, row_bytes);
       }
@@ -521,7 +539,7 @@ void run_item(const Problem& P, int64_t item, Scratch& w, const Sink& sink) {
         w.kp[jj] = row;
         w.vp[jj] = row + Dk * P.elem_size;
         if (P.scales) {
-          const float* sc = P.scales + b * P.sc_sb + (c_begin + w.cols[jj]) * P.sc_sl + h * P.sc_sh;
+          const float* sc = P.scales + token_offset(c_begin + w.cols[jj], P.sc_sb, P.sc_sl) + h * P.sc_sh;
           w.colk[jj] = sc[0] * unit;
           w.colv[jj] = sc[P.sc_sc] * unit;
         } else {
@@ -573,7 +591,7 @@ void run_item(const Problem& P, int64_t item, Scratch& w, const Sink& sink) {
     if (sink.out) {
       for (int64_t rr = 0; rr < nr; ++rr) {
         const int64_t r = r0 + rr, i = r / d.group, hq = h * d.group + r % d.group;
-        float* dst = sink.out + ((b * d.queries + i) * d.query_heads + hq) * Dv;
+        float* dst = sink.out + ((first_row + i) * d.query_heads + hq) * Dv;
         if (m[rr] == kNegInf) {  // every column masked: zeros, not 0/0
           std::fill_n(dst, Dv, 0.0f);
         } else {
@@ -592,19 +610,22 @@ void run_item(const Problem& P, int64_t item, Scratch& w, const Sink& sink) {
   }
 }
 
-// Combines the splits of each (b, row chunk, head) into the output.
+// Combines the splits of each (work chunk, head) into the output.
 void combine_splits(const Problem& P, const Sink& sink, float* out) {
   const AttentionDims& d = P.d;
-  const int64_t rows_total = d.group * d.queries, Dv = d.value_dim, CR = P.chunk_rows;
-  at::parallel_for(0, d.batch * P.row_chunks * d.heads, 1, [&](int64_t begin, int64_t end) {
+  const int64_t Dv = d.value_dim, CR = P.chunk_rows;
+  const int64_t chunks = static_cast<int64_t>(P.chunk_seg.size());
+  at::parallel_for(0, chunks * d.heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t h = unit % d.heads, rc = (unit / d.heads) % P.row_chunks;
-      const int64_t b = unit / (d.heads * P.row_chunks);
-      const int64_t first_item = (b * P.row_chunks + rc) * P.splits;
+      const int64_t h = unit % d.heads, chunk = unit / d.heads;
+      const Segment& seg = P.segs[P.chunk_seg[chunk]];
+      const int64_t rc = P.chunk_rc[chunk];
+      const int64_t first_item = chunk * P.splits;
+      const int64_t rows_total = d.group * seg.count;
       const int64_t r0 = rc * CR, nr = std::min(CR, rows_total - r0);
       for (int64_t rr = 0; rr < nr; ++rr) {
         const int64_t r = r0 + rr, i = r / d.group, hq = h * d.group + r % d.group;
-        float* dst = out + ((b * d.queries + i) * d.query_heads + hq) * Dv;
+        float* dst = out + ((seg.src * P.q_rows + seg.i0 + i) * d.query_heads + hq) * Dv;
         auto at = [&](int64_t s) { return ((first_item + s) * d.heads + h) * CR + rr; };
         float m = kNegInf;
         for (int64_t s = 0; s < P.splits; ++s) m = std::max(m, sink.part_ml[at(s) * 2]);
@@ -636,21 +657,119 @@ KVType kv_type(at::ScalarType t) {
   }
 }
 
-at::Tensor cached_attention_cpu(const at::Tensor& query, const at::Tensor& key_value, const at::Tensor& mask,
-                                int64_t key_dim, const std::optional<at::Tensor>& scales,
-                                std::optional<double> softmax_scale) {
-  const AttentionDims d = check_cached_attention_args(query, key_value, mask, key_dim, scales, softmax_scale);
+// The visible columns of every query as bytes [input rows * q, L], for calls
+// the given mask alone does not describe: queries placed by cache_seqlens
+// (causal: column j <= the query's position), rows skipped (bad slot id,
+// sequence or count: all hidden), columns whose page is outside the pool
+// (IndexError with checks when visible, hidden without).
+at::Tensor effective_mask(const AttentionDims& d, const std::vector<Segment>& segs, const std::vector<int64_t>& valid,
+                          const at::Tensor& mask, const PageTable& table, int64_t input_rows, bool host_checks) {
+  const int64_t L = d.capacity;
+  at::Tensor out = at::zeros({input_rows * d.queries, L}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* o = out.data_ptr<uint8_t>();
+  const uint8_t* given = d.has_mask ? reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>()) : nullptr;
+  const int64_t m_sb = d.has_mask ? mask.stride(0) : 0, m_si = d.has_mask ? mask.stride(2) : 0;
+  const int64_t m_sj = d.has_mask ? mask.stride(3) : 0;
+  for (size_t w = 0; w < segs.size(); ++w) {
+    const Segment& seg = segs[w];
+    if (seg.kv_row < 0) continue;  // skipped row: nothing visible, zeros out
+    for (int64_t i = 0; i < seg.count; ++i) {
+      uint8_t* row = o + (seg.src * d.queries + seg.i0 + i) * L;
+      if (given != nullptr) {
+        const uint8_t* src = given + seg.src * m_sb + (seg.i0 + i) * m_si;
+        for (int64_t j = 0; j < L; ++j) row[j] = src[j * m_sj] != 0;
+      } else {
+        // cache_seqlens - count + i: the query's position (valid[w] >= count).
+        const int64_t position = valid[w] - seg.count + i;
+        std::fill(row, row + position + 1, uint8_t{1});
+      }
+      if (table.data == nullptr) continue;
+      for (int64_t p0 = 0; p0 < L; p0 += table.page_size) {
+        if (paged_cell(table, seg.kv_row, p0) >= 0) continue;
+        const int64_t p1 = std::min(L, p0 + table.page_size);
+        for (int64_t j = p0; j < p1; ++j) {
+          TORCH_CHECK_INDEX(!host_checks || row[j] == 0, "cached_attention: block_tables[", seg.kv_row, ", ",
+                            p0 / table.page_size, "] = ", page_entry(table, seg.kv_row, p0),
+                            " is outside the page pool [0, ", table.num_pages, ") but column ", j,
+                            " is visible to query ", i, " of row ", w);
+          row[j] = 0;
+        }
+      }
+    }
+  }
+  return out;
+}
+
+at::Tensor cached_attention_cpu(const at::Tensor& query, const at::Tensor& key_value,
+                                const std::optional<at::Tensor>& mask, int64_t key_dim,
+                                const std::optional<at::Tensor>& scales, std::optional<double> softmax_scale,
+                                const std::optional<at::Tensor>& block_tables,
+                                const std::optional<at::Tensor>& cu_seqlens,
+                                const std::optional<at::Tensor>& cache_seqlens,
+                                const std::optional<at::Tensor>& slot_ids, bool check_bounds) {
+  const AttentionDims d = check_cached_attention_args(query, key_value, mask, key_dim, scales, softmax_scale,
+                                                      block_tables, cu_seqlens, cache_seqlens, slot_ids);
   const auto out_options = query.options();
   if (is_empty_call(d)) return at::empty({d.batch, d.queries, d.query_heads, d.value_dim}, out_options);
   if (d.capacity == 0) return at::zeros({d.batch, d.queries, d.query_heads, d.value_dim}, out_options);
 
+  // The rows (segments): batch rows, or packed sequences; kv_row -1 = skipped.
+  std::vector<Segment> segs(d.rows);
+  bool any_skipped = false;
+  if (d.packed) {
+    const PackedSequences seqs = prepare_cu_seqlens("cached_attention", *cu_seqlens, d.queries, check_bounds);
+    for (int64_t s = 0; s < d.rows; ++s) {
+      segs[s] = {0, seqs.length[s] < 0 ? 0 : seqs.begin[s], std::max<int64_t>(seqs.length[s], 0),
+                 seqs.length[s] < 0 ? -1 : s};
+    }
+  } else {
+    for (int64_t b = 0; b < d.rows; ++b) segs[b] = {b, 0, d.queries, b};
+  }
+  if (slot_ids.has_value()) {
+    const at::Tensor ids = slot_ids->contiguous();
+    const int64_t* id = ids.const_data_ptr<int64_t>();
+    for (int64_t r = 0; r < d.rows; ++r) {
+      TORCH_CHECK_INDEX(!check_bounds || (id[r] >= -1 && id[r] < d.pool_rows), "cached_attention: slot_ids[", r,
+                        "] = ", id[r], " is out of range [-1, ", d.pool_rows, ") for key_value with ", d.pool_rows,
+                        " rows");
+      if (segs[r].kv_row >= 0) segs[r].kv_row = id[r] >= 0 && id[r] < d.pool_rows ? id[r] : -1;
+    }
+  }
+  std::vector<int64_t> valid;
+  if (cache_seqlens.has_value()) {
+    std::vector<int64_t> counts(d.rows);
+    for (int64_t r = 0; r < d.rows; ++r) counts[r] = segs[r].kv_row < 0 ? -1 : segs[r].count;
+    valid = prepare_cache_seqlens(*cache_seqlens, counts, d.capacity, check_bounds);
+    for (int64_t r = 0; r < d.rows; ++r) {
+      if (valid[r] < 0) segs[r].kv_row = -1;
+    }
+  }
+  for (const Segment& seg : segs) any_skipped |= seg.kv_row < 0;
+
+  at::Tensor table_cpu;
+  PageTable table;
+  if (d.paged) {
+    table_cpu = block_tables->contiguous();
+    table = check_block_tables("cached_attention", table_cpu, d.rows, key_value);
+  }
+
   // Unusual layouts are copied once (the kernels want contiguous cache rows and mask rows).
   const at::Tensor kv = key_value.stride(3) == 1 ? key_value : key_value.contiguous();
-  const at::Tensor mk = mask.stride(3) == 1 ? mask : mask.contiguous();
   const at::Tensor qf = query.to(at::kFloat);
+  // The given mask is used as is for plain calls; anything else reads a built one.
+  const bool plain = d.has_mask && !d.paged && !any_skipped;
+  at::Tensor mk;
+  if (plain) {
+    mk = mask->stride(3) == 1 ? *mask : mask->contiguous();
+  } else {
+    const at::Tensor given = d.has_mask ? *mask : at::Tensor();
+    mk = effective_mask(d, segs, valid, given, table, d.packed ? 1 : d.batch, check_bounds);
+  }
 
   Problem P{};
   P.d = d;
+  P.table = table;
+  P.q_rows = d.queries;
   P.query = qf.const_data_ptr<float>();
   P.q_sb = qf.stride(0), P.q_si = qf.stride(1), P.q_sh = qf.stride(2), P.q_sd = qf.stride(3);
   P.kv = static_cast<const char*>(kv.const_data_ptr());
@@ -661,18 +780,36 @@ at::Tensor cached_attention_cpu(const at::Tensor& query, const at::Tensor& key_v
     P.sc_sb = scales->stride(0), P.sc_sl = scales->stride(1), P.sc_sh = scales->stride(2);
     P.sc_sc = scales->stride(3);
   }
-  P.mask = reinterpret_cast<const uint8_t*>(mk.const_data_ptr<bool>());
-  P.m_sb = mk.stride(0), P.m_si = mk.stride(2);
+  if (plain) {
+    P.mask = reinterpret_cast<const uint8_t*>(mk.const_data_ptr<bool>());
+    P.m_sb = mk.stride(0), P.m_si = mk.stride(2);
+  } else {
+    P.mask = mk.const_data_ptr<uint8_t>();
+    P.m_sb = d.queries * d.capacity, P.m_si = d.capacity;
+  }
   P.blocks = (d.capacity + kBlock - 1) / kBlock;
-  P.chunk_rows = std::min(kRowChunk, d.group * d.queries);
-  P.row_chunks = (d.group * d.queries + P.chunk_rows - 1) / P.chunk_rows;
+  int64_t longest = 0;
+  for (const Segment& seg : segs) {
+    if (seg.kv_row >= 0) longest = std::max(longest, seg.count);
+  }
+  P.chunk_rows = std::max<int64_t>(1, std::min(kRowChunk, d.group * longest));
   P.q_scale = d.softmax_scale * kLog2e;
   P.kernels = isa().by_type[kv_type(kv.scalar_type())];
+  P.segs = segs;
+  for (size_t w = 0; w < segs.size(); ++w) {
+    if (segs[w].kv_row < 0 || segs[w].count == 0) continue;  // skipped: its outputs stay zero
+    const int64_t chunks = (d.group * segs[w].count + P.chunk_rows - 1) / P.chunk_rows;
+    for (int64_t rc = 0; rc < chunks; ++rc) {
+      P.chunk_seg.push_back(static_cast<int64_t>(w));
+      P.chunk_rc.push_back(rc);
+    }
+  }
 
   // How each block of columns looks to each mask row: a decode row's mask is a
   // prefix, so most blocks are all visible or all hidden and skip the per-column rule.
-  std::vector<uint8_t> states(d.batch * d.queries * P.blocks);
-  at::parallel_for(0, d.batch * d.queries, std::max<int64_t>(1, 65536 / d.capacity), [&](int64_t begin, int64_t end) {
+  const int64_t mask_rows = (d.packed ? 1 : d.batch) * d.queries;
+  std::vector<uint8_t> states(mask_rows * P.blocks);
+  at::parallel_for(0, mask_rows, std::max<int64_t>(1, 65536 / d.capacity), [&](int64_t begin, int64_t end) {
     for (int64_t bi = begin; bi < end; ++bi) {
       const uint8_t* row = P.mask + (bi / d.queries) * P.m_sb + (bi % d.queries) * P.m_si;
       for (int64_t blk = 0; blk < P.blocks; ++blk) {
@@ -686,12 +823,15 @@ at::Tensor cached_attention_cpu(const at::Tensor& query, const at::Tensor& key_v
   P.states = states.data();
 
   // Split the columns only when there are too few items to keep the threads busy.
-  const int64_t base_items = d.batch * P.row_chunks;
+  const int64_t base_items = static_cast<int64_t>(P.chunk_seg.size());
   const int64_t threads = at::get_num_threads();
-  P.splits = base_items >= 4 * threads ? 1 : std::min(P.blocks, (4 * threads + base_items - 1) / base_items);
+  P.splits = base_items == 0 || base_items >= 4 * threads
+                 ? 1
+                 : std::min(P.blocks, (4 * threads + base_items - 1) / base_items);
   const int64_t items = base_items * P.splits;
 
-  at::Tensor out = at::empty({d.batch, d.queries, d.query_heads, d.value_dim}, query.options().dtype(at::kFloat));
+  // Zeros where no item writes (skipped rows, tokens of no sequence).
+  at::Tensor out = at::zeros({d.batch, d.queries, d.query_heads, d.value_dim}, query.options().dtype(at::kFloat));
   at::Tensor part;
   Sink sink{};
   if (P.splits == 1) {

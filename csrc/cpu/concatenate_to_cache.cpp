@@ -37,50 +37,28 @@ void copy_head_rows(cache_t* out, const Strided4d<in_t>& src, int64_t b, int64_t
   }
 }
 
-// Where each batch row writes: pool row `row[b]` (-1: skipped) from position
-// `start[b]` (that row's index before the call), and whether it may write.
-struct RowTargets {
-  std::vector<int64_t> row, start;
-  std::vector<char> writable;
-};
-
-RowTargets row_targets(const at::Tensor& index, const std::optional<at::Tensor>& slots, const KVCacheDims& d,
-                       bool ring, int64_t limit) {
-  RowTargets r{std::vector<int64_t>(d.batch, -1), std::vector<int64_t>(d.batch, 0), std::vector<char>(d.batch, 0)};
-  const int64_t* position = index.const_data_ptr<int64_t>();
-  const int64_t* slot = slots.has_value() ? slots->const_data_ptr<int64_t>() : nullptr;
-  for (int64_t b = 0; b < d.batch; ++b) {
-    const int64_t row = slot != nullptr ? slot[b] : b;
-    if (row < 0 || row >= d.pool) continue;  // prepare_slot_ids leaves only -1 here; the range test is a guard
-    r.row[b] = row;
-    r.start[b] = position[row];
-    r.writable[b] = row_writable(r.start[b], d.new_tokens, d.capacity, ring, limit);
-  }
-  return r;
-}
-
-// Calls fn(b, t, cell) in parallel for every new token t of every writable
-// batch row b, where cell = pool row * L + the token's column (token_column):
-// the one loop both the plain and the quantized writes run.
+// Calls fn(b, t, cell) in parallel for every token (b, t) of key the plan
+// writes (plan_writes, the one rule for every layout), where cell is the flat
+// index of the token's slot in key_value's first two dimensions.
 template <typename Fn>
-void for_each_written_token(const RowTargets& rows, const KVCacheDims& d, bool ring, const Fn& fn) {
+void for_each_written_token(const WritePlan& plan, const at::Tensor& key, const KVCacheDims& d, const Fn& fn) {
+  const int64_t per_row = key.size(1);
   const int64_t grain = std::max<int64_t>(1, 16384 / ((d.key_dim + d.value_dim) * d.heads));
-  at::parallel_for(0, d.batch * d.new_tokens, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, static_cast<int64_t>(plan.cell.size()), grain, [&](int64_t begin, int64_t end) {
     for (int64_t bt = begin; bt < end; ++bt) {
-      const int64_t b = bt / d.new_tokens, t = bt % d.new_tokens;
-      if (!rows.writable[b]) continue;
-      fn(b, t, rows.row[b] * d.capacity + token_column(rows.start[b], t, d.capacity, ring));
+      const int64_t cell = plan.cell[bt];
+      if (cell >= 0) fn(bt / per_row, bt % per_row, cell);
     }
   });
 }
 
 template <typename cache_t, typename in_t>
-void write_tokens(at::Tensor& key_value, const at::Tensor& key, const at::Tensor& value, const RowTargets& rows,
-                  const KVCacheDims& d, bool ring) {
+void write_tokens(at::Tensor& key_value, const at::Tensor& key, const at::Tensor& value, const WritePlan& plan,
+                  const KVCacheDims& d) {
   cache_t* kv = key_value.data_ptr<cache_t>();
   const Strided4d<in_t> k(key), v(value);
   const int64_t width = d.key_dim + d.value_dim;
-  for_each_written_token(rows, d, ring, [&](int64_t b, int64_t t, int64_t cell) {
+  for_each_written_token(plan, key, d, [&](int64_t b, int64_t t, int64_t cell) {
     cache_t* token = kv + cell * d.heads * width;
     for (int64_t h = 0; h < d.heads; ++h) {
       copy_head_rows(token + h * width, k, b, t, h, d.key_dim);
@@ -106,12 +84,12 @@ void quantize_head(code_t* out, float* scale_out, const Strided4d<in_t>& src, in
 // same pass that writes them; scales[row, column, h, 0 / 1] = key / value scale.
 template <typename code_t, typename in_t>
 void quantize_tokens(at::Tensor& key_value, at::Tensor& scales, const at::Tensor& key, const at::Tensor& value,
-                     const RowTargets& rows, const KVCacheDims& d, bool ring) {
+                     const WritePlan& plan, const KVCacheDims& d) {
   code_t* kv = key_value.data_ptr<code_t>();
   float* sc = scales.data_ptr<float>();
   const Strided4d<in_t> k(key), v(value);
   const int64_t width = d.key_dim + d.value_dim;
-  for_each_written_token(rows, d, ring, [&](int64_t b, int64_t t, int64_t cell) {
+  for_each_written_token(plan, key, d, [&](int64_t b, int64_t t, int64_t cell) {
     for (int64_t h = 0; h < d.heads; ++h) {
       code_t* head = kv + (cell * d.heads + h) * width;
       float* head_scales = sc + (cell * d.heads + h) * 2;
@@ -121,37 +99,39 @@ void quantize_tokens(at::Tensor& key_value, at::Tensor& scales, const at::Tensor
   });
 }
 
-// The part both ops share: copies the new tokens of every writable row
-// (row_writable, the one rule) into its pool row and advances that row's
-// position. Returns the targets, which the mask is computed from.
-RowTargets write_and_advance(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key, const at::Tensor& value,
-                             const std::optional<at::Tensor>& slots, const std::optional<at::Tensor>& scales,
-                             const KVCacheDims& d, bool ring, int64_t limit) {
-  RowTargets rows = row_targets(index, slots, d, ring, limit);
-  if (is_empty_call(d)) return rows;  // nothing to copy; positions advance by 0
+// The part both ops share: copies the new tokens of every row the plan
+// writes into their cells and advances those rows' positions. Returns the
+// plan, which the mask is computed from.
+WritePlan write_and_advance(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key, const at::Tensor& value,
+                            const std::optional<at::Tensor>& slots, const std::optional<at::Tensor>& scales,
+                            const std::optional<at::Tensor>& block_tables,
+                            const std::optional<at::Tensor>& cu_seqlens, const KVCacheDims& d, bool ring,
+                            int64_t limit, bool check_bounds) {
+  WritePlan plan = plan_writes(index, d, slots, block_tables, cu_seqlens, ring, limit, check_bounds);
+  if (is_empty_call(d)) return plan;  // nothing to copy; positions advance by 0
   if (is_quantized_cache(key_value.scalar_type())) {  // scales validated with the other arguments
     at::Tensor scale_buffer = *scales;
     const bool int8 = key_value.scalar_type() == at::kChar;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "quantize_to_cache_cpu", [&] {
       if (int8) {
-        quantize_tokens<int8_t, scalar_t>(key_value, scale_buffer, key, value, rows, d, ring);
+        quantize_tokens<int8_t, scalar_t>(key_value, scale_buffer, key, value, plan, d);
       } else {
-        quantize_tokens<c10::Float8_e4m3fn, scalar_t>(key_value, scale_buffer, key, value, rows, d, ring);
+        quantize_tokens<c10::Float8_e4m3fn, scalar_t>(key_value, scale_buffer, key, value, plan, d);
       }
     });
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key_value.scalar_type(), "write_to_cache_cpu", [&] {
       using cache_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "write_to_cache_cpu_key", [&] {
-        write_tokens<cache_t, scalar_t>(key_value, key, value, rows, d, ring);
+        write_tokens<cache_t, scalar_t>(key_value, key, value, plan, d);
       });
     });
   }
   int64_t* position = index.data_ptr<int64_t>();
   for (int64_t b = 0; b < d.batch; ++b) {
-    if (rows.writable[b]) position[rows.row[b]] = rows.start[b] + d.new_tokens;  // pool rows are distinct
+    if (plan.row[b] >= 0) position[plan.row[b]] = plan.start[b] + plan.length[b];  // index rows are distinct
   }
-  return rows;
+  return plan;
 }
 
 // row[j] = attention_allows(in, b, i, j) for j < limit, with the element type
@@ -190,14 +170,17 @@ at::Tensor concatenate_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, co
                                     const std::optional<at::Tensor>& causal_mask,
                                     const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring,
                                     bool check_bounds, const std::optional<at::Tensor>& slot_ids,
-                                    const std::optional<at::Tensor>& scales) {
+                                    const std::optional<at::Tensor>& scales,
+                                    const std::optional<at::Tensor>& block_tables) {
   const KVCacheDims d = check_concatenate_args(key_value, index, key, value, attention_mask, causal_mask,
-                                               token_type_ids, is_causal, ring, slot_ids, scales);
+                                               token_type_ids, is_causal, ring, slot_ids, scales, block_tables);
   const std::optional<at::Tensor> slots = prepare_write_rows(index, d, slot_ids, ring, causal_mask, check_bounds);
 
   const MaskInputs in = make_mask_inputs(d, attention_mask, causal_mask, token_type_ids, is_causal, ring);
   const int64_t limit = position_limit(in);
-  const RowTargets rows = write_and_advance(key_value, index, key, value, slots, scales, d, ring, limit);
+  const WritePlan rows =
+      write_and_advance(key_value, index, key, value, slots, scales, block_tables, std::nullopt, d, ring, limit,
+                        check_bounds);
   const std::vector<int64_t>& start = rows.start;
 
   at::Tensor mask = at::empty({d.batch, 1, d.new_tokens, d.capacity}, key_value.options().dtype(at::kBool));
@@ -208,7 +191,7 @@ at::Tensor concatenate_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, co
                      for (int64_t bi = begin; bi < end; ++bi) {
                        const int64_t b = bi / d.new_tokens, i = bi % d.new_tokens;
                        bool* row = out + bi * d.capacity;
-                       if (!rows.writable[b]) {  // skipped row: all false
+                       if (rows.row[b] < 0) {  // skipped row: all false
                          std::fill(row, row + d.capacity, false);
                          continue;
                        }
@@ -228,10 +211,13 @@ at::Tensor concatenate_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, co
 
 void write_to_cache_cpu(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key, const at::Tensor& value,
                         bool ring, bool check_bounds, const std::optional<at::Tensor>& slot_ids,
-                        const std::optional<at::Tensor>& scales) {
-  const KVCacheDims d = check_write_args(key_value, index, key, value, ring, slot_ids, "write_to_cache", scales);
+                        const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& block_tables,
+                        const std::optional<at::Tensor>& cu_seqlens) {
+  const KVCacheDims d =
+      check_write_args(key_value, index, key, value, ring, slot_ids, "write_to_cache", scales, block_tables, cu_seqlens);
   const std::optional<at::Tensor> slots = prepare_write_rows(index, d, slot_ids, ring, std::nullopt, check_bounds);
-  write_and_advance(key_value, index, key, value, slots, scales, d, ring, kNoPositionLimit);
+  write_and_advance(key_value, index, key, value, slots, scales, block_tables, cu_seqlens, d, ring, kNoPositionLimit,
+                    check_bounds);
 }
 
 }  // namespace

@@ -178,7 +178,7 @@ template <typename state_t, typename in_t>
 void prefill_rows(at::Tensor& state, at::Tensor& out, const at::Tensor& query, const at::Tensor& key,
                   const at::Tensor& value, const float* slope, const std::vector<int64_t>& rows, const bool* keep,
                   const LightningDims& d, float scale, state_t* checkpoints, int64_t num_checkpoints,
-                  int64_t written, int64_t every) {
+                  int64_t written, int64_t every, const PackedSequences* seqs) {
   const Strided<in_t> q(query), k(key), v(value);
   state_t* state_data = state.data_ptr<state_t>();
   in_t* out_data = out.data_ptr<in_t>();
@@ -211,21 +211,29 @@ void prefill_rows(at::Tensor& state, at::Tensor& out, const at::Tensor& query, c
 
     int64_t tok_row = -1;  // the batch row `tok` holds
     int64_t m_total = 0;
+    int64_t row_written = written;  // checkpoints this row writes (packed: counted in its own tokens)
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
-      in_t* o_row = out_data + (b * tokens * heads + h) * dv;  // token t at + t * heads * dv
-      const int64_t row = rows[b];
+      // Packed: batch row b is sequence b, tokens seqs->begin[b] .. of input row 0
+      // (a skipped sequence's tokens, and tokens of none, stay zero in the pre-zeroed output).
+      const int64_t sb = seqs ? 0 : b;
+      in_t* o_row = out_data + (sb * tokens * heads + h) * dv;  // token t at + t * heads * dv
+      const int64_t row = seqs && seqs->length[b] < 0 ? -1 : rows[b];
       if (row < 0) {
-        for (int64_t t = 0; t < tokens; ++t) std::fill_n(o_row + t * heads * dv, dv, in_t(0));
+        if (!seqs) {
+          for (int64_t t = 0; t < tokens; ++t) std::fill_n(o_row + t * heads * dv, dv, in_t(0));
+        }
         continue;
       }
       if (tok_row != b) {  // unmasked tokens of this row, in order
         m_total = 0;
-        for (int64_t t = 0; t < tokens; ++t) {
+        const int64_t first = seqs ? seqs->begin[b] : 0, count = seqs ? seqs->length[b] : tokens;
+        for (int64_t t = first; t < first + count; ++t) {
           if (!keep || keep[b * tokens + t]) tok[m_total++] = t;
         }
-        for (int64_t x = 0; x < written; ++x) {  // (x + 1) * every <= tokens: no overflow
-          cut[x] = std::lower_bound(tok.data(), tok.data() + m_total, (x + 1) * every) - tok.data();
+        row_written = seqs ? checkpoints_written(count, num_checkpoints, every) : written;
+        for (int64_t x = 0; x < row_written; ++x) {  // (x + 1) * every <= count: no overflow
+          cut[x] = std::lower_bound(tok.data(), tok.data() + m_total, first + (x + 1) * every) - tok.data();
         }
         tok_row = b;
       }
@@ -252,24 +260,24 @@ void prefill_rows(at::Tensor& state, at::Tensor& out, const at::Tensor& query, c
       // Stores S as checkpoint x for each pending x whose cut is `done` tokens.
       int64_t next_checkpoint = 0;
       auto store_checkpoints = [&](int64_t done) {
-        for (; next_checkpoint < written && cut[next_checkpoint] <= done; ++next_checkpoint) {
+        for (; next_checkpoint < row_written && cut[next_checkpoint] <= done; ++next_checkpoint) {
           store_state(checkpoints + ((b * num_checkpoints + next_checkpoint) * heads + h) * dk * dv, S, dk * dv);
         }
       };
       store_checkpoints(0);
       for (int64_t start = 0, m = 0; start < m_total; start += m) {
         m = std::min(c, m_total - start);
-        if (next_checkpoint < written) m = std::min(m, cut[next_checkpoint] - start);  // > 0: cuts <= start are stored
+        if (next_checkpoint < row_written) m = std::min(m, cut[next_checkpoint] - start);  // > 0: cuts <= start are stored
         const int64_t* bt = tok.data() + start;
         for (int64_t j = 0; j < m; ++j) {
-          widen(Q + j * dk, 1, q.at(b, bt[j], h), q.s3, dk);
-          widen(Kt + j, c, k.at(b, bt[j], h), k.s3, dk);
-          widen(V + j * dv, 1, v.at(b, bt[j], h), v.s3, dv);
+          widen(Q + j * dk, 1, q.at(sb, bt[j], h), q.s3, dk);
+          widen(Kt + j, c, k.at(sb, bt[j], h), k.s3, dk);
+          widen(V + j * dv, 1, v.at(sb, bt[j], h), v.s3, dv);
         }
         for (int64_t j = start + c; j < std::min(start + 2 * c, m_total); ++j) {  // the next block's rows
-          prefetch_row(q.at(b, tok[j], h), q.s3, dk);
-          prefetch_row(k.at(b, tok[j], h), k.s3, dk);
-          prefetch_row(v.at(b, tok[j], h), v.s3, dv);
+          prefetch_row(q.at(sb, tok[j], h), q.s3, dk);
+          prefetch_row(k.at(sb, tok[j], h), k.s3, dk);
+          prefetch_row(v.at(sb, tok[j], h), v.s3, dv);
         }
         // Scores, lower triangle by row tiles (entries right of the diagonal
         // inside a tile are computed but never read), then the decays.
@@ -360,12 +368,16 @@ at::Tensor lightning_prefill_cpu(at::Tensor& state, const at::Tensor& query, con
                                  const std::optional<at::Tensor>& attention_mask,
                                  const std::optional<at::Tensor>& slot_ids, int64_t block_size, double scale,
                                  bool check_bounds, const std::optional<at::Tensor>& checkpoints,
-                                 int64_t checkpoint_every) {
-  const LightningDims d =
-      check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask, slot_ids, block_size);
+                                 int64_t checkpoint_every, const std::optional<at::Tensor>& cu_seqlens) {
+  const LightningDims d = check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask,
+                                               slot_ids, block_size, cu_seqlens);
   const int64_t written = check_checkpoints(checkpoints, checkpoint_every, state, d);
   const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, check_bounds);
-  at::Tensor out = at::empty({d.batch, d.tokens, d.heads, d.value_dim}, query.options());
+  PackedSequences seqs;
+  if (d.packed) seqs = prepare_cu_seqlens("lightning_prefill", *cu_seqlens, d.tokens, check_bounds);
+  // Packed: tokens of no (kept) sequence output zeros, so the output starts zeroed.
+  at::Tensor out = d.packed ? at::zeros({1, d.tokens, d.heads, d.value_dim}, query.options())
+                            : at::empty({d.batch, d.tokens, d.heads, d.value_dim}, query.options());
   if (d.batch == 0 || d.tokens == 0 || d.heads == 0) return out;
   const std::vector<int64_t> rows = resolve_rows(slots, d);
   const at::Tensor slopes_f = slopes.to(at::kFloat).contiguous();
@@ -378,7 +390,7 @@ at::Tensor lightning_prefill_cpu(at::Tensor& state, const at::Tensor& query, con
     prefill_rows<state_t, decltype(in_tag)>(state, out, query, key, value, slopes_f.const_data_ptr<float>(), rows,
                                             keep ? keep->const_data_ptr<bool>() : nullptr, d, float(scale),
                                             checkpoint_data, written > 0 ? checkpoints->size(1) : 0, written,
-                                            checkpoint_every);
+                                            checkpoint_every, d.packed ? &seqs : nullptr);
   });
   return out;
 }

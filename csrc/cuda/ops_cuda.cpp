@@ -28,6 +28,14 @@ void check_kernel_limits(const KVCacheDims& d) {
   TORCH_CHECK_VALUE(d.key_dim + d.value_dim <= INT_MAX, "key_value: key_dim + value_dim is too large");
 }
 
+// SPEC 11's layouts (block tables, packed batches) run on the CPU kernels so
+// far: on CUDA they are refused by name rather than misread.
+void not_yet_on_cuda(const char* op, std::initializer_list<std::pair<const char*, bool>> given) {
+  for (const auto& [name, present] : given) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!present, op, ": ", name, " is not implemented on CUDA yet (CPU only)");
+  }
+}
+
 // Slot ids the kernel reads (contiguous int64 [B], -1 = skip), or null.
 const int64_t* slot_pointer(const std::optional<at::Tensor>& slots) {
   return slots.has_value() ? slots->const_data_ptr<int64_t>() : nullptr;
@@ -43,9 +51,11 @@ at::Tensor concatenate_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, c
                                      const std::optional<at::Tensor>& causal_mask,
                                      const std::optional<at::Tensor>& token_type_ids, bool is_causal, bool ring,
                                      bool check_bounds, const std::optional<at::Tensor>& slot_ids,
-                                     const std::optional<at::Tensor>& scales) {
+                                     const std::optional<at::Tensor>& scales,
+                                     const std::optional<at::Tensor>& block_tables) {
   const KVCacheDims d = check_concatenate_args(key_value, index, key, value, attention_mask, causal_mask,
-                                               token_type_ids, is_causal, ring, slot_ids, scales);
+                                               token_type_ids, is_causal, ring, slot_ids, scales, block_tables);
+  not_yet_on_cuda("concatenate_to_cache", {{"block_tables", block_tables.has_value()}});
   check_kernel_limits(d);
   const c10::cuda::CUDAGuard guard(key_value.device());
   const bool host_checks = host_checks_allowed(check_bounds);
@@ -61,8 +71,11 @@ at::Tensor concatenate_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, c
 
 void write_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key, const at::Tensor& value,
                          bool ring, bool check_bounds, const std::optional<at::Tensor>& slot_ids,
-                         const std::optional<at::Tensor>& scales) {
-  const KVCacheDims d = check_write_args(key_value, index, key, value, ring, slot_ids, "write_to_cache", scales);
+                         const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& block_tables,
+                         const std::optional<at::Tensor>& cu_seqlens) {
+  const KVCacheDims d =
+      check_write_args(key_value, index, key, value, ring, slot_ids, "write_to_cache", scales, block_tables, cu_seqlens);
+  not_yet_on_cuda("write_to_cache", {{"block_tables", block_tables.has_value()}, {"cu_seqlens", cu_seqlens.has_value()}});
   check_kernel_limits(d);
   const c10::cuda::CUDAGuard guard(key_value.device());
   const bool host_checks = host_checks_allowed(check_bounds);
@@ -115,9 +128,10 @@ at::Tensor lightning_prefill_cuda(at::Tensor& state, const at::Tensor& query, co
                                   const std::optional<at::Tensor>& attention_mask,
                                   const std::optional<at::Tensor>& slot_ids, int64_t block_size, double scale,
                                   bool check_bounds, const std::optional<at::Tensor>& checkpoints,
-                                  int64_t checkpoint_every) {
-  const LightningDims d =
-      check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask, slot_ids, block_size);
+                                  int64_t checkpoint_every, const std::optional<at::Tensor>& cu_seqlens) {
+  const LightningDims d = check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask,
+                                               slot_ids, block_size, cu_seqlens);
+  not_yet_on_cuda("lightning_prefill", {{"cu_seqlens", cu_seqlens.has_value()}});
   check_checkpoints(checkpoints, checkpoint_every, state, d);
   const c10::cuda::CUDAGuard guard(state.device());
   const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, host_checks_allowed(check_bounds));
@@ -125,10 +139,21 @@ at::Tensor lightning_prefill_cuda(at::Tensor& state, const at::Tensor& query, co
                                    &scatter_state_rows_cuda, checkpoints, checkpoint_every);
 }
 
-at::Tensor cached_attention_cuda(const at::Tensor& query, const at::Tensor& key_value, const at::Tensor& mask,
-                                 int64_t key_dim, const std::optional<at::Tensor>& scales,
-                                 std::optional<double> softmax_scale) {
-  const AttentionDims d = check_cached_attention_args(query, key_value, mask, key_dim, scales, softmax_scale);
+at::Tensor cached_attention_cuda(const at::Tensor& query, const at::Tensor& key_value,
+                                 const std::optional<at::Tensor>& mask_arg, int64_t key_dim,
+                                 const std::optional<at::Tensor>& scales, std::optional<double> softmax_scale,
+                                 const std::optional<at::Tensor>& block_tables,
+                                 const std::optional<at::Tensor>& cu_seqlens,
+                                 const std::optional<at::Tensor>& cache_seqlens,
+                                 const std::optional<at::Tensor>& slot_ids, bool check_bounds) {
+  const AttentionDims d = check_cached_attention_args(query, key_value, mask_arg, key_dim, scales, softmax_scale,
+                                                      block_tables, cu_seqlens, cache_seqlens, slot_ids);
+  not_yet_on_cuda("cached_attention", {{"block_tables", block_tables.has_value()},
+                                       {"cu_seqlens", cu_seqlens.has_value()},
+                                       {"cache_seqlens", cache_seqlens.has_value()},
+                                       {"slot_ids", slot_ids.has_value()}});
+  (void)check_bounds;  // read only by the layouts above
+  const at::Tensor& mask = *mask_arg;  // validated: without cache_seqlens a mask is given
   TORCH_CHECK_VALUE(d.key_dim <= 256 && d.value_dim <= 256, "cached_attention: the CUDA kernel supports key_dim and ",
                     "value_dim up to 256, got ", d.key_dim, " and ", d.value_dim);
   TORCH_CHECK_VALUE(d.batch * d.heads <= INT_MAX / 64, "cached_attention: batch * heads (", d.batch * d.heads,
