@@ -7,6 +7,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from torch_lightning_cache.cli.engine import TokenBudgetScheduler
+from torch_lightning_cache.models import hybrid
 from torch_lightning_cache.models.hybrid import HybridConfig, HybridLM, PackedBatch
 from torch_lightning_cache.paging import OutOfPages, PageAllocator, pages_for
 
@@ -114,11 +116,15 @@ def _alone(model: HybridLM, row: int, chunks: list[torch.Tensor]) -> list[torch.
     return [model(chunk[None], row_start=row)[0, -1] for chunk in chunks]
 
 
+@pytest.mark.parametrize("with_paged_ops", [False, True], ids=["existing-ops", "paged-packed-ops"])
 @pytest.mark.parametrize("page_size", [4, 16])
-def test_packed_paged_forward_equals_each_request_alone(page_size):
+def test_packed_paged_forward_equals_each_request_alone(page_size, with_paged_ops, monkeypatch):
     """Three requests served in packed steps (prefill chunks and decodes mixed in one forward, pages scattered
     and a prefix page shared between two of them) give the logits of each request fed alone to the contiguous
     cache, chunk by chunk."""
+    if with_paged_ops and not hybrid.PAGED_PACKED_OPS:
+        pytest.skip("the built operator library has no block_tables / cu_seqlens arguments")
+    monkeypatch.setattr(hybrid, "PAGED_PACKED_OPS", with_paged_ops)
     torch.manual_seed(0)
     packed = HybridLM(CONFIG, batch_size=4, seed=3).eval()
     alone = HybridLM(CONFIG, batch_size=3, seed=3).eval()
@@ -188,3 +194,55 @@ def test_packed_paged_forward_equals_each_request_alone(page_size):
             for a, b in zip(got[r], reference):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert pages.refcount(tables[0][0]) == 2 and pages.refcount(tables[1][0]) == 1
+
+
+# --------------------------------------------------------------------------- token-budget scheduler
+
+
+class _Item:
+    def __init__(self, name, prefill_left, chunk_limit=None):
+        self.name, self.prefill_left = name, prefill_left
+        self.chunk_limit = prefill_left if chunk_limit is None else chunk_limit
+
+
+def _names(plan):
+    return [(item.name, n) for item, n in plan]
+
+
+def test_scheduler_decodes_first_then_chunked_prefills_in_arrival_order():
+    scheduler = TokenBudgetScheduler(budget=10)
+    running = [_Item("p0", 7), _Item("d0", 0), _Item("p1", 9), _Item("d1", 0)]
+    # Both decodes (1 token each) first, then p0 whole (7), then p1 gets the last token of the budget.
+    assert _names(scheduler.plan(running)) == [("d0", 1), ("d1", 1), ("p0", 7), ("p1", 1)]
+
+
+def test_scheduler_respects_the_budget_and_chunk_limits():
+    scheduler = TokenBudgetScheduler(budget=3)
+    assert _names(scheduler.plan([_Item(f"d{i}", 0) for i in range(5)])) == [("d0", 1), ("d1", 1), ("d2", 1)]
+    # A chunk limit (the prefix writer stops where the cached prefix ends) caps that request's chunk only.
+    assert _names(scheduler.plan([_Item("p0", 8, chunk_limit=2), _Item("p1", 5)])) == [("p0", 2), ("p1", 1)]
+    assert scheduler.plan([]) == []
+    with pytest.raises(ValueError, match="budget"):
+        TokenBudgetScheduler(0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 20), st.lists(st.tuples(st.integers(0, 30), st.integers(1, 30)), max_size=12))
+def test_scheduler_property(budget, items):
+    """Never over budget; every decode before every prefill; a prefill chunk never exceeds what is left or its
+    limit; requests keep arrival order within each kind; no request is scheduled twice; work is left undone only
+    when the budget is used up."""
+    running = [_Item(i, left, limit) for i, (left, limit) in enumerate(items)]
+    plan = TokenBudgetScheduler(budget).plan(running)
+    assert sum(n for _, n in plan) <= budget
+    kinds = [item.prefill_left == 0 for item, _ in plan]
+    assert kinds == sorted(kinds, reverse=True)
+    for item, n in plan:
+        assert n == 1 if item.prefill_left == 0 else 1 <= n <= min(item.prefill_left, item.chunk_limit)
+    names = [item.name for item, _ in plan]
+    assert len(set(names)) == len(names)
+    decodes = [n for n, decode in zip(names, kinds) if decode]
+    prefills = [n for n, decode in zip(names, kinds) if not decode]
+    assert decodes == sorted(decodes) and prefills == sorted(prefills)
+    if len(plan) < len(running):
+        assert sum(n for _, n in plan) == budget

@@ -34,6 +34,7 @@ LAYERS = [
     "",  # torch_lightning_cache/__init__.py: the public API
     "cli",
     "cli.common",
+    "cli.engine",
     "cli.baselines",
     "cli.bench",
     "cli.serve",

@@ -18,6 +18,7 @@ from torch_lightning_cache.cli import serve
 SMALL = ["demo", "--serve", "--layers", "2", "--hidden", "32", "--heads", "2", "--requests", "7", "--pool-rows", "2",
          "--system-length", "11", "--prompt-length", "9", "--tokens", "12", "--draft-tokens", "3", "--max-length", "48",
          "--seed", "1"]
+PADDED = SMALL + ["--engine", "padded"]
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +36,7 @@ def _run(capsys, argv):
 
 
 def test_demo_serve_passes_and_reports(capsys):
-    rc, out = _run(capsys, SMALL)
+    rc, out = _run(capsys, PADDED)
     assert rc == 0, out
     assert out.count("self-check against each request alone without any cache: PASS (0 differing tokens") == 2, out
     assert "plain and speculative serving produced the same tokens: True" in out
@@ -57,10 +58,43 @@ def test_demo_serve_self_check_catches_a_bad_accept(capsys, monkeypatch):
             torch.ops.lightning_cache.rewind_cache(m.index, fed - kept, slot_ids, False, True)
 
     monkeypatch.setattr(serve.Engine, "keep", keep_positions_only)
-    rc, out = _run(capsys, SMALL)
+    rc, out = _run(capsys, PADDED)
     assert rc == 1, out
     checks = [line for line in out.splitlines() if "self-check" in line]
     assert "PASS (0 differing tokens" in checks[0] and "FAIL" in checks[1], out  # plain serving is not affected
+
+
+def test_demo_serve_both_engines_side_by_side(capsys):
+    """The packed engine serves the same requests to the same tokens, shares the system prompt's full pages and
+    reports its pages against what contiguous rows would reserve."""
+    rc, out = _run(capsys, SMALL + ["--engine", "both", "--page-size", "4", "--token-budget", "8"])
+    assert rc == 0, out
+    assert out.count("self-check against each request alone without any cache: PASS (0 differing tokens") == 3, out
+    packed = next(line for line in out.splitlines() if line.startswith("packed:"))
+    assert re.search(r"[\d.]+ tokens/s", packed), packed
+    hits, lookups = map(int, re.search(r"prefix cache: (\d+) hits / (\d+) lookups", packed).groups())
+    assert lookups == 6 and 1 <= hits <= 5, packed  # requests arriving before the prefix is saved are misses
+    peak, pool, contiguous = map(int, re.search(r"pages: peak (\d+) of (\d+) in use.*reserve (\d+) tokens",
+                                                out).groups())
+    assert 0 < peak <= pool == 3 * 48 // 4 and peak * 4 < contiguous, out
+    assert re.search(r"packed vs padded engine \(greedy, same requests\): [\d.]+ vs [\d.]+ tokens/s -> [\d.]+x; "
+                     r"same tokens: True", out), out
+
+
+def test_demo_serve_packed_self_check_catches_a_missing_prefix_state(capsys, monkeypatch):
+    """A prefix hit that shares the pages but starts the lightning states from zero changes tokens: exit 1."""
+    from torch_lightning_cache.cli import engine
+
+    original = engine.PackedEngine._save_prefix
+
+    def save_zero_states(self, run):
+        original(self, run)
+        self.prefix_states = [torch.zeros_like(state) for state in self.prefix_states]
+
+    monkeypatch.setattr(engine.PackedEngine, "_save_prefix", save_zero_states)
+    rc, out = _run(capsys, SMALL + ["--page-size", "4"])
+    assert rc == 1, out
+    assert "FAIL" in next(line for line in out.splitlines() if "self-check" in line), out
 
 
 def test_demo_serve_rejects_bad_options(capsys):
@@ -70,6 +104,11 @@ def test_demo_serve_rejects_bad_options(capsys):
     rc = cli.main(SMALL + ["--max-length", "30"])
     assert rc == 2
     assert "cache positions" in capsys.readouterr().err
+    for option in ("--token-budget", "--page-size", "--max-running"):
+        assert cli.main(SMALL + [option, "0"]) == 2
+        assert f"{option} must be at least 1" in capsys.readouterr().err
+    assert cli.main(SMALL + ["--kv-quantization", "int8"]) == 2
+    assert "--engine padded" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kv_quantization", [None, "int8"])

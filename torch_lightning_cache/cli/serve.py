@@ -43,6 +43,7 @@ import torch
 
 from ..cache import ATTENTION, LightningCache, LightningCacheMetaData
 from ..models.hybrid import HybridConfig, HybridLM
+from .engine import PackedEngine
 from .common import DTYPES, TOLERANCE, OptionError, check_model_options, check_positive, report_option_error, sync
 
 
@@ -58,6 +59,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--draft-tokens", type=int, default=4, help="draft tokens per speculative round (default: 4)")
     group.add_argument("--draft-noise", type=float, default=0.2,
                        help="noise on the draft's logits, in units of their standard deviation (default: 0.2)")
+    group.add_argument("--engine", choices=["packed", "padded", "both"], default="packed",
+                       help="packed: one packed forward per step over paged K|V (cli/engine.py); padded: pool rows, "
+                            "one call per admission and one per decode step, plus speculative decoding; both: "
+                            "both on the same requests, throughput side by side (default: packed)")
+    group.add_argument("--token-budget", type=int, default=64,
+                       help="packed engine: tokens per step, decodes first then prefill chunks (default: 64)")
+    group.add_argument("--page-size", type=int, default=16, help="packed engine: tokens per K|V page (default: 16)")
+    group.add_argument("--max-running", type=int, default=16,
+                       help="packed engine: requests running at once (lightning-state rows; default: 16). Its "
+                            "page pool holds as many tokens as the padded engine's pool rows")
 
 
 @dataclasses.dataclass
@@ -298,16 +309,47 @@ def _copy(requests: list[Request]) -> list[Request]:
     return [dataclasses.replace(r, generated=[]) for r in requests]
 
 
+def serve_packed(model, system: torch.Tensor, requests: list[Request], args: argparse.Namespace,
+                 dtype: torch.dtype) -> tuple[float, bool]:
+    """The packed engine on ``requests`` (filled in); prints its lines. Returns (tokens/s, passed)."""
+    num_pages = (args.pool_rows + 1) * args.max_length // args.page_size  # the padded pool's K|V memory
+    engine = PackedEngine(model, system, num_pages, args.page_size, args.token_budget)
+    sync(system.device)
+    start = time.perf_counter()
+    engine.serve(requests)
+    sync(system.device)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(r.generated) for r in requests)
+    mismatches, ties = check_requests(model, system, requests, TOLERANCE[dtype])
+    peak, pool = engine.pages_in_use()
+    print(f"{'packed:':<12} {len(requests) / seconds:7.1f} requests/s, {tokens / seconds:8.1f} tokens/s "
+          f"({tokens} tokens in {seconds:.3f} s, {engine.calls} forward calls, token budget {args.token_budget}); "
+          f"prefix cache: {engine.hits} hits / {engine.lookups} lookups")
+    print(f"{'':<12} pages: peak {peak} of {pool} in use ({peak * args.page_size} tokens of {args.page_size}) for "
+          f"up to {engine.peak_running} running requests; contiguous rows would reserve "
+          f"{engine.peak_contiguous_tokens} tokens for them")
+    print(f"{'':<12} self-check against each request alone without any cache: "
+          f"{'PASS' if mismatches == 0 else 'FAIL'} ({mismatches} differing tokens, {ties} near-ties)")
+    return tokens / seconds, mismatches == 0
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         device = check_model_options(args)
-        check_positive(args, "requests", "pool_rows", "system_length", "draft_tokens")
+        check_positive(args, "requests", "pool_rows", "system_length", "draft_tokens", "token_budget", "page_size",
+                       "max_running")
         if not args.draft_noise >= 0:
             raise OptionError(f"--draft-noise must be non-negative, got {args.draft_noise}")
         need = args.system_length + args.prompt_length + args.tokens + args.draft_tokens + 1
         if need > args.max_length:
             raise OptionError(f"a request may need {need} cache positions (system prompt + --prompt-length + "
                                  f"--tokens + --draft-tokens + 1) but --max-length is {args.max_length}")
+        if args.engine != "padded" and (args.pool_rows + 1) * args.max_length // args.page_size < -(-need // args.page_size):
+            raise OptionError(f"the packed engine's page pool ((--pool-rows + 1) * --max-length tokens) cannot hold "
+                              f"one request of {need} tokens in pages of {args.page_size}")
+        if args.engine != "padded" and args.kv_quantization is not None:
+            raise OptionError("--kv-quantization is not served by the packed engine (float K|V pages only); "
+                              "use --engine padded")
     except OptionError as error:
         return report_option_error(error)
     dtype = DTYPES[args.dtype]
@@ -333,9 +375,15 @@ def run(args: argparse.Namespace) -> int:
           f"pool of {args.pool_rows} rows + 1 prefix row; model: {args.layers} layers "
           f"({kinds.count('lightning')} lightning, {kinds.count('attention')} attention), hidden {args.hidden}")
 
-    results, failed = {}, False
+    results, speed, failed = {}, {}, False
     with torch.inference_mode():
-        for mode in ("plain", "speculative"):
+        if args.engine != "padded":
+            model = HybridLM(config, batch_size=args.max_running, dtype=dtype, device=device, seed=args.seed).eval()
+            served = _copy(requests)
+            speed["packed"], passed = serve_packed(model, system, served, args, dtype)
+            failed |= not passed
+            results["packed"] = served
+        for mode in ("plain", "speculative") if args.engine != "packed" else ():
             target = engine()
             served = _copy(requests)
             sync(device)
@@ -348,6 +396,7 @@ def run(args: argparse.Namespace) -> int:
             sync(device)
             seconds = time.perf_counter() - start
             tokens = sum(len(r.generated) for r in served)
+            speed[mode] = tokens / seconds
             mismatches, ties = check_requests(target.model, system, served, TOLERANCE[dtype])
             failed |= mismatches > 0
             results[mode] = served
@@ -360,8 +409,14 @@ def run(args: argparse.Namespace) -> int:
             print(line)
             print(f"{'':<12} self-check against each request alone without any cache: "
                   f"{'PASS' if mismatches == 0 else 'FAIL'} ({mismatches} differing tokens, {ties} near-ties)")
-    same = all(a.generated == b.generated for a, b in zip(results["plain"], results["speculative"]))
-    print(f"plain and speculative serving produced the same tokens: {same}")
-    print(f"request 0: {requests[0].prompt.numel()} prompt tokens -> {results['plain'][0].generated[:12]}"
-          f"{' ...' if len(results['plain'][0].generated) > 12 else ''}")
+    if "speculative" in results:
+        same = all(a.generated == b.generated for a, b in zip(results["plain"], results["speculative"]))
+        print(f"plain and speculative serving produced the same tokens: {same}")
+    if args.engine == "both":
+        same = all(a.generated == b.generated for a, b in zip(results["plain"], results["packed"]))
+        print(f"packed vs padded engine (greedy, same requests): {speed['packed']:.1f} vs {speed['plain']:.1f} "
+              f"tokens/s -> {speed['packed'] / speed['plain']:.2f}x; same tokens: {same}")
+    first = next(iter(results.values()))
+    print(f"request 0: {requests[0].prompt.numel()} prompt tokens -> {first[0].generated[:12]}"
+          f"{' ...' if len(first[0].generated) > 12 else ''}")
     return 1 if failed else 0

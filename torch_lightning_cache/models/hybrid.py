@@ -16,7 +16,6 @@ lightning recurrence): the demo and the tests check the cached path against it.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import List, Optional
 
 import torch
@@ -45,17 +44,19 @@ class HybridConfig:
         return minimax_layer_kinds(self.num_layers, self.attention_every)
 
 
-def _takes(function, *names: str) -> bool:
-    parameters = inspect.signature(function).parameters
-    return all(name in parameters for name in names)
+def _op_takes(op, *names: str) -> bool:
+    # Read from the registered schema (the built library), not the Python wrapper, so a stale build says no.
+    arguments = {argument.name for argument in op.default._schema.arguments}
+    return all(name in arguments for name in names)
 
 
 # Whether the operator library has section 11's paged / packed arguments. Without them the packed forward runs
-# the same computation with the ops it has (one batched call for the decodes, one call per prefill chunk, and a
+# the same computation with the older ops (one batched call for the decodes, one call per prefill chunk, and a
 # gather of the pages for attention); with them, one call per layer through the block tables.
-PAGED_PACKED_OPS = (_takes(ops.write_to_cache, "block_tables", "cu_seqlens")
-                    and _takes(ops.cached_attention, "block_tables", "cu_seqlens", "cache_seqlens")
-                    and _takes(ops.lightning_prefill, "cu_seqlens"))
+PAGED_PACKED_OPS = (_op_takes(torch.ops.lightning_cache.write_to_cache, "block_tables", "cu_seqlens")
+                    and _op_takes(torch.ops.lightning_cache.cached_attention, "block_tables", "cu_seqlens",
+                                  "cache_seqlens")
+                    and _op_takes(torch.ops.lightning_cache.lightning_prefill, "cu_seqlens"))
 
 
 @dataclasses.dataclass
