@@ -178,6 +178,46 @@ def _check_ops(mesh, axis) -> None:
     _assert_equal(d_state, full_state, "lightning_accept state")
 
 
+def _check_paged_ops(mesh, axis, write: bool) -> None:
+    """Block tables on a mesh (SPEC 11): the page pool is replicated over the batch axis and sharded over heads,
+    the tables and cache_seqlens are per batch row; each op equals the call on the full tensors. Writes are
+    checked on head-only meshes: over a batch axis each rank writes its own rows' pages into its replica."""
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    import torch_lightning_cache as tlc
+
+    g = torch.Generator().manual_seed(11)
+    batch_dim = axis.mesh_dim(mesh, "batch")
+    paged = tuple(Replicate() if d == batch_dim else p for d, p in enumerate(axis.placements(mesh, "key_value")))
+    S = lambda full, name: _shard(full, mesh, axis, name)  # noqa: E731
+    page_size, max_pages = 4, 4
+    N = B * max_pages + 2
+    pages = torch.randn(N, page_size, H, DK + DV, generator=g)
+    tables = torch.randperm(N, generator=g)[:B * max_pages].view(B, max_pages)
+    index = torch.tensor([0, 3, 5, 9])
+    d_pages = distribute_tensor(pages.clone(), mesh, paged, src_data_rank=None)
+    d_tables, d_index = S(tables, "block_tables"), S(index.clone(), "index")
+    if write:
+        k, v = torch.randn(B, 2, H, DK, generator=g), torch.randn(B, 2, H, DV, generator=g)
+        _, _, mask = tlc.concatenate_to_cache(pages, index, k, v, is_causal=True, block_tables=tables)
+        _, _, d_mask = tlc.concatenate_to_cache(d_pages, d_index, S(k, "key"), S(v, "value"), is_causal=True,
+                                                block_tables=d_tables)
+        _assert_equal(d_pages, pages, "paged concatenate_to_cache pages")
+        _assert_equal(d_mask, mask, "paged concatenate_to_cache mask")
+        _assert_equal(d_index, index, "paged concatenate_to_cache index")
+    query = torch.randn(B, 2, 2 * H, DK, generator=g)
+    valid = index + 2
+    out = tlc.cached_attention(query, pages, key_dim=DK, block_tables=tables, cache_seqlens=valid)
+    d_out = tlc.cached_attention(S(query, "query"), d_pages, key_dim=DK, block_tables=d_tables,
+                                 cache_seqlens=S(valid, "cache_seqlens"))
+    _assert_equal(d_out, out, "paged cached_attention output")
+    assert tuple(d_out.placements) == axis.placements(mesh, "output")
+    if batch_dim is not None:  # a batch-sharded pool is refused: pages are shared by every row
+        with pytest.raises(ValueError, match="key_value"):
+            tlc.cached_attention(S(query, "query"), S(pages, "key_value"), key_dim=DK, block_tables=d_tables,
+                                 cache_seqlens=S(valid, "cache_seqlens"))
+
+
 def _check_mismatches(mesh, axis) -> None:
     """Inconsistent placements: a ValueError naming the argument and its placement; nothing written."""
     from torch.distributed.tensor import Partial, Replicate, Shard
@@ -379,6 +419,7 @@ def _check_compiled_ops(mesh, axis) -> None:
 def _scenario_tp2(world):
     mesh, axis = _mesh((world,))
     _check_ops(mesh, axis)
+    _check_paged_ops(mesh, axis, write=True)
     _check_mismatches(mesh, axis)
     _check_cache_classes(mesh, axis)
     _check_model(mesh, axis)
@@ -392,6 +433,7 @@ def _scenario_four_ranks(world):
     _check_model(mesh, axis)
     mesh, axis = _mesh((2, world // 2))  # 2 (batch) x 2 (heads)
     _check_ops(mesh, axis)
+    _check_paged_ops(mesh, axis, write=False)
     _check_mismatches(mesh, axis)
     _check_cache_classes(mesh, axis)
     _check_model(mesh, axis)

@@ -310,6 +310,10 @@ def init_paged_kv_cache(num_pages: int, page_size: int, num_heads: int, key_dim:
     check_types("init_paged_kv_cache", num_pages=(num_pages, "int"), page_size=(page_size, "int"),
                 num_heads=(num_heads, "int"), key_dim=(key_dim, "int"), value_dim=(value_dim, "int"),
                 dtype=(dtype, "dtype?"), device=(device, "device?"))
+    for name, size in (("num_pages", num_pages), ("page_size", page_size), ("num_heads", num_heads),
+                       ("key_dim", key_dim), ("value_dim", value_dim)):
+        if size <= 0:
+            raise ValueError(f"init_paged_kv_cache: {name} must be positive, got {size}")
     if kv_quantization is not None and not isinstance(kv_quantization, str):
         raise TypeError(f"init_paged_kv_cache: kv_quantization must be a str or None, got "
                         f"{type(kv_quantization).__name__} {kv_quantization!r}")

@@ -48,6 +48,10 @@ ARGUMENT_DIMS: dict[str, tuple[int | None, int | None]] = {
     "scales": (0, 2),  # [B, L, H, 2]: quantized storage, one scale per token, head and K/V
     "num_tokens": (0, None),  # [B]
     "num_accepted": (0, None),  # [B]
+    # serving layouts (SPEC 11)
+    "block_tables": (0, None),  # [B, max_pages]: each batch row's pages
+    "cu_seqlens": (None, None),  # [S + 1]: a packed batch is one input row, replicated over the batch axis
+    "cache_seqlens": (0, None),  # [B]
     # returns
     "mask": (0, None),  # [B, 1, q, L]
     "output": (0, 2),  # [B, n, H, Dv]
@@ -57,6 +61,9 @@ ARGUMENT_DIMS: dict[str, tuple[int | None, int | None]] = {
 SHARDED_OPS = ("concatenate_to_cache", "write_to_cache", "lightning_decode", "lightning_prefill", "rewind_cache",
                "lightning_accept", "cached_attention")
 OP_ARGUMENT_DIMS: dict[str, dict[str, tuple[int | None, int | None]]] = {}
+# Calls with block_tables: the page pool [N, page_size, H, Dk + Dv] and its scales are shared by every batch
+# row, so they are replicated over the batch axis (each rank holds every page) and sharded over heads.
+PAGED_ARGUMENT_DIMS: dict[str, tuple[int | None, int | None]] = {"key_value": (None, 2), "scales": (None, 2)}
 
 # The two roles a mesh dimension can play (PartitionAxis.mesh_dim).
 BATCH_ROLE, HEAD_ROLE = "batch", "head"
@@ -118,7 +125,9 @@ class PartitionAxis:
 _registered = False
 
 
-def _argument_dims(op_name: str, name: str) -> tuple[int | None, int | None] | None:
+def _argument_dims(op_name: str, name: str, paged: bool = False) -> tuple[int | None, int | None] | None:
+    if paged and name in PAGED_ARGUMENT_DIMS:
+        return PAGED_ARGUMENT_DIMS[name]
     return OP_ARGUMENT_DIMS.get(op_name, {}).get(name, ARGUMENT_DIMS.get(name))
 
 
@@ -126,7 +135,8 @@ def _describe(placements) -> str:
     return "(" + ", ".join(repr(p) for p in placements) + ")"
 
 
-def _check_placements(op_name: str, mesh_ndim: int, named_specs: list[tuple[str, tp.Any]]) -> list[str | None]:
+def _check_placements(op_name: str, mesh_ndim: int, named_specs: list[tuple[str, tp.Any]],
+                      paged: bool = False) -> list[str | None]:
     """Infers each mesh dimension's role (batch, head or replicated) from the first argument sharded on it,
     then checks every argument (``(name, object with .placements)``) against that role. Returns the roles;
     raises ``ValueError`` naming the first argument whose placement disagrees."""
@@ -139,7 +149,7 @@ def _check_placements(op_name: str, mesh_ndim: int, named_specs: list[tuple[str,
             placement = spec.placements[mesh_dim]
             if isinstance(placement, Replicate):
                 continue
-            dims = _argument_dims(op_name, name)
+            dims = _argument_dims(op_name, name, paged)
             if type(placement) is Shard and placement.dim in dims:
                 role = BATCH_ROLE if placement.dim == dims[0] else HEAD_ROLE
                 anchor = f"{name} {_describe(spec.placements)}"
@@ -149,7 +159,7 @@ def _check_placements(op_name: str, mesh_ndim: int, named_specs: list[tuple[str,
             break
         roles.append(role)
         for name, spec in named_specs:
-            expected = _role_placement(op_name, name, role)
+            expected = _role_placement(op_name, name, role, paged)
             if spec.placements[mesh_dim] != expected:
                 raise ValueError(f"{op_name}: {name} has placement {_describe(spec.placements)} but {anchor} "
                                  f"shards mesh dim {mesh_dim} over the {role} axis, so {name} must be {expected!r} "
@@ -163,12 +173,12 @@ def _shard_choices(dims) -> str:
                    if d is not None)
 
 
-def _role_placement(op_name: str, name: str, role: str | None):
+def _role_placement(op_name: str, name: str, role: str | None, paged: bool = False):
     from torch.distributed.tensor import Replicate, Shard  # slow to import: DTensor users only
 
     if role is None:
         return Replicate()
-    dim = _argument_dims(op_name, name)[0 if role == BATCH_ROLE else 1]
+    dim = _argument_dims(op_name, name, paged)[0 if role == BATCH_ROLE else 1]
     return Replicate() if dim is None else Shard(dim)
 
 
@@ -187,11 +197,12 @@ def _make_strategy(op):
             if _argument_dims(op_name, name) is None:
                 raise NotImplementedError(f"{op_name}: no sharding rule for the tensor argument {name!r}: add it to "
                                           "torch_lightning_cache.sharding.ARGUMENT_DIMS")
-        roles = _check_placements(op_name, named_specs[0][1].mesh.ndim, named_specs)
+        paged = any(name == "block_tables" and value is not None for name, value in named)
+        roles = _check_placements(op_name, named_specs[0][1].mesh.ndim, named_specs, paged)
         result = []
         for role in dict.fromkeys(roles):  # each distinct role once: the mesh expansion combines them
-            outputs = [_role_placement(op_name, name, role) for name in return_names]
-            inputs = [_role_placement(op_name, name, role) if isinstance(value, DTensorSpec) else None
+            outputs = [_role_placement(op_name, name, role, paged) for name in return_names]
+            inputs = [_role_placement(op_name, name, role, paged) if isinstance(value, DTensorSpec) else None
                       for name, value in named]
             result.append((outputs, inputs))
         return result
@@ -217,7 +228,7 @@ def check_dtensor_arguments(op_name: str, tensors: dict[str, tp.Any]) -> None:
         if t.device_mesh != first.device_mesh:
             raise ValueError(f"{op_name}: {name} is on mesh {t.device_mesh} but {first_name} is on "
                              f"{first.device_mesh}")
-    _check_placements(op_name, first.device_mesh.ndim, dtensors)
+    _check_placements(op_name, first.device_mesh.ndim, dtensors, tensors.get("block_tables") is not None)
 
 
 def register_sharding_strategies() -> None:
