@@ -1,5 +1,11 @@
 """``python -m torch_lightning_cache demo --serve``: continuous batching over a cache pool.
 
+Two engines serve the same requests (``--engine``): ``packed`` (the default,
+``cli/engine.py``: one packed forward per step over paged K|V, see there) and
+``padded``, described below (pool rows of full capacity, one call per admission and
+one per decode step, and speculative decoding). ``both`` prints their throughput
+side by side.
+
 A small hybrid model (``models.hybrid.HybridLM``) serves more requests than its cache
 has rows. Requests arrive over time, are admitted into free pool rows, decode
 together (each row at its own position, ``slot_ids`` picking pool rows in every

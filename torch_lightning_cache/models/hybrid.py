@@ -8,6 +8,11 @@ buffers, so the model can be compiled (decode steps do not recompile: the
 positions live in the ``index`` buffers), captured in CUDA graphs (the buffers
 have static addresses), scripted with TorchScript and exported.
 
+``forward_packed`` is the serving engine's step (``cli/engine.py``): the tokens of many
+requests packed into ``[1, T]`` with ``cu_seqlens`` (:class:`PackedBatch`), attention
+K|V in page pools (``init_pages``) read and written through block tables, lightning
+states in one row per request.
+
 ``forward_uncached`` recomputes the same function over a whole sequence
 without any cache or custom op (causal SDPA and the quadratic form of the
 lightning recurrence): the demo and the tests check the cached path against it.
@@ -203,7 +208,8 @@ class CachedAttention(nn.Module):
             ops.write_to_cache(pages, index, k, v, check_bounds=self.check_bounds, block_tables=batch.block_tables,
                                cu_seqlens=batch.cu_seqlens)
             o = ops.cached_attention(q, pages, None, self.head_dim, block_tables=batch.block_tables,
-                                     cu_seqlens=batch.cu_seqlens, cache_seqlens=batch.cache_seqlens)
+                                     cu_seqlens=batch.cu_seqlens, cache_seqlens=batch.cache_seqlens,
+                                     check_bounds=self.check_bounds)
         else:
             o = self._attend_pages_gathered(q, k, v, pages, batch)
         return self.out(o.reshape(1, t, self.heads * self.head_dim))
@@ -435,9 +441,9 @@ class HybridLM(nn.Module):
         for layer in self.layers:
             if layer.kind == ATTENTION:
                 c = self.config
-                dtype = layer.mixer.key_value.dtype
-                self.pages.append(torch.zeros(num_pages, page_size, c.num_heads, 2 * c.head_dim, dtype=dtype,
-                                              device=layer.mixer.key_value.device))
+                self.pages.append(ops.init_paged_kv_cache(num_pages, page_size, c.num_heads, c.head_dim, c.head_dim,
+                                                          dtype=layer.mixer.key_value.dtype,
+                                                          device=layer.mixer.key_value.device))
         self.page_size = page_size
         return self.pages
 
