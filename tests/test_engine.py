@@ -129,6 +129,7 @@ def test_packed_paged_forward_equals_each_request_alone(page_size, with_paged_op
     packed = HybridLM(CONFIG, batch_size=4, seed=3).eval()
     alone = HybridLM(CONFIG, batch_size=3, seed=3).eval()
     packed.init_pages(num_pages=32, page_size=page_size)
+    assert all(layer.mixer.paged_ops == with_paged_ops for layer in packed.layers)  # the path under test
     prefix = torch.randint(0, 64, (2 * page_size,))  # two full pages shared by requests 0 and 2
     prompts = [torch.cat([prefix, torch.randint(0, 64, (5,))]), torch.randint(0, 64, (11,)),
                torch.cat([prefix, torch.randint(0, 64, (3,))])]
@@ -142,6 +143,7 @@ def test_packed_paged_forward_equals_each_request_alone(page_size, with_paged_op
     slots = [2, 0, 3]  # state rows of the packed model
     feed = [list(p.tolist()) for p in prompts]
     expected_chunks: list[list[torch.Tensor]] = [[], [], []]
+    prefix_states: dict[int, torch.Tensor] = {}
     got: list[list[torch.Tensor]] = [[], [], []]
     plan = [
         [(0, 2 * page_size), (1, 6)],  # prefill chunks: request 0's prefix, part of request 1
@@ -178,8 +180,8 @@ def test_packed_paged_forward_equals_each_request_alone(page_size, with_paged_op
         for (r, _), row in zip(sequences, logits):
             got[r].append(row)
         if step == 0:  # the states after request 0's prefix, saved as the prefix cache would
-            prefix_states = {id(layer): layer.mixer.state[slots[0]].clone() for layer in packed.layers
-                             if layer.kind != "attention"}
+            prefix_states.update({id(layer): layer.mixer.state[slots[0]].clone() for layer in packed.layers
+                                  if layer.kind != "attention"})
         for r, _ in sequences:  # decode steps feed the greedy token
             if not feed[r]:
                 feed[r] = [int(got[r][-1].argmax())]

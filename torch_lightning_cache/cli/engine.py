@@ -154,9 +154,7 @@ class PackedEngine:
 
     def _finish(self, run: Running) -> None:
         self.pages.free(run.pages)
-        self.free_slots.append(run.slot)
-        if self.prefix_writer is run and self.prefix_pages is None:
-            self.prefix_writer = None  # finished before its prefix was saved (cannot happen: prompts come first)
+        self.free_slots.append(run.slot)  # its state row is overwritten on the next admission
 
     def serve(self, requests: list) -> None:
         """Serves ``requests`` (greedy), filling each one's ``generated``."""

@@ -353,9 +353,8 @@ def run(args: argparse.Namespace) -> int:
         if args.engine != "padded" and (args.pool_rows + 1) * args.max_length // args.page_size < -(-need // args.page_size):
             raise OptionError(f"the packed engine's page pool ((--pool-rows + 1) * --max-length tokens) cannot hold "
                               f"one request of {need} tokens in pages of {args.page_size}")
-        if args.engine != "padded" and args.kv_quantization is not None:
-            raise OptionError("--kv-quantization is not served by the packed engine (float K|V pages only); "
-                              "use --engine padded")
+        if getattr(args, "kv_quantization", None) is not None:  # it used to be ignored silently
+            raise OptionError("--kv-quantization does not apply to --serve (both engines serve float K|V)")
     except OptionError as error:
         return report_option_error(error)
     dtype = DTYPES[args.dtype]

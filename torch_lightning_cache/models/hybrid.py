@@ -64,6 +64,25 @@ PAGED_PACKED_OPS = (_op_takes(torch.ops.lightning_cache.write_to_cache, "block_t
                     and _op_takes(torch.ops.lightning_cache.lightning_prefill, "cu_seqlens"))
 
 
+def _paged_packed_ops_run_on(device: torch.device) -> bool:
+    """Whether the paged / packed arguments have kernels on ``device`` (a backend still without them raises
+    NotImplementedError): one tiny call of each op."""
+    pages = ops.init_paged_kv_cache(1, 1, 1, 1, 1, dtype=torch.float32, device=device)
+    one = torch.zeros(1, 1, 1, 1, device=device)
+    cu_seqlens = torch.tensor([0, 1], device=device)
+    table = torch.zeros(1, 1, dtype=torch.int64, device=device)
+    try:
+        ops.write_to_cache(pages, torch.zeros(1, dtype=torch.int64, device=device), one, one, block_tables=table,
+                           cu_seqlens=cu_seqlens)
+        ops.cached_attention(one, pages, None, 1, block_tables=table, cu_seqlens=cu_seqlens,
+                             cache_seqlens=torch.ones(1, dtype=torch.int64, device=device))
+        ops.lightning_prefill(ops.init_state(1, 1, 1, 1, device=device), one, one, one,
+                              torch.ones(1, device=device), cu_seqlens=cu_seqlens)
+    except NotImplementedError:
+        return False
+    return True
+
+
 @dataclasses.dataclass
 class PackedBatch:
     """One engine step: ``S`` sequences packed into ``[1, T]`` tokens (no padding).
@@ -156,6 +175,7 @@ class CachedAttention(nn.Module):
             key_value, index = ops.init_kv_cache(batch_size, config.max_length, config.num_heads, config.head_dim,
                                                  config.head_dim, dtype=dtype, device=device)
             scales = torch.zeros(0, device=device)  # unused (a tensor either way, for TorchScript)
+        self.paged_ops = False  # set by HybridLM.init_pages: one op call per layer through the block tables
         self.register_buffer("key_value", key_value, persistent=False)
         self.register_buffer("index", index, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
@@ -203,7 +223,7 @@ class CachedAttention(nn.Module):
         """``forward`` on packed tokens ``x [1, T, hidden]``, K|V in the page pool ``pages [N, page_size, H, 2D]``."""
         t = x.shape[1]
         q, k, v = _split_qkv(self.qkv(x), self.heads, self.head_dim)
-        if PAGED_PACKED_OPS:
+        if self.paged_ops:
             index = batch.start_positions.clone()  # advanced by the write
             ops.write_to_cache(pages, index, k, v, check_bounds=self.check_bounds, block_tables=batch.block_tables,
                                cu_seqlens=batch.cu_seqlens)
@@ -266,6 +286,7 @@ class LightningAttention(nn.Module):
         self.gate = nn.Linear(config.hidden_size, inner, bias=False, device=device, dtype=dtype)
         self.norm = RMSNorm(inner).to(device=device, dtype=dtype)
         self.out = nn.Linear(inner, config.hidden_size, bias=False, device=device, dtype=dtype)
+        self.paged_ops = False  # set by HybridLM.init_pages: one packed lightning_prefill per layer
         self.register_buffer("state", ops.init_state(batch_size, config.num_heads, config.head_dim, config.head_dim,
                                                      device=device), persistent=False)
         self.register_buffer("slopes", ops.lightning_slopes(config.num_heads, layer_index, config.num_layers,
@@ -304,7 +325,7 @@ class LightningAttention(nn.Module):
     def recur_packed(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """``forward`` on packed tokens ``x [1, T, hidden]``: sequence ``s`` runs from state row ``slot_ids[s]``."""
         q, k, v = _split_qkv(F.silu(self.qkv(x)), self.heads, self.head_dim)
-        if PAGED_PACKED_OPS:
+        if self.paged_ops:
             o = ops.lightning_prefill(self.state, q, k, v, self.slopes, slot_ids=batch.slot_ids,
                                       block_size=self.block_size, check_bounds=self.check_bounds,
                                       cu_seqlens=batch.cu_seqlens)
@@ -437,8 +458,11 @@ class HybridLM(nn.Module):
         if self.config.kv_quantization is not None:
             raise ValueError("init_pages: the packed engine serves float K|V pages only (kv_quantization is "
                              f"{self.config.kv_quantization!r})")
+        device = self.lm_head.weight.device
+        paged_ops = PAGED_PACKED_OPS and _paged_packed_ops_run_on(device)
         self.pages = []
         for layer in self.layers:
+            layer.mixer.paged_ops = paged_ops  # else the same computation on the older ops
             if layer.kind == ATTENTION:
                 c = self.config
                 self.pages.append(ops.init_paged_kv_cache(num_pages, page_size, c.num_heads, c.head_dim, c.head_dim,
