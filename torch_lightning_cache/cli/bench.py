@@ -8,6 +8,10 @@ Cases (``--cases`` picks a subset by name or prefix: ``cache``, ``decode``, ``pr
 - ``write-<T>tok``: ``write_to_cache`` of the same block (no mask: for attention kernels that take lengths);
 - ``decode-b<N>``: ``lightning_decode`` of 1 token at each batch size of ``--decode-batches``;
 - ``prefill-<n>tok``: ``lightning_prefill`` of ``--prefill-tokens`` tokens from a non-zero state;
+- ``attn-paged<16|64>``: the ``attn`` case through block tables (pages scattered over a pool), with the
+  same call on the contiguous cache as the compared peer ``contiguous op``;
+- ``prefill-packed``: ``lightning_prefill`` with ``cu_seqlens`` of 32 ragged sequences (1..512 tokens),
+  against the padded ``[32, 512]`` call with a mask (baseline) and one unpadded call of the same total length;
 - ``attn-<storage>``: ``cached_attention`` of 1 query token (``--attn-query-heads`` heads) over a full
   cache of ``--attn-capacity`` columns stored as ``--dtype``, int8 or float8_e4m3fn. The baseline is
   ``scaled_dot_product_attention`` (``enable_gqa=True``) over the cache's views for the float cache
@@ -276,6 +280,77 @@ def _attention_case(name, storage, device, dtype, sizes, gen) -> Case:
         baseline=baselines.cached_attention_eager, peers=peers, peer_notes=notes, repeats=sizes["attn_repeats"])
 
 
+def _paged_attention_case(page_size, device, dtype, sizes, gen) -> Case:
+    """``cached_attention`` of one query token per row through block tables (SPEC 11), against the same call
+    on a contiguous cache holding the same tokens (the compared peer ``contiguous op``)."""
+    B, H, Hq, L, D = (sizes["attn_batch"], sizes["attn_heads"], sizes["attn_query_heads"], sizes["attn_capacity"],
+                      sizes["head_dim"])
+    max_pages = max(1, L // page_size)
+    L = max_pages * page_size  # whole pages
+    dense = torch.randn(B, L, H, 2 * D, generator=gen).to(device, dtype)
+    # Pages scattered over a pool: row b's page p is pool page order[b * max_pages + p].
+    order = torch.randperm(B * max_pages, generator=gen)
+    tables = order.view(B, max_pages).to(device)
+    pages = torch.empty(B * max_pages, page_size, H, 2 * D, dtype=dtype, device=device)
+    pages[order.to(device)] = dense.view(B * max_pages, page_size, H, 2 * D)
+    query = torch.randn(B, 1, Hq, D, generator=gen).to(device, dtype)
+    valid = torch.full((B,), L, dtype=torch.int64, device=device)
+    mask = torch.ones(B, 1, 1, L, dtype=torch.bool, device=device)
+    moved = pages.numel() * pages.element_size() + 2 * query.numel() * query.element_size()
+    peers = [("contiguous op", lambda: _ops.cached_attention(query, dense, mask, D), True),
+             _copy_peer(device, 2 * moved)]
+    return Case(
+        name=f"attn-paged{page_size}", kind="attention",
+        describe=f"cached_attention through block tables, page {page_size}, B={B} H={H} Hq={Hq} D={D} L={L} q=1, "
+                 f"{str(dtype).removeprefix('torch.')}; 'contiguous op' is the same call on a dense cache",
+        nbytes=moved, mutables=[],
+        call_op=lambda check: _ops.cached_attention(query, pages, None, D, None, None, tables, None, valid, None,
+                                                    check),
+        call_baseline=lambda fn: fn(query, dense, mask, D, None),
+        baseline=baselines.cached_attention_eager, peers=peers, repeats=sizes["attn_repeats"])
+
+
+def _packed_prefill_case(device, dtype, heads, head_dim, block_size, gen) -> Case:
+    """Packed ``lightning_prefill`` (cu_seqlens) of a ragged batch: 32 sequences of 1..512 tokens, mean ~128.
+    The baseline is the padded [32, max_len] call with a mask (outputs gathered back to the packed layout);
+    the peer ``one unpadded call`` is one sequence of the same total length (the useful work, timed only)."""
+    lengths = torch.randint(1, 256, (32,), generator=gen)
+    lengths[0], lengths[1] = 1, 512  # the range's ends; the rest averages ~128
+    S, T, longest = len(lengths), int(lengths.sum()), int(lengths.max())
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(device)
+    state, q, k, v, slopes = _lightning_inputs(device, dtype, 1, T, heads, head_dim, gen)
+    state = state.expand(S, -1, -1, -1).contiguous()
+    positions = torch.arange(longest)
+    keep = (positions[None, :] < lengths[:, None]).to(device)  # [S, max_len]
+    flat = (torch.arange(S)[:, None] * longest + positions[None, :])[keep.cpu()].to(device)  # packed -> padded row
+
+    def pad(x):
+        out = x.new_zeros(S * longest, *x.shape[2:])
+        out[flat] = x[0]
+        return out.view(S, longest, *x.shape[2:])
+
+    q_pad, k_pad, v_pad = pad(q), pad(k), pad(v)
+
+    def padded(state, q_pad, k_pad, v_pad, slopes, keep, flat):
+        out = torch.ops.lightning_cache.lightning_prefill(state, q_pad, k_pad, v_pad, slopes, keep, None, block_size)
+        return out.flatten(0, 1).index_select(0, flat).unsqueeze(0)
+
+    one_state = state[:1].clone()
+    peers = [("one unpadded call", lambda: _ops.lightning_prefill(one_state, q, k, v, slopes, None, None, block_size),
+              False)]
+    moved = 2 * state.numel() * state.element_size() + 4 * q.numel() * q.element_size()
+    peers.append(_copy_peer(device, moved))
+    return Case(
+        name="prefill-packed", kind="lightning",
+        describe=f"packed lightning_prefill S={S} T={T} (lengths 1..{longest}, mean {T / S:.0f}) H={heads} "
+                 f"D={head_dim}; baseline: padded [{S}, {longest}] with a mask",
+        nbytes=moved, mutables=[state],
+        call_op=lambda check: _ops.lightning_prefill(state, q, k, v, slopes, None, None, block_size, 1.0, check, None,
+                                                     0, cu),
+        call_baseline=lambda fn: fn(state, q_pad, k_pad, v_pad, slopes, keep, flat),
+        baseline=padded, peers=peers, peer_notes={"one unpadded call": "peer: one sequence of T tokens"})
+
+
 def _case_builders(args, device, dtype, sizes):
     """(name, builder) pairs in run order; builders allocate only when the case is selected."""
     gen = torch.Generator().manual_seed(args.seed)
@@ -297,6 +372,10 @@ def _case_builders(args, device, dtype, sizes):
     for storage in ("float", "int8", "fp8"):
         name = f"attn-{args.dtype if storage == 'float' else storage}"
         out.append((name, lambda n=name, s=storage: _attention_case(n, s, device, dtype, sizes, gen)))
+    for page_size in (16, 64):
+        out.append((f"attn-paged{page_size}", lambda p=page_size: _paged_attention_case(p, device, dtype, sizes, gen)))
+    out.append(("prefill-packed", lambda: _packed_prefill_case(device, dtype, sizes["decode_heads"],
+                                                                sizes["head_dim"], args.block_size, gen)))
     return out
 
 
