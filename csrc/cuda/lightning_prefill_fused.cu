@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_prefill_kernel(const __grid
     float O[8][4];
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) O[nt][0] = O[nt][1] = O[nt][2] = O[nt][3] = 0.0f;
-#pragma unroll
+#pragma unroll 1  // a rolled loop bounds live registers (the state tile holds 64)
     for (int kt = 0; kt < kKeyDim / 16; ++kt) {
       uint32_t a[4];
       const int c = kt * 16 + tig * 2;
@@ -300,7 +300,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_prefill_kernel(const __grid
     float P[8][4];
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) P[nt][0] = P[nt][1] = P[nt][2] = P[nt][3] = 0.0f;
-#pragma unroll
+#pragma unroll 1
     for (int kt = 0; kt < kKeyDim / 16; ++kt) {
       uint32_t a[4];
       const int c = kt * 16 + tig * 2;
@@ -373,7 +373,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_prefill_kernel(const __grid
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) inc[mt][nt][0] = inc[mt][nt][1] = inc[mt][nt][2] = inc[mt][nt][3] = 0.0f;
     }
-#pragma unroll
+#pragma unroll 1
     for (int kt = 0; kt < kChunk / 16; ++kt) {
       const int j = kt * 16 + tig * 2;
       float kd[4];  // decays of tokens j, j+1, j+8, j+9
