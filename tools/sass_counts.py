@@ -9,7 +9,11 @@ objects in DIR (default: a temporary folder), then reads:
 
 - registers and spills per kernel: ptxas's `-v` report ("Used N registers",
   "N bytes spill stores");
-- the SASS of every kernel: `cuobjdump -sass` on the object.
+- static shared memory per kernel ("N bytes smem"; dynamic shared memory, such as the
+  fused prefill's kSharedBytes, is set at launch and not in this report);
+- the SASS of every kernel: `cuobjdump -sass` on the object, with the HMMA (tensor-core
+  mma) count of the function and of each loop (the fused prefill's chunk loop: mma per
+  chunk and 64-column value tile).
 
 Method for "instructions per 16 bytes" (static, from the SASS text):
   A loop is a backward branch `BRA target` with target <= its own address; its
@@ -181,7 +185,9 @@ def region(instrs, label):
     stores = [access_bytes(op) for _, op, _ in instrs if op.startswith(("STG", "ST."))]
     loaded = sum(access_bytes(op) for _, op, _ in instrs if op.startswith(("LDG", "LD.")))
     n = sum(1 for i in instrs if i[1] != "NOP")
+    hmma = sum(1 for _, op, _ in instrs if op.startswith("HMMA"))  # tensor-core mma (m16n8k16: one each)
     return {"label": label, "instructions": n, "min_path": min_path(instrs), "wide_pass": wide_pass(instrs),
+            "hmma": hmma,
             "stores": stores,
             "stored": sum(stores), "loaded": loaded}
 
@@ -215,6 +221,9 @@ def main():
             m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
             if m and current:
                 regs.setdefault(current, {})["spill"] = int(m.group(1)) + int(m.group(2))
+            m = re.search(r"(\d+) bytes smem", line)
+            if m and current:
+                regs.setdefault(current, {})["smem"] = int(m.group(1))
             m = re.search(r"(\d+) bytes stack frame", line)
             if m and current:
                 regs.setdefault(current, {})["stack"] = int(m.group(1))
@@ -232,9 +241,10 @@ def main():
             loops, whole = analyse(funcs[fn])
             print(f"- {short(names[fn])}")
             print(
-                f"    regs {r.get('regs', '?')}, spill bytes {r.get('spill', 0)}, stack {r.get('stack', 0)}; "
+                f"    regs {r.get('regs', '?')}, spill bytes {r.get('spill', 0)}, stack {r.get('stack', 0)}, "
+                f"static smem {r.get('smem', 0)} B (dynamic not included); "
                 f"{whole['instructions']} instructions, stores {whole['stored']} B, "
-                f"loads {whole['loaded']} B (static totals)"
+                f"loads {whole['loaded']} B (static totals)" + (f", HMMA {whole['hmma']}" if whole["hmma"] else "")
             )
             for lp in loops:
                 widths = ",".join(str(w) for w in sorted(set(lp["stores"]), reverse=True)) or "-"
@@ -242,6 +252,7 @@ def main():
                 print(
                     f"    {lp['label']}: {lp['instructions']} instr (shortest pass {lp['min_path']}{wp}), "
                     f"{len(lp['stores'])} stores (widths {widths} B), loads {lp['loaded']} B"
+                    + (f", HMMA {lp['hmma']}" if lp["hmma"] else "")
                 )
 
 

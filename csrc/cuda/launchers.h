@@ -49,4 +49,21 @@ cudaError_t launch_cached_attention(at::Tensor& out, const at::Tensor& query_f, 
                                     const at::Tensor& mask, const float* scales, const int64_t* scale_strides,
                                     const AttentionDims& d, int64_t splits, float* workspace) noexcept;
 
+// Fused tensor-core prefill (lightning_prefill_fused.cu): whether it takes this call
+// (sm_80+, bfloat16 q/k/v with 16-byte rows and unit last stride, key_dim = value_dim
+// = 128, float32 or bfloat16 contiguous state, checkpoint_every a multiple of 64 when
+// checkpoints are written). Every other call runs the ATen path.
+bool fused_prefill_supported(const at::Tensor& state, const at::Tensor& query, const at::Tensor& key,
+                             const at::Tensor& value, const LightningDims& d, int64_t checkpoints_written,
+                             int64_t checkpoint_every) noexcept;
+
+// One launch: outputs into `out` (bfloat16 [B, T, H, 128], contiguous), state rows and
+// checkpoints updated in place. `slots` sanitized (prepare_slot_ids) or null; `keep`
+// uint8 [B, T] contiguous (1 = unmasked) or null. Needs B, T >= 1.
+cudaError_t launch_fused_prefill(at::Tensor& state, at::Tensor& out, const at::Tensor& query, const at::Tensor& key,
+                                 const at::Tensor& value, const at::Tensor& slopes_f, const int64_t* slots,
+                                 const uint8_t* keep, void* checkpoints, int64_t checkpoint_count,
+                                 int64_t checkpoints_written, int64_t checkpoint_every, const LightningDims& d,
+                                 float scale) noexcept;
+
 }  // namespace lightning_cache

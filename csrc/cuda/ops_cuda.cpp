@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <string>
 
 #include "../ops.h"
 #include "../serving.h"
@@ -123,6 +125,13 @@ void scatter_state_rows_cuda(at::Tensor& state, const at::Tensor& rows, const st
   C10_CUDA_CHECK(launch_scatter_rows(state, rows.contiguous(), *slot_ids));
 }
 
+// The fused tensor-core prefill runs only when asked for (LIGHTNING_CACHE_FUSED_PREFILL=1,
+// read per call) until a GPU run has verified it; see README "CUDA prefill".
+bool fused_prefill_selected() {
+  const char* flag = std::getenv("LIGHTNING_CACHE_FUSED_PREFILL");
+  return flag != nullptr && std::string(flag) == "1";
+}
+
 at::Tensor lightning_prefill_cuda(at::Tensor& state, const at::Tensor& query, const at::Tensor& key,
                                   const at::Tensor& value, const at::Tensor& slopes,
                                   const std::optional<at::Tensor>& attention_mask,
@@ -132,9 +141,22 @@ at::Tensor lightning_prefill_cuda(at::Tensor& state, const at::Tensor& query, co
   const LightningDims d = check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask,
                                                slot_ids, block_size, cu_seqlens);
   not_yet_on_cuda("lightning_prefill", {{"cu_seqlens", cu_seqlens.has_value()}});
-  check_checkpoints(checkpoints, checkpoint_every, state, d);
+  const int64_t written = check_checkpoints(checkpoints, checkpoint_every, state, d);
   const c10::cuda::CUDAGuard guard(state.device());
   const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, host_checks_allowed(check_bounds));
+  if (fused_prefill_selected() && !is_empty_call(d) && d.heads > 0 &&
+      fused_prefill_supported(state, query, key, value, d, written, checkpoint_every)) {
+    at::Tensor out = at::empty({d.batch, d.tokens, d.heads, d.value_dim}, query.options());
+    const at::Tensor slopes_f = slopes.to(at::kFloat).contiguous();
+    std::optional<at::Tensor> keep;
+    if (attention_mask.has_value()) keep = attention_mask->ne(0).to(at::kByte).contiguous();
+    C10_CUDA_CHECK(launch_fused_prefill(state, out, query, key, value, slopes_f, slot_pointer(slots),
+                                        keep ? keep->const_data_ptr<uint8_t>() : nullptr,
+                                        written > 0 ? checkpoints->data_ptr() : nullptr,
+                                        written > 0 ? checkpoints->size(1) : 0, written, checkpoint_every, d,
+                                        static_cast<float>(scale)));
+    return out;
+  }
   return lightning_prefill_chunked(state, query, key, value, slopes, attention_mask, slots, d, block_size, scale,
                                    &scatter_state_rows_cuda, checkpoints, checkpoint_every);
 }
