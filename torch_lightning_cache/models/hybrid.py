@@ -219,8 +219,9 @@ class CachedAttention(nn.Module):
         return self.out(o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
     @torch.jit.unused
-    def attend_packed(self, x: torch.Tensor, pages: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    def attend_packed(self, x: torch.Tensor, pages: torch.Tensor, batch) -> torch.Tensor:
         """``forward`` on packed tokens ``x [1, T, hidden]``, K|V in the page pool ``pages [N, page_size, H, 2D]``."""
+        # batch: a PackedBatch, left unannotated (here and below) so that scripting the model does not compile it.
         t = x.shape[1]
         q, k, v = _split_qkv(self.qkv(x), self.heads, self.head_dim)
         if self.paged_ops:
@@ -234,8 +235,9 @@ class CachedAttention(nn.Module):
             o = self._attend_pages_gathered(q, k, v, pages, batch)
         return self.out(o.reshape(1, t, self.heads * self.head_dim))
 
+    @torch.jit.unused
     def _attend_pages_gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor,
-                               batch: PackedBatch) -> torch.Tensor:
+                               batch) -> torch.Tensor:
         # Without the paged ops: write every token into its page slot, gather each sequence's pages into a
         # contiguous [S, width * page_size] row and attend with a causal-by-position mask (decodes in one call).
         flat = pages.view(-1, pages.shape[2], pages.shape[3])
@@ -322,7 +324,7 @@ class LightningAttention(nn.Module):
         return self._finish(x, o)
 
     @torch.jit.unused
-    def recur_packed(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    def recur_packed(self, x: torch.Tensor, batch) -> torch.Tensor:
         """``forward`` on packed tokens ``x [1, T, hidden]``: sequence ``s`` runs from state row ``slot_ids[s]``."""
         q, k, v = _split_qkv(F.silu(self.qkv(x)), self.heads, self.head_dim)
         if self.paged_ops:
@@ -386,7 +388,7 @@ class DecoderLayer(nn.Module):
         return self._mlp(x + h)
 
     @torch.jit.unused
-    def forward_packed(self, x: torch.Tensor, batch: PackedBatch, pages: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward_packed(self, x: torch.Tensor, batch, pages: Optional[torch.Tensor]) -> torch.Tensor:
         h = self.input_norm(x)
         if self.kind == ATTENTION:
             assert pages is not None
@@ -472,7 +474,7 @@ class HybridLM(nn.Module):
         return self.pages
 
     @torch.jit.unused
-    def forward_packed(self, input_ids: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    def forward_packed(self, input_ids: torch.Tensor, batch) -> torch.Tensor:
         """One engine step over packed tokens ``input_ids [1, T]`` (see :class:`PackedBatch`): appends each
         sequence's tokens to its pages and state row and returns float32 logits ``[S, vocab]`` of each
         sequence's LAST token (a zero-length sequence's row is meaningless). Needs :meth:`init_pages`."""
