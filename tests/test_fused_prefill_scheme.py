@@ -157,7 +157,7 @@ def fits(errors, terms) -> bool:
 
 def test_kernel_source_uses_the_tested_split_count():
     source = open(KERNEL_SOURCE).read()
-    found = tuple(int(re.search(rf"constexpr int kSplitTerms{name} = (\\d+);", source).group(1)) for name in "PSK")
+    found = tuple(int(re.search(rf"constexpr int kSplitTerms{name} = (\d+);", source).group(1)) for name in "PSK")
     assert found == FUSED_PREFILL_SPLIT_TERMS
 
 

@@ -1,6 +1,6 @@
 """CUDA kernels against the CPU kernels and tests/reference.py, plus graph capture, launch counts and timings.
 
-    python3 tools/cuda_smoke.py [--quick] [--no-bench] [--device cuda|cpu]
+    python3 tools/cuda_smoke.py [--quick] [--no-bench] [--fused-only] [--device cuda|cpu]
 
 Needs a GPU and the extension built in place (python3 setup.py build_ext --inplace).
 Prints one "ok"/"FAIL" line per check and the timings; exits 1 if a check failed.
@@ -697,6 +697,122 @@ def launches():
     check("write_to_cache: one launch", len(n2) == 1, n2)
 
 
+FUSED_FLAG = "LIGHTNING_CACHE_FUSED_PREFILL"
+
+
+def with_fused(on, fn):
+    """fn() with the fused CUDA prefill selected (on) or not; the op reads the flag per call."""
+    saved = os.environ.get(FUSED_FLAG)
+    os.environ[FUSED_FLAG] = "1" if on else "0"
+    try:
+        return fn()
+    finally:
+        if saved is None:
+            del os.environ[FUSED_FLAG]
+        else:
+            os.environ[FUSED_FLAG] = saved
+
+
+def fused_case(B, n, H, state_dt, masked, ids, every=0, C=0, nonfinite=False, scale=1.0, strided_in=False):
+    """Fused prefill (D = 128, bfloat16 inputs) vs the ATen path vs the float64 reference."""
+    g = seeded("fused", B, n, H, str(state_dt), masked, ids, every, C, nonfinite, scale, strided_in)
+    D, P = 128, B + 2
+    bf = torch.bfloat16
+    q, k, v = (torch.randn(B, n, H, D, generator=g).to(bf) for _ in range(3))
+    if nonfinite:
+        v[0, n // 2, 0, 3] = float("inf")
+        k[-1, n - 1, -1, 5] = float("nan")
+    S0 = torch.randn(P, H, D, D, generator=g).to(state_dt)
+    slopes = torch_lightning_cache.lightning_slopes(H, 0, 2).float()
+    mask = (torch.rand(B, n, generator=g) < 0.8) if masked else None
+    if masked:
+        mask[:, :5] = False
+    slot_ids = {"none": None, "perm": torch.randperm(P, generator=g)[:B], "skip": torch.tensor([P - 1] + [-1] * (B - 1))}[ids]
+    exp_state, exp_out = ref_lightning(S0[:B] if slot_ids is None else S0, q, k, v, slopes, mask, slot_ids, scale)
+    if slot_ids is None:
+        exp_state = torch.cat([exp_state, S0[B:].double()])
+    results = {}
+    for fused in (True, False):
+        st = S0.to(DEV, copy=True)  # a copy on every device: the first run must not change the second's input
+        cp = torch.zeros(B, C, H, D, D, dtype=state_dt, device=DEV) if C else None
+        dev = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+        qd, kd, vd = dev(q), dev(k), dev(v)
+        if strided_in:
+            qd = torch.cat([qd, qd], dim=-1)[..., :D]  # 16-byte rows, non-contiguous
+        out = with_fused(fused, lambda: ops.lightning_prefill(st if slot_ids is not None else st[:B], qd, kd, vd,
+                                                             slopes.to(DEV), dev(mask), dev(slot_ids), 64, scale,
+                                                             False, cp, every))
+        sync()
+        results[fused] = (out.cpu().double(), st.cpu().double(), None if cp is None else cp.cpu().double())
+    name = (f"lightning_prefill fused B{B} n{n} H{H} {state_dt} masked={masked} ids={ids} every={every} C={C} "
+            f"nonfinite={nonfinite} scale={scale} strided={strided_in}")
+    fo, fs, fc = results[True]
+    ao, as_, ac = results[False]
+    tol_out, tol_state = (2e-2, 2e-5) if state_dt == torch.float32 else (2e-2, 2e-2)
+    # Where the recurrence is NaN or +-Inf the kernels may differ in which (the fused one writes NaN).
+    same_bad = torch.equal(fo.isfinite(), ao.isfinite()) and torch.equal(fs.isfinite(), as_.isfinite())
+    check(name + " non-finite pattern = ATen path", same_bad,
+          ((~fo.isfinite()).sum().item(), (~ao.isfinite()).sum().item()))
+    if not nonfinite:
+        check(name + " output vs reference", rel_err(fo, exp_out) < tol_out, rel_err(fo, exp_out))
+        check(name + " state vs reference", rel_err(fs, exp_state) < tol_state, rel_err(fs, exp_state))
+        check(name + " vs ATen path", rel_err(fo, ao) < tol_out and rel_err(fs, as_) < tol_state,
+              (rel_err(fo, ao), rel_err(fs, as_)))
+    else:
+        fin = fo.isfinite() & ao.isfinite()
+        check(name + " finite outputs vs ATen path", rel_err(fo[fin], ao[fin]) < tol_out, rel_err(fo[fin], ao[fin]))
+    if fc is not None:
+        check(name + " checkpoints vs ATen path", torch.equal(fc.isfinite(), ac.isfinite()) and
+              rel_err(fc.nan_to_num(), ac.nan_to_num()) < tol_state, rel_err(fc.nan_to_num(), ac.nan_to_num()))
+
+
+def fused_suite(quick):
+    fused_case(2, 64, 2, torch.float32, False, "none")
+    fused_case(2, 200, 3, torch.float32, True, "perm", scale=0.125)
+    fused_case(3, 130, 2, torch.bfloat16, True, "skip")
+    fused_case(2, 256, 2, torch.float32, True, "none", every=128, C=3)
+    fused_case(2, 300, 2, torch.bfloat16, False, "perm", every=64, C=5)
+    fused_case(2, 96, 2, torch.float32, False, "none", nonfinite=True)
+    fused_case(1, 77, 2, torch.float32, True, "none", strided_in=True)
+    if not quick:
+        fused_case(2, 4096, 4, torch.float32, True, "perm")
+        fused_case(1, 1, 1, torch.float32, False, "none")
+        fused_case(2, 192, 2, torch.float32, False, "none", every=96, C=2)  # not a multiple of 64: ATen path
+
+
+def fused_bench():
+    """B = 1 and 8, T = 4096, H = 64, D = 128, bfloat16 inputs, float32 state from history."""
+    print(f"\n-- fused prefill timings on {torch.cuda.get_device_name()}")
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla  # optional peer (carried as a wheel)
+    except Exception as e:  # noqa: BLE001  (any import failure just drops the peer)
+        chunk_simple_gla = None
+        print(f"FLA not importable ({type(e).__name__}): no FLA row")
+    T, H, D = 4096, 64, 128
+    slopes = torch_lightning_cache.lightning_slopes(H, 0, 80).float().to(DEV)
+    for B in (1, 8):
+        q, k, v = (torch.randn(B, T, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+        state = torch.randn(B, H, D, D, device=DEV)
+        fused = with_fused(True, lambda: gpu_us(lambda: ops.lightning_prefill(state, q, k, v, slopes), 20))
+        aten = with_fused(False, lambda: gpu_us(lambda: ops.lightning_prefill(state, q, k, v, slopes), 5))
+        moved = 4 * q.numel() * 2 + 2 * state.numel() * 4  # q, k, v read, o written; state read and written
+        src = torch.empty(moved // 2, dtype=torch.bfloat16, device=DEV)
+        dst = torch.empty_like(src)
+        copy = gpu_us(lambda: dst.copy_(src), 20)  # reads and writes moved/2 bytes each: the same traffic
+        flops = 2 * B * H * T * D * D * 2 + B * H * T * 64 * D * 2  # q S, update, intra (lower half, 2 products)
+        line = (f"prefill B={B} T={T} H={H} D={D}: fused {fused:.1f} us ({flops / fused / 1e6:.1f} TFLOP/s useful, "
+                f"{moved / fused / 1e3:.0f} GB/s), ATen path {aten:.1f} us ({aten / fused:.1f}x), "
+                f"copy of the same bytes {copy:.1f} us (fused/copy {fused / copy:.2f})")
+        if chunk_simple_gla is not None:
+            g_gamma = -slopes
+            def run_fla():
+                return chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=1.0, initial_state=state,
+                                        output_final_state=True)
+            fla = gpu_us(run_fla, 20)
+            line += f", FLA chunk_simple_gla {fla:.1f} us (FLA/fused {fla / fused:.2f})"
+        print(line, flush=True)
+
+
 def wall_us(fn, iters=200):
     for _ in range(10):
         fn()
@@ -786,12 +902,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--fused-only", action="store_true", help="only the fused prefill checks and timings")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu: a dry run of the script itself")
     args = ap.parse_args()
     global DEV
     DEV = args.device
     on_cuda = torch.device(DEV).type == "cuda"
     print(f"device {DEV}" + (f" ({torch.cuda.get_device_name(DEV)})" if on_cuda else " (dry run: CPU vs CPU)"))
+    if args.fused_only:
+        guarded("fused prefill suite", lambda: fused_suite(args.quick))
+        if on_cuda and not args.no_bench:
+            guarded("fused prefill bench", fused_bench)
+        print(f"\n{len(FAILS)} failed: {FAILS[:20]}")
+        sys.exit(1 if FAILS else 0)
     # the raise checks first: an op that kills the process when it raises should say so before the long suites
     guarded("raising suite", raising_suite)
     guarded("concat suite", lambda: concat_suite(args.quick))
@@ -801,6 +924,7 @@ def main():
     guarded("lightning suite", lambda: lightning_suite(args.quick))
     guarded("checkpoint suite", lambda: checkpoint_suite(args.quick))
     guarded("speculative suite", lambda: speculative_suite(args.quick))
+    guarded("fused prefill suite", lambda: fused_suite(args.quick))
     if on_cuda:
         guarded("graph suite", graph_suite)
         if not args.quick:

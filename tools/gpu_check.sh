@@ -3,7 +3,9 @@
 # device budget of a few minutes: build with CUDA; then, at the same time, the
 # CUDA tests, compute-sanitizer's memcheck, racecheck and synccheck over the
 # quick CUDA smoke run (tools/cuda_smoke.py --quick), the full smoke run, and
-# the demo (plain and compiled); then, alone on the GPU, the benchmark at the
+# the demo (plain and compiled) (the smoke runs include the opt-in fused prefill); then,
+# alone on the GPU, the fused prefill's checks and timings (tools/cuda_smoke.py
+# --fused-only: vs FLA's chunk_simple_gla, a copy of the same bytes, the ATen path), the benchmark at the
 # reference sizes with every peer (cache, write, decode, prefill), and the
 # cached_attention cases (attn-*) with fewer samples, each with its own cap.
 # Each stage has a time cap so that one slow stage cannot eat the budget.
@@ -101,6 +103,10 @@ if want bench; then
     >"$OUT/bench.log" 2>&1
   echo "bench exit code $?" | tee -a "$SUMMARY"
   sed -n '/^case /,$p' "$OUT/bench.log" | tee -a "$SUMMARY"
+  log "fused tensor-core prefill (opt-in): checks, then B=1 and B=8, T=4096, H=64, D=128 vs FLA, copy, ATen path"
+  timeout 120 python3 tools/cuda_smoke.py --fused-only >"$OUT/fused.log" 2>&1
+  echo "fused exit code $?" | tee -a "$SUMMARY"
+  grep -E "^FAIL|^prefill|FLA not|failed" "$OUT/fused.log" | head -20 | tee -a "$SUMMARY"
   log "benchmark of cached_attention (attn-bfloat16, attn-int8, attn-fp8) on CUDA"
   # shellcheck disable=SC2086
   timeout 90 python3 -m torch_lightning_cache bench --device cuda --csv "$OUT/bench_attn_cuda.csv" \
