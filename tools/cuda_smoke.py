@@ -566,7 +566,16 @@ def raising_suite():
     qa = torch.randn(4, 1, 4, 4, device=d)
     big_kv = torch.zeros(1, 4, 1, 600, device=d)
     ids = lambda *v: torch.tensor(v, device=d)  # noqa: E731
+    bt = torch.zeros(4, 2, dtype=torch.int64, device=d)
     cases = [
+        # SPEC 11 arguments: validated the same on every device (CUDA kernels for them: not yet, see below)
+        ("write_to_cache ring=True with block_tables", ValueError,
+         lambda: ops.write_to_cache(kv, idx, k, k, True, True, None, None, bt, None)),
+        ("cached_attention mask and cache_seqlens together", ValueError,
+         lambda: ops.cached_attention(qa, kv, m, 4, None, None, None, None, ids(1, 1, 1, 1), None, True)),
+        ("lightning_prefill attention_mask with cu_seqlens", ValueError,
+         lambda: ops.lightning_prefill(st, x[:1], x[:1], x[:1], sl, torch.ones(1, 5, device=d), None, 256, 1.0, True,
+                                       None, 0, ids(0, 2, 5))),
         ("concatenate_to_cache slot id out of range", IndexError,
          lambda: ops.concatenate_to_cache(kv, idx, k, k, None, None, None, True, False, True, ids(5, 0, 1), None)),
         ("write_to_cache repeated slot id", IndexError,
@@ -633,6 +642,16 @@ def raising_suite():
     sync()
     untouched = all(torch.equal(bits(a), bits(b)) for a, b in zip(before, (kv, idx, codes, scales, st)))
     check(f"every refused call on {d} left its tensors as they were", untouched)
+    if d == "cuda":  # the serving layouts run on the CPU kernels only so far: refused by name on CUDA
+        for name, fn in [("write_to_cache cu_seqlens", lambda: ops.write_to_cache(
+                              kv, idx, k[:1], k[:1], False, True, None, None, None, ids(0, 1, 2, 2, 2))),
+                         ("cached_attention block_tables", lambda: ops.cached_attention(
+                              qa, kv, None, 4, None, None, bt, None, ids(1, 1, 1, 1), None, True))]:
+            try:
+                fn()
+                check(f"{name} on cuda: NotImplementedError", False, "no exception")
+            except NotImplementedError:
+                check(f"{name} on cuda: NotImplementedError", True)
     # the process and the device are still usable after the raises
     ops.write_to_cache(kv, idx, k[:, :1], k[:, :1], False, True, ids(0, 1, 2), None)
     sync()
