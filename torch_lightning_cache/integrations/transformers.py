@@ -27,7 +27,6 @@ What the cache adds over Hugging Face's ``MiniMaxCache`` (transformers 5.23):
 
 from __future__ import annotations
 
-import types
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +36,11 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("torch_lightning_cache.integrations.transformers needs Hugging Face transformers "
                       "(pip install 'transformers>=5.23')") from error
+
+try:  # transformers' registry of recordable outputs, keyed on the model's class (5.x)
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+except ImportError:  # pragma: no cover - older transformers
+    _CAN_RECORD_REGISTRY = {}
 
 from .. import ops
 from ..cache import ATTENTION, LIGHTNING, LightningCache, LightningCacheMetaData, LightningCacheView
@@ -100,8 +104,6 @@ class LightningMiniMaxCache(_hf.MiniMaxCache):
                 raise ValueError(f"LightningMiniMaxCache: {name} must be positive, got {value}")
         if max_rewind < 0:
             raise ValueError(f"LightningMiniMaxCache: max_rewind must be >= 0, got {max_rewind}")
-        if getattr(config, "sliding_window", None) is not None:
-            raise NotImplementedError("LightningMiniMaxCache: config.sliding_window is not supported")
         self.config = config
         self.kinds = _layer_kinds(config)
         self.rows_per_batch = batch_size  # (Cache.batch_size is a read-only property: the rows held)
@@ -113,7 +115,8 @@ class LightningMiniMaxCache(_hf.MiniMaxCache):
         self.lightning: LightningCache | None = None  # allocated at the first forward
         self._length = 0  # tokens held by every row (the index of every attention layer)
         self._recording = False
-        self._history: list[tuple[int, dict[int, torch.Tensor]]] = []  # (tokens, step_states per lightning layer)
+        # (tokens, step_states per lightning layer): step_states[:, t] is the state before the entry's t-th token
+        self._history: list[tuple[int, dict[int, torch.Tensor]]] = []
         self._step: dict | None = None  # the current forward's masks (set by the patched MiniMaxModel.forward)
 
     # ------------------------------------------------------------------ Hugging Face's Cache interface
@@ -174,8 +177,8 @@ class LightningMiniMaxCache(_hf.MiniMaxCache):
         recorded = sum(n for n, _ in self._history)
         if remove > recorded:
             raise ValueError(f"LightningMiniMaxCache.crop: cannot remove {remove} tokens: only the last {recorded} "
-                             f"are recorded (activate_past_recording() must precede the forwards to undo; each "
-                             f"forward must have at most max_rewind={self.max_rewind} unpadded tokens)")
+                             f"are recorded (activate_past_recording() must precede the forwards to undo, and at "
+                             f"most max_rewind={self.max_rewind} tokens are kept)")
         rows = self._rows()
         counts = torch.full((rows,), remove, dtype=torch.int64, device=self._device())
         for view in self.lightning:
@@ -242,7 +245,7 @@ class LightningMiniMaxCache(_hf.MiniMaxCache):
         self.max_length = new_length
 
     def _begin(self, rows: int, tokens: int, attention_mask: torch.Tensor | None, dtype: torch.dtype,
-               device: torch.device) -> None:
+               device: torch.device, attentions: bool = False) -> None:
         """Called once per forward, before the layers: allocation, capacity, the masks every layer uses."""
         if self.lightning is None or (self._length == 0 and rows != self._rows()):
             if rows % self.rows_per_batch != 0:
@@ -269,15 +272,24 @@ class LightningMiniMaxCache(_hf.MiniMaxCache):
                 new_mask = mask[:, self._length:]
                 if bool(new_mask.all()):
                     new_mask = None
-        record = self._recording and tokens <= self.max_rewind and new_mask is None
-        if record:
-            self._history.append((tokens, {}))
-            while sum(n for n, _ in self._history) > self.max_rewind:
-                self._history.pop(0)
+        # While recording, the last min(tokens, max_rewind) tokens of every forward keep per-token states (the
+        # lightning layers prefill the head and decode the tail); older recorded tokens are dropped past max_rewind.
+        recorded = min(tokens, self.max_rewind) if self._recording else 0
+        if recorded:
+            excess = sum(n for n, _ in self._history) + recorded - self.max_rewind
+            while excess > 0:
+                oldest, states = self._history[0]
+                if oldest <= excess:
+                    self._history.pop(0)
+                    excess -= oldest
+                else:
+                    self._history[0] = (oldest - excess, {i: s[:, excess:] for i, s in states.items()})
+                    excess = 0
+            self._history.append((recorded, {}))
         else:
             self._history.clear()
         self._step = {"full_mask": full_mask, "new_mask": new_mask, "tokens": tokens, "total": total,
-                      "record": record}
+                      "recorded": recorded, "attentions": attentions}
 
     def _end(self) -> None:
         self._length += self._step["tokens"]
@@ -288,98 +300,163 @@ class LightningMiniMaxCache(_hf.MiniMaxCache):
                 f"{self.max_length}, seq_length={self._length}, recording={self._recording})")
 
 
-# --------------------------------------------------------------------------- the patched forwards
+# --------------------------------------------------------------------------- the patched classes
+#
+# patch_minimax swaps the class of the model's modules for these subclasses (same state, same parameters), so
+# copies, state_dict round trips, to() and pickling keep the patch. Each forward takes the package's path only when
+# its cache is a LightningMiniMaxCache in a forward begun by _PatchedMiniMaxModel; otherwise it is Hugging Face's.
 
 
-def _attention_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
-    cache = past_key_values
-    step = cache._step
-    b, q = hidden_states.shape[:2]
-    hidden_shape = (b, q, -1, self.head_dim)
-    query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    cos, sin = position_embeddings
-    query, key = _hf.apply_rotary_pos_emb(query, key, cos, sin)
-    view = cache.lightning[self.layer_idx]
-    mask = ops.concatenate_to_cache(view.key_value, view.index, key.transpose(1, 2), value.transpose(1, 2),
-                                    attention_mask=step["full_mask"], is_causal=True)[2]
-    total = step["total"]
-    mask = mask[..., :total]
-    # A padding query sees no column; give it every column so SDPA stays finite (its output reaches nothing:
-    # later queries never see a padding key, and the lightning layers skip padding tokens).
-    mask = mask | ~mask.any(dim=-1, keepdim=True)
-    keys = view.key_value[:, :total, :, :self.head_dim].transpose(1, 2)
-    values = view.key_value[:, :total, :, self.head_dim:].transpose(1, 2)
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling,
-                                         enable_gqa=keys.shape[1] != query.shape[1])
-    out = out.transpose(1, 2).reshape(b, q, -1)
-    return self.o_proj(out), None
+def _active_step(cache) -> dict | None:
+    return cache._step if isinstance(cache, LightningMiniMaxCache) else None
 
 
-def _lightning_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                       **kwargs):
-    cache = past_key_values
-    step = cache._step
-    b, n = hidden_states.shape[:2]
-    heads, d = self.num_attention_heads, self.head_dim
-    qkv = self.act_fn(self.qkv_proj(hidden_states)).view(b, n, heads, 3 * d)
-    query, key, value = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]  # strided views, no copies
-    view = cache.lightning[self.layer_idx]
-    state, slopes = view.key_value, view.slopes
-    new_mask = step["new_mask"]
-    if step["record"]:
-        step_states = state.new_empty((b, n + 1, *state.shape[1:]))
-        out = ops.lightning_decode(state, query, key, value, slopes, step_states=step_states)
-        cache._history[-1][1][self.layer_idx] = step_states
-    elif n == 1:
-        slot_ids = None
-        if new_mask is not None:  # a padding token: skip the row (state kept, output 0)
+class _PatchedMiniMaxAttention(_hf.MiniMaxAttention):
+    """Softmax attention on ``concatenate_to_cache`` + SDPA over the cache (or explicit weights when asked)."""
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        step = _active_step(past_key_values)
+        if step is None:
+            return super().forward(hidden_states, position_embeddings, attention_mask,
+                                   past_key_values=past_key_values, **kwargs)
+        b, q = hidden_states.shape[:2]
+        hidden_shape = (b, q, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = _hf.apply_rotary_pos_emb(query, key, cos, sin)
+        view = past_key_values.lightning[self.layer_idx]
+        total = step["total"]
+        mask = ops.concatenate_to_cache(view.key_value, view.index, key.transpose(1, 2), value.transpose(1, 2),
+                                        attention_mask=step["full_mask"], is_causal=True)[2][..., :total]
+        window = getattr(self.config, "sliding_window", None)
+        if window is not None:  # Hugging Face's window on cache positions: key j is seen from position p if p - j < w
+            columns = torch.arange(total, device=mask.device)
+            rows = columns[total - q:, None]
+            mask = mask & (columns > rows - window)
+        # A padding query sees no column; give it every column so the softmax stays finite (its output reaches
+        # nothing: later queries never see a padding key, and the lightning layers skip padding tokens).
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+        keys = view.key_value[:, :total, :, :self.head_dim].transpose(1, 2)
+        values = view.key_value[:, :total, :, self.head_dim:].transpose(1, 2)
+        weights = None
+        if step["attentions"]:  # the weights Hugging Face's eager attention returns: softmax in float32
+            groups = query.shape[1] // keys.shape[1]
+            keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+            scores = (query @ keys.transpose(2, 3)) * self.scaling
+            weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+            out = weights @ values
+        else:
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling,
+                                                 enable_gqa=keys.shape[1] != query.shape[1])
+        out = out.transpose(1, 2).reshape(b, q, -1)
+        return self.o_proj(out), weights
+
+
+class _PatchedMiniMaxLightningAttention(_hf.MiniMaxLightningAttention):
+    """Lightning attention on ``lightning_prefill`` / ``lightning_decode`` over a float32 state."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                **kwargs):
+        step = _active_step(past_key_values)
+        if step is None:
+            return super().forward(hidden_states, position_embeddings, attention_mask,
+                                   past_key_values=past_key_values, **kwargs)
+        cache = past_key_values
+        b, n = hidden_states.shape[:2]
+        heads, d = self.num_attention_heads, self.head_dim
+        qkv = self.act_fn(self.qkv_proj(hidden_states)).view(b, n, heads, 3 * d)
+        query, key, value = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]  # strided views, no copies
+        view = cache.lightning[self.layer_idx]
+        state, slopes = view.key_value, view.slopes
+        new_mask = step["new_mask"]
+        recorded = step["recorded"]
+        head = n - recorded  # tokens run without per-token states
+        outputs = []
+        if head == 1 and new_mask is None:
+            outputs.append(ops.lightning_decode(state, query[:, :1], key[:, :1], value[:, :1], slopes))
+        elif head == 1:  # a padding token: skip the row (state kept, output 0)
             rows = torch.arange(b, device=state.device)
             slot_ids = torch.where(new_mask[:, 0], rows, torch.full_like(rows, -1))
-        out = ops.lightning_decode(state, query, key, value, slopes, slot_ids=slot_ids)
-    else:
-        out = ops.lightning_prefill(state, query, key, value, slopes, attention_mask=new_mask,
-                                    block_size=self.block_size)
-    out = self.norm(out.reshape(b, n, heads * d))
-    out = torch.sigmoid(self.output_gate(hidden_states)) * out
-    return self.out_proj(out), None
+            outputs.append(ops.lightning_decode(state, query[:, :1], key[:, :1], value[:, :1], slopes,
+                                                slot_ids=slot_ids))
+        elif head > 1:
+            head_mask = new_mask[:, :head] if new_mask is not None else None
+            outputs.append(ops.lightning_prefill(state, query[:, :head], key[:, :head], value[:, :head], slopes,
+                                                 attention_mask=head_mask, block_size=self.block_size))
+        if recorded:
+            tail_key, tail_value = key[:, head:], value[:, head:]
+            if new_mask is not None:  # padding adds nothing to the state (left padding: the state is still 0)
+                keep = new_mask[:, head:, None, None].to(key.dtype)
+                tail_key, tail_value = tail_key * keep, tail_value * keep
+            step_states = state.new_empty((b, recorded + 1, *state.shape[1:]))
+            outputs.append(ops.lightning_decode(state, query[:, head:], tail_key, tail_value, slopes,
+                                                step_states=step_states))
+            cache._history[-1][1][self.layer_idx] = step_states
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        out = self.norm(out.reshape(b, n, heads * d))
+        out = torch.sigmoid(self.output_gate(hidden_states)) * out
+        # Hugging Face returns the state after the forward as this layer's "attention weights"
+        weights = state.to(hidden_states.dtype).clone() if step["attentions"] else None
+        return self.out_proj(out), weights
 
 
-def _wrap_model_forward(model, original):
+def _needs_autograd(model, inputs_embeds) -> bool:
+    """The package's ops have no autograd: a forward that must be differentiable runs Hugging Face's path."""
+    if not torch.is_grad_enabled():
+        return False
+    if inputs_embeds is not None and inputs_embeds.requires_grad:
+        return True
+    return any(p.requires_grad for p in model.parameters())
+
+
+class _PatchedMiniMaxModel(_hf.MiniMaxModel):
+    """Begins and ends each forward on a LightningMiniMaxCache; Hugging Face's own forward where one is not in play."""
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs):
         use_cache = use_cache if use_cache is not None else self.config.use_cache
+        cache = past_key_values
+        autograd = _needs_autograd(self, inputs_embeds) or (self.training and self.config.attention_dropout > 0)
+        if not isinstance(cache, LightningMiniMaxCache):
+            # Training, no cache wanted, Hugging Face's own cache or 4-D masks: exactly Hugging Face's model.
+            if autograd or not use_cache or cache is not None or isinstance(attention_mask, dict):
+                return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                                       use_cache=use_cache, **kwargs)
+        elif autograd:
+            raise ValueError("a LightningMiniMaxCache is for inference (the package's ops have no autograd): run "
+                             "under torch.no_grad() with the model in eval() mode, or pass no cache to train")
         tokens = input_ids if input_ids is not None else inputs_embeds
         if tokens is None:
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        rows, length = tokens.shape[0], tokens.shape[1]
-        cache = past_key_values
-        if cache is None:  # no cache given: a private one (returned when use_cache)
-            cache = LightningMiniMaxCache(self.config, rows, max(length, 1), growable=True)
-        elif not isinstance(cache, LightningMiniMaxCache):
-            raise TypeError(f"a model patched by patch_minimax needs past_key_values=LightningMiniMaxCache(...), got "
-                            f"{type(cache).__name__}")
         if isinstance(attention_mask, dict):
             raise TypeError("a model patched by patch_minimax takes the 2-D padding mask, not a dict of masks")
-        dtype = self.embed_tokens.weight.dtype
-        cache._begin(rows, length, attention_mask, dtype, tokens.device)
+        rows, length = tokens.shape[0], tokens.shape[1]
+        if cache is None:  # use_cache without a cache: a private one, returned
+            cache = LightningMiniMaxCache(self.config, rows, max(length, 1), growable=True)
+        attentions = kwargs.get("output_attentions")
+        attentions = self.config.output_attentions if attentions is None else attentions
+        cache._begin(rows, length, attention_mask, self.embed_tokens.weight.dtype, tokens.device,
+                     attentions=bool(attentions))
         try:
             masks = {"full_attention": None, "linear_attention": None}  # the layers read the cache's masks
-            out = original(input_ids=input_ids, attention_mask=masks, position_ids=position_ids,
-                           past_key_values=cache, inputs_embeds=inputs_embeds, use_cache=True, **kwargs)
+            out = super().forward(input_ids=input_ids, attention_mask=masks, position_ids=position_ids,
+                                  past_key_values=cache, inputs_embeds=inputs_embeds, use_cache=True, **kwargs)
         except BaseException:
             cache._step = None
             raise
         cache._end()
-        out.past_key_values = cache if use_cache else None
+        if not use_cache and hasattr(out, "past_key_values"):
+            out.past_key_values = None
         return out
 
-    return types.MethodType(forward, model)
 
+class _PatchedMiniMaxForCausalLM(_hf.MiniMaxForCausalLM):
+    """``generate`` makes a LightningMiniMaxCache when none is passed (Hugging Face's makes none for MiniMax)."""
 
-def _wrap_prepare_cache(model, original):
-    def prepare(self, generation_config, model_kwargs, *args, **kwargs):
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if (model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False
                 and generation_config.cache_implementation is None):
             batch_size = kwargs.get("batch_size", args[1] if len(args) > 1 else 1)
@@ -388,32 +465,32 @@ def _wrap_prepare_cache(model, original):
             if getattr(generation_config, "is_assistant", False):
                 cache.activate_past_recording()
             model_kwargs["past_key_values"] = cache
-        return original(generation_config, model_kwargs, *args, **kwargs)
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
-    return types.MethodType(prepare, model)
+
+_PATCHED = {cls.__mro__[1]: cls for cls in (_PatchedMiniMaxAttention, _PatchedMiniMaxLightningAttention,
+                                            _PatchedMiniMaxModel, _PatchedMiniMaxForCausalLM)}
+for _cls in _PATCHED.values():
+    # Hugging Face's names: save_pretrained writes config.architectures from __name__, and loss and cache
+    # selection read it; __qualname__ stays this module's, so pickling finds the patched class.
+    _cls.__name__ = _cls.__mro__[1].__name__
 
 
 def patch_minimax(model):
     """Runs a ``MiniMaxForCausalLM`` (or ``MiniMaxModel``) on this package's ops; idempotent. Returns ``model``.
 
-    Only this instance changes. Afterwards its forward takes ``past_key_values=LightningMiniMaxCache(...)``
-    (or none: it then makes one), and ``generate`` makes one when none is passed.
+    Only this instance changes: its modules' classes become subclasses whose forwards use a
+    ``LightningMiniMaxCache`` (``generate`` makes one when none is passed). Forwards that need autograd, training
+    with dropout, ``use_cache=False`` or Hugging Face's own ``MiniMaxCache`` run Hugging Face's code unchanged.
     """
-    if getattr(model, "_lightning_cache_patched", False):
-        return model
     base = model.model if isinstance(model, _hf.MiniMaxForCausalLM) else model
     if not isinstance(base, _hf.MiniMaxModel):
         raise TypeError(f"patch_minimax: expected a MiniMaxForCausalLM or MiniMaxModel, got {type(model).__name__}")
-    if getattr(base.config, "sliding_window", None) is not None:
-        raise NotImplementedError("patch_minimax: config.sliding_window is not supported")
     _layer_kinds(base.config)
-    for module in base.modules():
-        if isinstance(module, _hf.MiniMaxLightningAttention):
-            module.forward = types.MethodType(_lightning_forward, module)
-        elif isinstance(module, _hf.MiniMaxAttention):
-            module.forward = types.MethodType(_attention_forward, module)
-    base.forward = _wrap_model_forward(base, base.forward)
-    if hasattr(model, "_prepare_cache_for_generation"):
-        model._prepare_cache_for_generation = _wrap_prepare_cache(model, model._prepare_cache_for_generation)
-    model._lightning_cache_patched = True
+    for module in model.modules():
+        patched = _PATCHED.get(type(module))
+        if patched is not None:
+            module.__class__ = patched
+            if isinstance(module, _hf.MiniMaxPreTrainedModel):  # output_attentions/hidden_states: keyed on class
+                _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
     return model
