@@ -73,5 +73,8 @@ class DemoTensorParallel:
         ok = worst <= tolerance and same
         print(f"tensor parallel check: max |logits with {self.args.tp} ranks - one process| = {worst:.3e} "
               f"(tolerance {tolerance:g}) {'PASS' if ok else 'FAIL'}; greedy tokens identical: {same}")
+        # Every rank leaves the collective before any tears the group down: a rank that destroys its gloo
+        # group while a peer's last all_reduce is still in flight aborts in gloo's worker thread at exit.
+        dist.barrier()
         dist.destroy_process_group()
         return ok
