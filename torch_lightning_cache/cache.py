@@ -521,6 +521,9 @@ class LightningCache:
             if buffer.shape[0] != beam_idx.shape[0]:
                 raise ValueError(f"{op}: beam_idx must have one entry per cache row: {name} has "
                                  f"{buffer.shape[0]} rows, beam_idx has {beam_idx.shape[0]}")
+        # A copy, so that a beam_idx sharing memory with a buffer (a layer's index) is read as it was
+        # before any layer is written. copy_slots / reset_slots build fresh ids before writing too.
+        beam_idx = beam_idx.clone()
         for _, buffer in buffers:
             buffer.copy_(buffer.index_select(0, beam_idx))
 
