@@ -7,6 +7,11 @@
 //   int8:     scale = amax / 127, code = round_to_nearest_even(x / scale), in [-127, 127];
 //   fp8 e4m3: scale = amax / 448 (e4m3fn's largest finite value), code = e4m3(x / scale),
 //             rounded to nearest even (c10's conversion), clamped to +-448 first.
+// The scale is capped at the largest float32 s whose product with the largest
+// code (127 or 448) is finite, so every finite input dequantizes to a finite
+// value: at the top of float32's range (amax within a few ulps of 3.4028235e38)
+// the largest codes mean 127 * 0x1.020406p+121 = 3.4028233e38 (int8, one ulp
+// below float32's max) and 448 * 0x1.249248p+119 = 3.4028235e38 (fp8).
 // All-zero token-head: scale 0 and codes 0, so it dequantizes to exact zeros.
 // A non-finite element (NaN, +-inf) makes amax +inf: scale NaN, codes 0, so the
 // whole token-head (and nothing else) dequantizes to NaN.
@@ -32,9 +37,16 @@ C10_HOST_DEVICE inline float amax_step(float amax, float x) {
   return a > amax ? a : amax;
 }
 
+// Largest float32 s with code_max * s finite (float32 product, round to nearest).
+C10_HOST_DEVICE inline float max_scale(float code_max) {
+  return code_max == kInt8Max ? 0x1.020406p+121f : 0x1.249248p+119f;
+}
+
 C10_HOST_DEVICE inline float kv_scale(float amax, float code_max) {
   if (amax == std::numeric_limits<float>::infinity()) return std::numeric_limits<float>::quiet_NaN();
-  return amax / code_max;
+  const float scale = amax / code_max;
+  const float cap = max_scale(code_max);
+  return scale > cap ? cap : scale;  // only amax within float32's last ulps reaches the cap
 }
 
 // Codes are only formed from a usable scale (> 0, finite); otherwise 0.

@@ -51,6 +51,7 @@ void rewind_cache(at::Tensor& index, const at::Tensor& num_tokens, const std::op
   const int64_t batch = num_tokens.size(0);
   const int64_t pool = index.size(0);
   check_slot_ids("rewind_cache", slot_ids, batch, "num_tokens", index, "index");
+  check_no_overlap("rewind_cache", {{"index", index, true}, {"num_tokens", num_tokens}, {"slot_ids", slot_ids}});
   if (check_bounds && batch > 0) {  // a sync on CUDA, like every host check
     const int64_t smallest = num_tokens.min().item<int64_t>();
     TORCH_CHECK_INDEX(smallest >= 0, "rewind_cache: num_tokens must be non-negative, got ", smallest);
@@ -92,6 +93,10 @@ void lightning_accept(at::Tensor& state, const at::Tensor& step_states, const at
   TORCH_CHECK_VALUE(num_accepted.device() == state.device(), "lightning_accept: num_accepted must be on ",
                     state.device(), " like state, got ", num_accepted.device());
   check_slot_ids("lightning_accept", slot_ids, batch, "step_states", state, "state");
+  check_no_overlap("lightning_accept", {{"state", state, true},
+                                        {"step_states", step_states},
+                                        {"num_accepted", num_accepted},
+                                        {"slot_ids", slot_ids}});
   if (check_bounds && batch > 0) {  // a sync on CUDA, like every host check
     const at::Tensor bad = num_accepted.lt(0).logical_or(num_accepted.ge(steps));
     if (bad.any().item<bool>()) {

@@ -4,12 +4,14 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <set>
 #include <unordered_map>
 #include <sstream>
 #include <string_view>
+#include <vector>
 
 namespace lightning_cache {
 namespace {
@@ -50,9 +52,103 @@ at::Tensor causal_matrix(const at::Tensor& causal_mask) {
   return causal_mask.dim() == 4 ? causal_mask.select(0, 0).select(0, 0) : causal_mask;
 }
 
+// Byte extent [begin, end) of a non-empty tensor within its storage (torch
+// strides are never negative).
+struct Extent {
+  int64_t begin, end;
+};
+
+Extent extent_of(const at::Tensor& t) {
+  const int64_t item = t.element_size();
+  int64_t last = 0;
+  for (int64_t k = 0; k < t.dim(); ++k) last += (t.size(k) - 1) * t.stride(k);
+  return {t.storage_offset() * item, (t.storage_offset() + last) * item + item};
+}
+
+// Does an element of `t` (its bytes [offset, offset + item)) touch [lo, hi)?
+// Walks the dimensions from the largest stride, visiting only the sub-blocks
+// whose extent meets [lo, hi); a sub-block starting inside it answers at
+// once, so the walk is short. Past `budget` steps it answers "yes" (the
+// conservative side).
+class StridedHit {
+ public:
+  explicit StridedHit(const at::Tensor& t) : item_(t.element_size()) {
+    for (int64_t k = 0; k < t.dim(); ++k) {
+      if (t.size(k) > 1 && t.stride(k) > 0) dims_.push_back({t.stride(k) * item_, t.size(k)});
+    }
+    std::sort(dims_.begin(), dims_.end(), [](const Dim& a, const Dim& b) { return a.stride > b.stride; });
+    span_.assign(dims_.size() + 1, 0);
+    for (size_t k = dims_.size(); k-- > 0;) span_[k] = span_[k + 1] + (dims_[k].size - 1) * dims_[k].stride;
+    offset_ = t.storage_offset() * item_;
+  }
+  bool touches(int64_t lo, int64_t hi) {
+    budget_ = 4096;
+    return walk(offset_, 0, lo, hi);
+  }
+
+ private:
+  struct Dim {
+    int64_t stride, size;
+  };
+  bool walk(int64_t offset, size_t k, int64_t lo, int64_t hi) {
+    if (--budget_ < 0) return true;
+    if (offset >= hi || offset + span_[k] + item_ <= lo) return false;  // this block's extent misses
+    if (offset >= lo) return true;                                      // its first element is inside
+    if (k == dims_.size()) return true;  // one element straddling lo (views of another dtype)
+    const Dim d = dims_[k];
+    const int64_t block = span_[k + 1] + item_;  // extent of one sub-block
+    // Sub-blocks i with offset + i * stride + block > lo and offset + i * stride < hi.
+    const int64_t below = lo - block - offset;
+    int64_t first = below < 0 ? 0 : below / d.stride + 1;
+    int64_t last = (hi - offset - 1) / d.stride;
+    last = std::min(last, d.size - 1);
+    for (int64_t i = first; i <= last; ++i) {
+      if (walk(offset + i * d.stride, k + 1, lo, hi)) return true;
+    }
+    return false;
+  }
+  int64_t item_;
+  int64_t offset_ = 0;
+  int64_t budget_ = 0;
+  std::vector<Dim> dims_;
+  std::vector<int64_t> span_;  // span_[k]: bytes from a block's first element to its last, dims k..
+};
+
+bool shares_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage()) return false;
+  if (!a.storage().is_alias_of(b.storage())) return false;
+  const Extent ea = extent_of(a), eb = extent_of(b);
+  if (ea.end <= eb.begin || eb.end <= ea.begin) return false;
+  // A dense tensor owns every byte of its extent: exact test of the other against it.
+  if (a.is_non_overlapping_and_dense()) return StridedHit(b).touches(ea.begin, ea.end);
+  if (b.is_non_overlapping_and_dense()) return StridedHit(a).touches(eb.begin, eb.end);
+  return true;  // two strided tensors with interleaved extents: assume they meet
+}
+
 }  // namespace
 
-KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
+void check_no_overlap(const char* op, std::initializer_list<OpArgument> args) {
+  for (const OpArgument& w : args) {
+    if (w.tensor == nullptr || !w.written) continue;
+    TORCH_CHECK_VALUE(at::has_internal_overlap(*w.tensor) != at::MemOverlap::Yes, op, ": ", w.name,
+                      " is written but its elements overlap each other (e.g. expanded strides); pass a tensor "
+                      "whose elements are distinct");
+    for (const OpArgument& other : args) {
+      if (other.tensor == nullptr || &other == &w) continue;
+      // A pair of written arguments is reported once, at the first of the two.
+      if (other.written && &other < &w) continue;
+      TORCH_CHECK_VALUE(!shares_memory(*w.tensor, *other.tensor), op, ": ", w.name, " (written) shares memory with ",
+                        other.name, "; an argument the op writes must not overlap any other argument (pass "
+                        "separate tensors or a copy)");
+    }
+  }
+}
+
+namespace {
+
+// check_write_args up to the overlap rule, which check_concatenate_args runs
+// itself over the mask arguments too.
+KVCacheDims write_args_dims(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
                              const at::Tensor& value, bool ring, const std::optional<at::Tensor>& slot_ids,
                              const char* op, const std::optional<at::Tensor>& scales,
                              const std::optional<at::Tensor>& block_tables,
@@ -138,6 +234,26 @@ KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& inde
   return d;
 }
 
+}  // namespace
+
+KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
+                             const at::Tensor& value, bool ring, const std::optional<at::Tensor>& slot_ids,
+                             const char* op, const std::optional<at::Tensor>& scales,
+                             const std::optional<at::Tensor>& block_tables,
+                             const std::optional<at::Tensor>& cu_seqlens) {
+  const KVCacheDims d =
+      write_args_dims(key_value, index, key, value, ring, slot_ids, op, scales, block_tables, cu_seqlens);
+  check_no_overlap(op, {{"key_value", key_value, true},
+                        {"index", index, true},
+                        {"scales", scales, true},
+                        {"key", key},
+                        {"value", value},
+                        {"slot_ids", slot_ids},
+                        {"block_tables", block_tables},
+                        {"cu_seqlens", cu_seqlens}});
+  return d;
+}
+
 bool is_quantized_cache(at::ScalarType dtype) { return dtype == at::kChar || dtype == at::kFloat8_e4m3fn; }
 
 void check_scales(const char* op, const at::Tensor& key_value, const std::optional<at::Tensor>& scales) {
@@ -165,8 +281,8 @@ KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor
                                    const std::optional<at::Tensor>& slot_ids,
                                    const std::optional<at::Tensor>& scales,
                                    const std::optional<at::Tensor>& block_tables) {
-  const KVCacheDims d = check_write_args(key_value, index, key, value, ring, slot_ids, "concatenate_to_cache", scales,
-                                         block_tables);
+  const KVCacheDims d = write_args_dims(key_value, index, key, value, ring, slot_ids, "concatenate_to_cache", scales,
+                                        block_tables, std::nullopt);
   if (attention_mask.has_value()) {
     const at::Tensor& m = *attention_mask;
     check_same_device(m, "attention_mask", key_value, "key_value");
@@ -198,6 +314,16 @@ KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor
                       "token_type_ids must be [batch, new_tokens] = [", d.batch, ", ", d.new_tokens, "], got shape ",
                       shape_of(t));
   }
+  check_no_overlap("concatenate_to_cache", {{"key_value", key_value, true},
+                                            {"index", index, true},
+                                            {"scales", scales, true},
+                                            {"key", key},
+                                            {"value", value},
+                                            {"attention_mask", attention_mask},
+                                            {"causal_mask", causal_mask},
+                                            {"token_type_ids", token_type_ids},
+                                            {"slot_ids", slot_ids},
+                                            {"block_tables", block_tables}});
   return d;
 }
 
@@ -430,6 +556,7 @@ LightningDims check_lightning_args(const char* op, const at::Tensor& state, cons
                                    const at::Tensor& key, const at::Tensor& value, const at::Tensor& slopes,
                                    const std::optional<at::Tensor>& attention_mask,
                                    const std::optional<at::Tensor>& slot_ids, int64_t block_size,
+                                   const char* output_name, const std::optional<at::Tensor>& output,
                                    const std::optional<at::Tensor>& cu_seqlens) {
   TORCH_CHECK_VALUE(state.dim() == 4, op, ": state must be [slots, heads, key_dim, value_dim], got shape ",
                     shape_of(state));
@@ -490,6 +617,15 @@ LightningDims check_lightning_args(const char* op, const at::Tensor& state, cons
   }
   check_slot_ids(op, slot_ids, d.batch, d.packed ? "cu_seqlens" : "query", state, "state");
   TORCH_CHECK_VALUE(block_size >= 1, op, ": block_size must be at least 1, got ", block_size);
+  check_no_overlap(op, {{"state", state, true},
+                        {output_name, output, true},
+                        {"query", query},
+                        {"key", key},
+                        {"value", value},
+                        {"slopes", slopes},
+                        {"attention_mask", attention_mask},
+                        {"slot_ids", slot_ids},
+                        {"cu_seqlens", cu_seqlens}});
   return d;
 }
 
@@ -523,9 +659,6 @@ int64_t check_checkpoints(const std::optional<at::Tensor>& checkpoints, int64_t 
                    c.scalar_type());
   check_same_device(c, "checkpoints", state, "state");
   TORCH_CHECK_VALUE(c.is_contiguous(), "lightning_prefill: checkpoints must be contiguous");
-  const at::MemOverlapStatus overlap = at::get_overlap_status(c, state);
-  TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
-                    "lightning_prefill: checkpoints must not share memory with state");
   return checkpoints_written(d.tokens, c.size(1), checkpoint_every);
 }
 

@@ -12,6 +12,26 @@
 
 namespace lightning_cache {
 
+// One tensor argument of an op, for the overlap rule: its name, the tensor
+// (nullptr for an absent optional) and whether the op writes it.
+struct OpArgument {
+  const char* name;
+  const at::Tensor* tensor;
+  bool written;
+  OpArgument(const char* n, const at::Tensor& t, bool w = false) : name(n), tensor(&t), written(w) {}
+  OpArgument(const char* n, const std::optional<at::Tensor>& t, bool w = false)
+      : name(n), tensor(t.has_value() ? &*t : nullptr), written(w) {}
+};
+
+// The aliasing rule of every op that writes (the one place it lives): a
+// written argument must not share a byte with any other argument, read or
+// written, and must not overlap itself (e.g. expanded strides). ValueError
+// naming both arguments otherwise, raised before anything is written.
+// Disjoint views of one storage (separate slices) pass; the test is exact for
+// a dense tensor against any strided one and conservative (byte extents) only
+// when neither is dense. New arguments are one entry of `args` each.
+void check_no_overlap(const char* op, std::initializer_list<OpArgument> args);
+
 struct KVCacheDims {
   int64_t pool = 0;        // P: rows of key_value and index (== B without slot_ids)
   int64_t batch = 0;       // B: rows of key, value and the mask
@@ -45,7 +65,8 @@ KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& inde
                              const std::optional<at::Tensor>& cu_seqlens = std::nullopt);
 
 // check_write_args plus the mask arguments of concatenate_to_cache (masks and
-// token types are per batch row: [B, ...]).
+// token types are per batch row: [B, ...]). Both end with check_no_overlap
+// over every tensor argument (key_value, index and scales are written).
 KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
                                    const at::Tensor& value, const std::optional<at::Tensor>& attention_mask,
                                    const std::optional<at::Tensor>& causal_mask,
@@ -143,11 +164,15 @@ struct LightningDims {
 
 // Shapes, dtypes and devices of lightning_decode / lightning_prefill arguments.
 // `op` names the operator in messages. Zero heads, key_dim or value_dim are a
-// ValueError; B = 0 or n = 0 pass (an empty call, see is_empty_call).
+// ValueError; B = 0 or n = 0 pass (an empty call, see is_empty_call). Ends
+// with check_no_overlap over every argument: state and `output` (the op's
+// optional extra output, step_states or checkpoints, named `output_name`) are
+// written.
 LightningDims check_lightning_args(const char* op, const at::Tensor& state, const at::Tensor& query,
                                    const at::Tensor& key, const at::Tensor& value, const at::Tensor& slopes,
                                    const std::optional<at::Tensor>& attention_mask,
                                    const std::optional<at::Tensor>& slot_ids, int64_t block_size,
+                                   const char* output_name, const std::optional<at::Tensor>& output,
                                    const std::optional<at::Tensor>& cu_seqlens = std::nullopt);
 
 // step_states of lightning_decode: [B, n + 1, H, Dk, Dv], the state's dtype and
@@ -155,7 +180,7 @@ LightningDims check_lightning_args(const char* op, const at::Tensor& state, cons
 void check_step_states(const at::Tensor& step_states, const at::Tensor& state, const LightningDims& d);
 
 // checkpoints of lightning_prefill: [B, C, H, Dk, Dv], the state's dtype and
-// device, contiguous, not overlapping the state; checkpoint_every >= 0, and
+// device, contiguous (overlaps: check_lightning_args); checkpoint_every >= 0, and
 // positive when checkpoints are given (checkpoint_every without checkpoints
 // stores nothing). Returns how many checkpoints the call writes (see
 // checkpoints_written).

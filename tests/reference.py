@@ -350,12 +350,28 @@ KV_CODE_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
 KV_CODE_MAX = {"int8": 127.0, "fp8_e4m3": 448.0}
 
 
+def _largest_finite_scale(code_max: float) -> float:
+    """The largest float32 ``s`` whose float32 product with ``code_max`` is finite."""
+    top = torch.tensor(torch.finfo(torch.float32).max, dtype=torch.float32)
+    s = top / code_max
+    while torch.isinf(s * code_max):
+        s = torch.nextafter(s, torch.zeros_like(s))
+    while torch.isfinite(torch.nextafter(s, top) * code_max):
+        s = torch.nextafter(s, top)
+    return s.item()
+
+
+# Scales are capped there, so a finite input never dequantizes to +-inf (float32's top ulps only).
+KV_MAX_SCALE = {fmt: _largest_finite_scale(code_max) for fmt, code_max in KV_CODE_MAX.items()}
+
+
 def ref_quantize_kv_tokens(x: torch.Tensor, kv_quantization: str):
     """Quantizes each vector along the last dim of ``x``: returns ``(codes, scales)``, ``scales`` float32
     of shape ``x.shape[:-1]``; an element means ``code * scale``.
 
     ``scale = amax / 127`` (int8, codes rounded to nearest even, in [-127, 127]) or ``amax / 448``
-    (fp8 e4m3, codes = e4m3(x / scale) after clamping to +-448). All-zero vector: scale 0, codes 0.
+    (fp8 e4m3, codes = e4m3(x / scale) after clamping to +-448), the scale capped at
+    :data:`KV_MAX_SCALE` so that ``code * scale`` stays finite. All-zero vector: scale 0, codes 0.
     A non-finite element: scale NaN, codes 0 (the vector dequantizes to NaN, nothing else does).
     """
     x = x.detach().cpu().float()
@@ -363,6 +379,7 @@ def ref_quantize_kv_tokens(x: torch.Tensor, kv_quantization: str):
     amax = torch.where(finite, x.abs().amax(-1, keepdim=True) if x.shape[-1] else torch.zeros_like(x[..., :1]),
                        torch.full_like(x[..., :1], math.inf))
     scale = amax / torch.full_like(amax, KV_CODE_MAX[kv_quantization])  # a tensor divisor: IEEE division
+    scale = scale.clamp_max(KV_MAX_SCALE[kv_quantization])
     scale = torch.where(torch.isinf(amax), torch.full_like(scale, math.nan), scale)
     usable = (scale > 0) & (scale <= torch.finfo(torch.float32).max)
     y = x / torch.where(usable, scale, torch.ones_like(scale))

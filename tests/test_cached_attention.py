@@ -8,7 +8,6 @@ small pure-PyTorch quantizer (per token-head scales, as SPEC 8 stores them).
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys

@@ -11,7 +11,7 @@ import torch
 from conftest import randn
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import (ref_cached_attention, ref_cached_attention_rows, ref_lightning_packed,
+from reference import (ref_cached_attention_rows, ref_lightning_packed,
                        ref_packed_sequences, ref_quantize_kv_tokens)
 
 import torch_lightning_cache as tlc

@@ -192,7 +192,8 @@ def _bad_checkpoint_calls(state, q, k, v, slopes, device):
     yield ValueError, "contiguous", dict(checkpoints=torch.zeros(2, 3, *state.shape[1:], device=device)
                                          .transpose(0, 1), checkpoint_every=2)
     yield ValueError, "device", dict(checkpoints=cp.to("meta"), checkpoint_every=2)
-    yield ValueError, "share memory", dict(checkpoints=state.unsqueeze(1), checkpoint_every=2)
+    yield (ValueError, r"state \(written\) shares memory with checkpoints",
+           dict(checkpoints=state.unsqueeze(1), checkpoint_every=2))
     yield IndexError, "slot_ids", dict(checkpoints=cp, checkpoint_every=2,
                                        slot_ids=torch.tensor([0, 7, 1], device=device))
     yield TypeError, "checkpoint_every", dict(checkpoints=cp, checkpoint_every=2.0)

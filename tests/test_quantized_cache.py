@@ -18,7 +18,8 @@ import torch._dynamo.testing
 
 import torch_lightning_cache as tlc
 from conftest import make_inputs, randn
-from reference import KV_CODE_DTYPES, ref_dequantize_kv, ref_quantize_kv_tokens, ref_quantized_write
+from reference import (KV_CODE_DTYPES, KV_MAX_SCALE, ref_cached_attention, ref_dequantize_kv, ref_quantize_kv_tokens,
+                       ref_quantized_write)
 
 ops = torch.ops.lightning_cache
 FORMATS = ["int8", "fp8_e4m3"]
@@ -139,6 +140,57 @@ def test_zero_and_non_finite_token_heads(device, fmt):
     assert not dk[0, 0, 1].isnan().any() and not dk[0, 1, 1].isnan().any() and not dv[0, 1, 0].isnan().any()
     codes, s = ref_quantize_kv_tokens(key, fmt)
     assert torch.equal(bits(key_value[..., :3]), bits(torch.cat([codes, torch.zeros_like(codes[:, :2])], 1)))
+
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("op", ["concatenate", "write"])
+def test_float32_extremes_dequantize_finite(device, gen, fmt, op):
+    """Finite input up to +-3.4028235e38 never dequantizes to inf: the scale is capped (issue 24)."""
+    P, L, H, Dk, Dv = 2, 5, 2, 4, 3
+    top = [FLOAT32_MAX, -FLOAT32_MAX, torch.nextafter(torch.tensor(FLOAT32_MAX), torch.tensor(0.0)).item(),
+           FLOAT32_MAX / 2, 1.7e38, 3.0e38]
+    key_value, index, scales = tlc.init_quantized_kv_cache(P, L, H, Dk, Dv, fmt, device=device)
+    key = randn((P, L, H, Dk), gen, device=device)
+    value = randn((P, L, H, Dv), gen, device=device)
+    pick = torch.tensor(top)[torch.randint(0, len(top), (P, L, H), generator=gen)].to(device)
+    key[..., 0] = pick  # every token-head's amax at the top of the range, the rest ordinary
+    value[..., -1] = -pick
+    key[0, 0, 0] = torch.tensor([FLOAT32_MAX, -FLOAT32_MAX, FLOAT32_MAX, 3.0e38])  # all at the top
+    exp_kv, exp_scales, _ = ref_quantized_write(key_value, scales, index, key, value, fmt)
+    if op == "concatenate":
+        mask = ops.concatenate_to_cache(key_value, index, key, value, is_causal=True, scales=scales)
+    else:
+        tlc.write_to_cache(key_value, index, key, value, scales=scales)
+    assert torch.equal(bits(key_value), bits(exp_kv)) and torch.equal(scales.cpu(), exp_scales)
+    assert (scales <= KV_MAX_SCALE[fmt]).all() and (scales == KV_MAX_SCALE[fmt]).any()  # the cap is reached
+    for dtype in (torch.float32, torch.float64):
+        dk, dv = tlc.dequantize_kv(key_value, scales, Dk, dtype)
+        assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
+        # Within the format's rounding bound of the input (the cap moves the top by one ulp at most).
+        for x, deq, sc in ((key, dk, scales[..., 0]), (value, dv, scales[..., 1])):
+            x = x.double().cpu()
+            err = (deq.double().cpu() - x).abs()
+            bound = error_bound(fmt, x, sc.cpu().double()[..., None].expand_as(x))
+            assert (err <= bound).all()
+    assert torch.equal(tlc.dequantize_kv(key_value, scales, Dk, torch.float32)[0].cpu(),
+                       ref_dequantize_kv(key_value, scales, Dk)[0])
+    # Attention over the extreme cache: each query sees one column (a float32 sum of several values
+    # near 3.4e38 would overflow in any float32 kernel), and a tiny query keeps the scores finite.
+    query = randn((P, 1, H, Dk), gen, device=device, scale=1e-36)
+    one = torch.zeros(P, 1, 1, L, dtype=torch.bool, device=device)
+    one[0, ..., 2] = True
+    one[1, ..., 4] = True
+    out = tlc.cached_attention(query, key_value, one, Dk, scales=scales)
+    assert torch.isfinite(out).all()
+    expected = ref_cached_attention(query, key_value, one, Dk, scales=scales)
+    assert torch.allclose(out.double().cpu(), expected, rtol=1e-6, atol=0)
+    if op == "concatenate":  # the mask the write returned, its first query (causal: sees column 0 only)
+        first = mask[:, :, :1]
+        assert first.sum() == P and torch.isfinite(tlc.cached_attention(query, key_value, first, Dk,
+                                                                        scales=scales)).all()
 
 
 BAD_SCALES = [

@@ -312,6 +312,11 @@ def quant_case(fmt, in_dt, P, B, L, H, Dk, Dv, q, starts, ids, ring=False, check
         value[-1, -1, -1, 0] = float("nan")
         key[-1, 0, 0, :2] = torch.tensor([254.0, 1.0]).to(in_dt)  # int8: x / scale = 0.5 exactly
         value[0, -1, 0, 0] = 6e4 if in_dt != torch.float16 else 6e4
+    if special == "float32-max":  # issue 24: amax at float32's top; the capped scale keeps code * scale finite
+        top = torch.finfo(torch.float32).max
+        key[..., 0] = top
+        value[..., -1] = -top
+        key[0, 0, 0, :2] = torch.tensor([top, -top])
     sid = None if ids is None else torch.tensor(ids, dtype=torch.long)
     name = (f"quantized {fmt} {in_dt} P{P} B{B} H{H} D{Dk}+{Dv} q{q} ids={ids} ring={ring} cb={check_bounds}"
             f"{' special' if special else ''}")
@@ -364,6 +369,8 @@ def quant_suite(quick):
             guarded("quant", lambda: quant_case(fmt, in_dt, 3, 3, 24, 2, 128, 128, 2, [0, 5, 22], None))
             guarded("quant", lambda: quant_case(fmt, in_dt, 4, 3, 24, 3, 5, 3, 3, [0, 5, 21, 9], [3, -1, 0],
                                                 special=True))
+        guarded("quant float32 max", lambda: quant_case(fmt, torch.float32, 4, 3, 24, 2, 8, 8, 2, [0, 5, 21, 9],
+                                                        [3, -1, 0], special="float32-max"))
         guarded("quant ring", lambda: quant_case(fmt, torch.float32, 4, 3, 16, 2, 16, 16, 3, [30, 15, 47, 0],
                                                  [2, 2, 7], ring=True, check_bounds=False))
     if quick:
@@ -622,6 +629,25 @@ def raising_suite():
          lambda: ops.rewind_cache(idx, torch.ones(4, dtype=torch.long, device=d), None, True, True)),
         ("lightning_accept num_accepted out of range", IndexError,
          lambda: ops.lightning_accept(st, torch.zeros(3, 6, 2, 4, 4, device=d), torch.full((3,), 9, device=d), None,
+                                      True)),
+    ]
+    # Aliasing (issue 24): a written argument sharing memory with another one is a ValueError, before any write.
+    cases += [
+        ("lightning_decode key is a view of state", ValueError,
+         lambda: ops.lightning_decode(st, x[:, :1], st.view(3, 1, 2, 16)[..., :4], x[:, :1], sl, None, 1.0, True,
+                                      None)),
+        ("lightning_decode step_states overlapping state", ValueError,
+         lambda: ops.lightning_decode(st, x[:, :1], x[:, :1], x[:, :1], sl, None, 1.0, True,
+                                      torch.cat([st, st]).view(3, 2, 2, 4, 4))),
+        ("lightning_prefill checkpoints overlapping key", ValueError,
+         lambda: ops.lightning_prefill(st, x, x.clone(), x, sl, None, None, 2, 1.0, True,
+                                       x.view(-1)[:96].view(3, 1, 2, 4, 4), 2)),
+        ("write_to_cache key is a view of key_value", ValueError,
+         lambda: ops.write_to_cache(kv, idx, kv[:3, :2, :, :4], kv[:3, :2, :, 4:], False, True, ids(1, 2, 0), None)),
+        ("rewind_cache num_tokens is index", ValueError,
+         lambda: ops.rewind_cache(idx, idx, None, False, True)),
+        ("lightning_accept step_states holding state", ValueError,
+         lambda: ops.lightning_accept(st, st.view(3, 1, 2, 4, 4), torch.zeros(3, dtype=torch.long, device=d), None,
                                       True)),
     ]
     if torch.device(d).type == "cuda":

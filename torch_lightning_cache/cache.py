@@ -487,8 +487,8 @@ class LightningCache:
                     raise ValueError(f"{op}: {name} must be on the cache's device ({buffer_name} is on "
                                      f"{buffer.device}), got {t.device}")
         # The value checks need the ids on the host: skipped in captured code (no sync, no graph break),
-        # where torch's own indexing still refuses out-of-range ids (IndexError on CPU, a device-side
-        # assert on CUDA) and never writes outside a buffer.
+        # where copy_slots / reset_slots skip out-of-range ids and reorder_cache's indexing refuses them
+        # (IndexError on CPU, a device-side assert on CUDA); nothing is ever written outside a buffer.
         if check_bounds and buffers and not torch.compiler.is_compiling():
             smallest_name, smallest = min(buffers, key=lambda named: named[1].shape[0])
             rows = smallest.shape[0]  # an id must be a row of every layer
@@ -521,6 +521,9 @@ class LightningCache:
             if buffer.shape[0] != beam_idx.shape[0]:
                 raise ValueError(f"{op}: beam_idx must have one entry per cache row: {name} has "
                                  f"{buffer.shape[0]} rows, beam_idx has {beam_idx.shape[0]}")
+        # A copy, so that a beam_idx sharing memory with a buffer (a layer's index) is read as it was
+        # before any layer is written. copy_slots / reset_slots build fresh ids before writing too.
+        beam_idx = beam_idx.clone()
         for _, buffer in buffers:
             buffer.copy_(buffer.index_select(0, beam_idx))
 
@@ -533,14 +536,24 @@ class LightningCache:
 
         ``check_bounds=True`` (default) checks the ids on the host (one sync) and raises ``IndexError``
         for an id outside ``[0, rows)`` or a repeated ``dst``, before any write. Under ``torch.compile``,
-        and with ``check_bounds=False``, there is no sync: out-of-range ids are refused by torch's own
-        indexing (``IndexError`` on CPU, a device-side assert on CUDA), never written outside a buffer,
-        and for a repeated ``dst`` the first occurrence wins (deterministically).
+        and with ``check_bounds=False``, there is no sync: a pair with an out-of-range ``src`` or ``dst``
+        is skipped (nothing written for it, the other pairs proceed, as the ops skip bad slot ids), and
+        for a repeated ``dst`` the first occurrence wins (deterministically).
         """
         op = "LightningCache.copy_slots"
         buffers = self._check_ids(op, check_bounds, unique=("dst",), src=src, dst=dst)
-        if dst.shape[0] == 0:  # argmax below needs a non-empty dim; nothing to copy anyway
+        if dst.shape[0] == 0 or not buffers:  # argmax below needs a non-empty dim; nothing to copy anyway
             return
+        # Skipped pairs become repeats of the first kept pair (same dst, same src), or copy row 0 onto
+        # itself when no pair is kept: every write then carries a value some kept pair (or the row
+        # itself) already writes, so nothing is written for them and nothing is half-written.
+        rows = min(buffer.shape[0] for _, buffer in buffers)
+        kept = src.ge(0) & src.lt(rows) & dst.ge(0) & dst.lt(rows)
+        lead = kept.to(torch.uint8).argmax().view(1)
+        any_kept = kept.any()
+        zero = torch.zeros((), dtype=torch.int64, device=dst.device)
+        dst = torch.where(kept, dst, torch.where(any_kept, dst.index_select(0, lead), zero))
+        src = torch.where(kept, src, torch.where(any_kept, src.index_select(0, lead), zero))
         # Later duplicates of a dst copy the first occurrence's source: every write to a row then
         # carries the same value, so index_copy_'s unordered duplicate writes are deterministic.
         first = (dst.unsqueeze(1) == dst.unsqueeze(0)).to(torch.uint8).argmax(dim=1)
@@ -552,13 +565,25 @@ class LightningCache:
         """Forgets rows ``ids`` in every layer: positions 0, K/V 0, states 0; other rows bit-identical.
 
         ``ids`` is a 1-D int64 tensor on the cache's device; repeats are harmless. ``check_bounds`` as in
-        :meth:`copy_slots` (repeats are not an error here).
+        :meth:`copy_slots` (repeats are not an error here): without it an out-of-range id is skipped.
         """
         op = "LightningCache.reset_slots"
         buffers = self._check_ids(op, check_bounds, ids=ids)
+        if ids.shape[0] == 0 or not buffers:
+            return
+        # Skipped ids become repeats of the first kept id (zeroed twice), or, when none is kept, row 0
+        # written with its own contents: nothing is written for them and nothing is half-written.
+        rows = min(buffer.shape[0] for _, buffer in buffers)
+        kept = ids.ge(0) & ids.lt(rows)
+        any_kept = kept.any()
+        zero = torch.zeros((), dtype=torch.int64, device=ids.device)
+        ids = torch.where(kept, ids, torch.where(any_kept, ids.index_select(0, kept.to(torch.uint8).argmax().view(1)),
+                                                 zero))
         for _, buffer in buffers:
             # index_copy_, not index_fill_: index_fill_ wraps a negative id onto another row.
-            buffer.index_copy_(0, ids, buffer.new_zeros((ids.shape[0], *buffer.shape[1:])))
+            keep_own = buffer.index_select(0, ids)
+            zeros = torch.zeros_like(keep_own)
+            buffer.index_copy_(0, ids, torch.where(any_kept, zeros, keep_own))
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(\n  " + "\n  ".join(str(view) for view in self.views) + "\n)"

@@ -344,7 +344,8 @@ at::Tensor lightning_decode_cpu(at::Tensor& state, const at::Tensor& query, cons
                                 const std::optional<at::Tensor>& slot_ids, double scale, bool check_bounds,
                                 const std::optional<at::Tensor>& step_states) {
   const LightningDims d =
-      check_lightning_args("lightning_decode", state, query, key, value, slopes, std::nullopt, slot_ids, 1);
+      check_lightning_args("lightning_decode", state, query, key, value, slopes, std::nullopt, slot_ids, 1,
+                           "step_states", step_states);
   if (step_states.has_value()) check_step_states(*step_states, state, d);
   const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, check_bounds);
   at::Tensor out = at::empty({d.batch, d.tokens, d.heads, d.value_dim}, query.options());
@@ -369,8 +370,9 @@ at::Tensor lightning_prefill_cpu(at::Tensor& state, const at::Tensor& query, con
                                  const std::optional<at::Tensor>& slot_ids, int64_t block_size, double scale,
                                  bool check_bounds, const std::optional<at::Tensor>& checkpoints,
                                  int64_t checkpoint_every, const std::optional<at::Tensor>& cu_seqlens) {
-  const LightningDims d = check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask,
-                                               slot_ids, block_size, cu_seqlens);
+  const LightningDims d =
+      check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask, slot_ids,
+                           block_size, "checkpoints", checkpoints, cu_seqlens);
   const int64_t written = check_checkpoints(checkpoints, checkpoint_every, state, d);
   const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, check_bounds);
   PackedSequences seqs;

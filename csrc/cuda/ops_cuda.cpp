@@ -97,7 +97,8 @@ at::Tensor lightning_decode_cuda(at::Tensor& state, const at::Tensor& query, con
                                  const std::optional<at::Tensor>& slot_ids, double scale, bool check_bounds,
                                  const std::optional<at::Tensor>& step_states) {
   const LightningDims d =
-      check_lightning_args("lightning_decode", state, query, key, value, slopes, std::nullopt, slot_ids, 1);
+      check_lightning_args("lightning_decode", state, query, key, value, slopes, std::nullopt, slot_ids, 1,
+                           "step_states", step_states);
   if (step_states.has_value()) check_step_states(*step_states, state, d);
   TORCH_CHECK_VALUE(d.key_dim <= 512, "lightning_decode: key_dim ", d.key_dim,
                     " is larger than the CUDA kernel supports (512)");
@@ -138,8 +139,9 @@ at::Tensor lightning_prefill_cuda(at::Tensor& state, const at::Tensor& query, co
                                   const std::optional<at::Tensor>& slot_ids, int64_t block_size, double scale,
                                   bool check_bounds, const std::optional<at::Tensor>& checkpoints,
                                   int64_t checkpoint_every, const std::optional<at::Tensor>& cu_seqlens) {
-  const LightningDims d = check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask,
-                                               slot_ids, block_size, cu_seqlens);
+  const LightningDims d =
+      check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask, slot_ids,
+                           block_size, "checkpoints", checkpoints, cu_seqlens);
   not_yet_on_cuda("lightning_prefill", {{"cu_seqlens", cu_seqlens.has_value()}});
   const int64_t written = check_checkpoints(checkpoints, checkpoint_every, state, d);
   const c10::cuda::CUDAGuard guard(state.device());

@@ -59,7 +59,7 @@ def concatenate_to_cache_eager(key_value: torch.Tensor, index: torch.Tensor, key
     positions. No capacity check (see the module docstring).
     """
     batch, capacity = key_value.shape[0], key_value.shape[1]
-    new_tokens, key_dim = key.shape[1], key.shape[-1]
+    new_tokens = key.shape[1]
     device = key_value.device
 
     # Scatter indices: row b, token t goes to column index[b] + t (mod L with a ring).

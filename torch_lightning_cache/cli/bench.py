@@ -557,7 +557,7 @@ def _run_case(case: Case, compile_modes: list[str], sync: Callable, sizes: dict)
             notes[label] += f" (first call {first_call:.1f} s)"
         usable.append((label, fn))
     restore()
-    del snapshot
+    snapshot.clear()  # frees the copies; restore() is not called again
 
     # Calls per sample: enough for ~target_ms per sample, capped by the cache's free positions.
     inner = 1
