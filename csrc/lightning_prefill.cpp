@@ -232,4 +232,85 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
   return out.transpose(1, 2).to(query.scalar_type()).contiguous();
 }
 
+void scatter_state_rows_aten(at::Tensor& state, const at::Tensor& rows, const std::optional<at::Tensor>& slot_ids) {
+  if (!slot_ids.has_value()) {
+    state.copy_(rows);
+    return;
+  }
+  // Sanitized ids: -1 or a distinct row of the state.
+  const at::Tensor taken = slot_ids->ge(0).logical_and(slot_ids->lt(state.size(0))).nonzero().squeeze(1);
+  state.index_copy_(0, slot_ids->index_select(0, taken), rows.index_select(0, taken).to(state.scalar_type()));
+}
+
+// Packed sequences as one padded batch: sequence s becomes row s of [S, max_len],
+// its tokens first and the rest masked (a masked token leaves the state as it
+// is and outputs zero, so each row's state and outputs are its sequence's).
+// Checkpoints go to a scratch buffer and only each sequence's own (counted in
+// its own tokens) are kept: the padded row would also reach later ones.
+at::Tensor lightning_prefill_packed(at::Tensor& state, const at::Tensor& query, const at::Tensor& key,
+                                    const at::Tensor& value, const at::Tensor& slopes,
+                                    const std::optional<at::Tensor>& slot_ids, const LightningDims& d,
+                                    const PackedSequences& seqs, int64_t block_size, double scale,
+                                    ScatterStateRows scatter, const std::optional<at::Tensor>& checkpoints,
+                                    int64_t checkpoint_every) {
+  const auto options = query.options();
+  at::Tensor out = at::zeros({1, d.tokens, d.heads, d.value_dim}, options);  // tokens of no sequence: zeros
+  const int64_t S = seqs.count();
+  int64_t longest = 0;
+  for (int64_t s = 0; s < S; ++s) longest = std::max(longest, seqs.length[s]);
+  if (S == 0 || longest == 0 || d.heads == 0) return out;
+
+  // gather[s * longest + t]: the packed token padded row s reads at t (T: a zero token).
+  std::vector<int64_t> gather(S * longest, d.tokens), kept(S), out_token, out_source;
+  for (int64_t s = 0; s < S; ++s) {
+    kept[s] = seqs.length[s] >= 0;
+    for (int64_t t = 0; t < std::max<int64_t>(seqs.length[s], 0); ++t) {
+      gather[s * longest + t] = seqs.begin[s] + t;
+      out_token.push_back(seqs.begin[s] + t);
+      out_source.push_back(s * longest + t);
+    }
+  }
+  const auto longs = at::TensorOptions().dtype(at::kLong);
+  const at::Device device = query.device();
+  const at::Tensor gather_at = at::tensor(gather, longs).to(device);
+  auto padded = [&](const at::Tensor& x) {  // [1, T, H, D] -> [S, longest, H, D], zero-padded
+    const at::Tensor rows = at::cat({x.select(0, 0), at::zeros({1, x.size(2), x.size(3)}, x.options())});
+    return rows.index_select(0, gather_at).view({S, longest, x.size(2), x.size(3)});
+  };
+  const at::Tensor lengths = at::tensor(std::vector<int64_t>(seqs.length.begin(), seqs.length.end()), longs).to(device);
+  const at::Tensor mask = at::arange(longest, longs.device(device)).unsqueeze(0).lt(lengths.unsqueeze(1));
+  // Rows of skipped sequences are skipped rows (slot -1).
+  const at::Tensor kept_at = at::tensor(kept, longs).to(device).ne(0);
+  const at::Tensor slot_of = slot_ids.has_value() ? *slot_ids : at::arange(S, longs.device(device));
+  const std::optional<at::Tensor> slots = at::where(kept_at, slot_of, at::full({}, -1, slot_of.options()));
+
+  LightningDims pd = d;
+  pd.packed = false;
+  pd.batch = S;
+  pd.tokens = longest;
+  const int64_t written = checkpoints.has_value() ? checkpoints_written(longest, checkpoints->size(1), checkpoint_every) : 0;
+  std::optional<at::Tensor> scratch;
+  if (written > 0) scratch = checkpoints->clone();  // rows the padded call skips keep what they hold
+  const at::Tensor padded_out =
+      lightning_prefill_chunked(state, padded(query), padded(key), padded(value), slopes, mask, slots, pd, block_size,
+                                scale, scatter, scratch, checkpoint_every);
+  if (written > 0) {
+    // Checkpoint c of sequence s is its own when (c + 1) * every <= its length.
+    std::vector<int64_t> own(S);
+    for (int64_t s = 0; s < S; ++s) {
+      own[s] = kept[s] ? checkpoints_written(seqs.length[s], checkpoints->size(1), checkpoint_every) : 0;
+    }
+    const at::Tensor own_at = at::tensor(own, longs).to(device);
+    const at::Tensor take = at::arange(checkpoints->size(1), longs.device(device)).unsqueeze(0).lt(own_at.unsqueeze(1));
+    at::Tensor dst = *checkpoints;
+    dst.copy_(at::where(take.view({S, -1, 1, 1, 1}), *scratch, dst));
+  }
+  if (!out_token.empty()) {
+    out.select(0, 0).index_copy_(0, at::tensor(out_token, longs).to(device),
+                                 padded_out.reshape({S * longest, d.heads, d.value_dim})
+                                     .index_select(0, at::tensor(out_source, longs).to(device)));
+  }
+  return out;
+}
+
 }  // namespace lightning_cache

@@ -839,6 +839,84 @@ std::vector<int64_t> prepare_cache_seqlens(const at::Tensor& cache_seqlens, cons
   return valid;
 }
 
+AttentionRows plan_attention_rows(const AttentionDims& d, const std::optional<at::Tensor>& cu_seqlens,
+                                  const std::optional<at::Tensor>& cache_seqlens,
+                                  const std::optional<at::Tensor>& slot_ids, bool host_checks) {
+  AttentionRows plan;
+  std::vector<AttentionRow>& rows = plan.rows;
+  rows.resize(d.rows);
+  if (d.packed) {
+    const PackedSequences seqs = prepare_cu_seqlens("cached_attention", *cu_seqlens, d.queries, host_checks);
+    for (int64_t s = 0; s < d.rows; ++s) {
+      rows[s] = {0, seqs.length[s] < 0 ? 0 : seqs.begin[s], std::max<int64_t>(seqs.length[s], 0),
+                 seqs.length[s] < 0 ? -1 : s};
+    }
+  } else {
+    for (int64_t b = 0; b < d.rows; ++b) rows[b] = {b, 0, d.queries, b};
+  }
+  if (slot_ids.has_value()) {
+    const at::Tensor ids = slot_ids->to(at::kCPU).contiguous();
+    const int64_t* id = ids.const_data_ptr<int64_t>();
+    for (int64_t r = 0; r < d.rows; ++r) {
+      TORCH_CHECK_INDEX(!host_checks || (id[r] >= -1 && id[r] < d.pool_rows), "cached_attention: slot_ids[", r,
+                        "] = ", id[r], " is out of range [-1, ", d.pool_rows, ") for key_value with ", d.pool_rows,
+                        " rows");
+      if (rows[r].kv_row >= 0) rows[r].kv_row = id[r] >= 0 && id[r] < d.pool_rows ? id[r] : -1;
+    }
+  }
+  if (cache_seqlens.has_value()) {
+    std::vector<int64_t> counts(d.rows);
+    for (int64_t r = 0; r < d.rows; ++r) counts[r] = rows[r].kv_row < 0 ? -1 : rows[r].count;
+    plan.valid = prepare_cache_seqlens(*cache_seqlens, counts, d.capacity, host_checks);
+    for (int64_t r = 0; r < d.rows; ++r) {
+      if (plan.valid[r] < 0) rows[r].kv_row = -1;
+    }
+  }
+  for (const AttentionRow& row : rows) plan.any_skipped |= row.kv_row < 0;
+  return plan;
+}
+
+void check_visible_pages(const AttentionDims& d, const at::Tensor& block_tables, const std::optional<at::Tensor>& mask,
+                         const AttentionRows& plan) {
+  const at::Tensor table = block_tables.to(at::kLong);
+  const at::Tensor outside = table.lt(0).logical_or(table.ge(d.pool_rows));  // [rows, max_pages]
+  if (!outside.any().item<bool>()) return;  // the common case: one reduction, one sync
+  const int64_t L = d.capacity;
+  const at::Tensor hidden_column = outside.repeat_interleave(d.page_size, 1).narrow(1, 0, L);  // [rows, L]
+  // seen[r, j]: some query of row r sees column j.
+  at::Tensor seen;
+  if (mask.has_value()) {
+    seen = mask->select(1, 0).any(1);  // [B, L]; a mask excludes cu_seqlens, so rows are batch rows
+  } else {
+    std::vector<int64_t> limit(d.rows, 0);
+    for (int64_t r = 0; r < d.rows; ++r) {
+      if (plan.rows[r].kv_row >= 0 && plan.rows[r].count > 0) limit[r] = plan.valid[r];
+    }
+    const at::Tensor limits = at::tensor(limit, at::TensorOptions().dtype(at::kLong)).to(table.device());
+    seen = at::arange(L, table.options()).unsqueeze(0).lt(limits.unsqueeze(1));
+  }
+  if (!plan.rows.empty()) {  // skipped rows see nothing
+    std::vector<uint8_t> kept(d.rows);
+    for (int64_t r = 0; r < d.rows; ++r) kept[r] = plan.rows[r].kv_row >= 0;
+    const at::Tensor keep = at::tensor(std::vector<int64_t>(kept.begin(), kept.end()), at::kLong).to(table.device());
+    seen = seen.logical_and(keep.ne(0).unsqueeze(1));
+  }
+  const at::Tensor hits = seen.logical_and(hidden_column).nonzero().cpu();  // [n, 2]: (row, column)
+  if (hits.size(0) == 0) return;
+  const int64_t r = hits[0][0].item<int64_t>(), j = hits[0][1].item<int64_t>();
+  const int64_t page = j / d.page_size;
+  int64_t query = 0;  // the first query of row r that sees column j
+  if (mask.has_value()) {
+    query = (*mask)[r][0].select(1, j).nonzero()[0][0].item<int64_t>();
+  } else {
+    const AttentionRow& row = plan.rows[r];
+    query = std::max<int64_t>(0, j - (plan.valid[r] - row.count));
+  }
+  TORCH_CHECK_INDEX(false, "cached_attention: block_tables[", r, ", ", page, "] = ", table[r][page].item<int64_t>(),
+                    " is outside the page pool [0, ", d.pool_rows, ") but column ", j, " is visible to query ", query,
+                    " of row ", r);
+}
+
 void check_init_sizes(const char* op, std::initializer_list<std::pair<const char*, int64_t>> sizes) {
   int64_t key_dim = 0, value_dim = 0;
   for (const auto& [name, size] : sizes) {

@@ -270,6 +270,34 @@ AttentionDims check_cached_attention_args(const at::Tensor& query, const at::Ten
 std::vector<int64_t> prepare_cache_seqlens(const at::Tensor& cache_seqlens, const std::vector<int64_t>& queries,
                                            int64_t capacity, bool host_checks);
 
+// The rows of a cached_attention call as every backend runs them: a run of
+// queries reading one cache row: batch row b (or packed sequence s), query
+// tokens i0 .. i0 + count - 1 of input row src; kv_row is the cache row
+// (dense, after slot_ids) or the block-table row (paged), -1 when the row is
+// skipped (bad slot id, sequence or count without checks: zeros out).
+// valid[r] is row r's cache_seqlens (empty without them; -1 when skipped).
+// Reads cu_seqlens, cache_seqlens and slot_ids on the host (a copy from the
+// device on CUDA); with host_checks their errors raise here. The one place
+// this rule lives.
+struct AttentionRow {
+  int64_t src, i0, count, kv_row;
+};
+struct AttentionRows {
+  std::vector<AttentionRow> rows;
+  std::vector<int64_t> valid;
+  bool any_skipped = false;
+};
+AttentionRows plan_attention_rows(const AttentionDims& d, const std::optional<at::Tensor>& cu_seqlens,
+                                  const std::optional<at::Tensor>& cache_seqlens,
+                                  const std::optional<at::Tensor>& slot_ids, bool host_checks);
+
+// Paged cached_attention with checks, for kernels that read the block table
+// on the device: every column a query of a kept row sees (by `mask`, or
+// causally by plan.valid) must lie in a page of the pool, else IndexError
+// naming the block_tables entry. ATen ops on the table's device; one sync.
+void check_visible_pages(const AttentionDims& d, const at::Tensor& block_tables, const std::optional<at::Tensor>& mask,
+                         const AttentionRows& plan);
+
 inline bool is_empty_call(const AttentionDims& d) { return d.batch == 0 || d.queries == 0 || d.query_heads == 0; }
 
 // Shape/dtype checks of the two factory ops.

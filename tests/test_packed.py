@@ -106,6 +106,46 @@ def test_prefill_packed_property(lengths, block, seed):
     torch.testing.assert_close(got_state.double(), want_state, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_prefill_packed_through_the_aten_path(gen, monkeypatch, state_dtype):
+    """The CUDA backend's packed prefill (one zero-padded ATen batch, lightning_prefill_packed), run on the
+    CPU with LIGHTNING_CACHE_CPU_PREFILL=aten: slot ids, a skipped sequence, an empty one, checkpoints
+    counted in each sequence's own tokens, against the reference and the CPU kernels."""
+    lengths = random_lengths(gen, 4, 40) + [23]
+    S, every, C = len(lengths), 8, 3
+    q, k, v = packed_inputs(lengths, gen)
+    slopes = tlc.lightning_slopes(H)
+    pool = S + 3
+    slot_ids = torch.randperm(pool, generator=gen)[:S]
+    slot_ids[1] = -1  # a skipped sequence: its state row and outputs untouched / zero
+    state = randn((pool, H, DK, DV), gen).to(state_dtype)
+    cu = cu_of(lengths)
+    sentinel = torch.full((pool, C, H, DK, DV), 7.0, dtype=state_dtype)
+    results = {}
+    for path in ("kernels", "aten"):
+        if path == "aten":
+            monkeypatch.setenv("LIGHTNING_CACHE_CPU_PREFILL", "aten")
+        st_, ck = state.clone(), sentinel[:S].clone()
+        out = tlc.lightning_prefill(st_, q, k, v, slopes, slot_ids=slot_ids, cu_seqlens=cu, block_size=16,
+                                    checkpoints=ck, checkpoint_every=every)
+        results[path] = (out, st_, ck)
+    out, got_state, got_ck = results["aten"]
+    want_state, want_out = ref_lightning_packed(state, q, k, v, slopes, cu, slot_ids)
+    tol = 1e-4 if state_dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), want_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_state.double(), want_state, rtol=tol, atol=tol)
+    untouched = sorted(set(range(pool)) - set(slot_ids[slot_ids >= 0].tolist()))
+    assert torch.equal(got_state[untouched], state[untouched])  # the skipped sequence's and unnamed rows
+    assert torch.equal(out[0, lengths[0]:lengths[0] + lengths[1]], torch.zeros_like(out[0, :lengths[1]]))
+    kern_out, kern_state, kern_ck = results["kernels"]
+    torch.testing.assert_close(out, kern_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_ck, kern_ck, rtol=tol, atol=tol)
+    for s, n in enumerate(lengths):
+        written = min(C, n // every) if slot_ids[s] >= 0 else 0
+        assert torch.equal(got_ck[s, written:], sentinel[s, written:]), f"sequence {s}: a checkpoint past its end"
+        assert written == 0 or not torch.equal(got_ck[s, :written], sentinel[s, :written])
+
+
 BAD_CU = {
     "not_from_0": ([1, 3, 6], "must start at 0"),
     "decreasing": ([0, 4, 2, 6], "non-decreasing"),

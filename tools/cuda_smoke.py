@@ -567,6 +567,8 @@ def raising_suite():
     codes = torch.zeros(4, 16, 2, 8, dtype=torch.int8, device=d)
     scales = torch.ones(4, 16, 2, 2, device=d)
     st = torch.randn(3, 2, 4, 4, device=d)
+    st6 = torch.randn(6, 2, 4, 4, device=d)  # step_states as a view of it overlap it
+    k4 = torch.randn(4, 1, 2, 4, device=d)
     x = torch.randn(3, 5, 2, 4, device=d)
     sl = torch.ones(2, device=d)
     m = torch.ones(4, 1, 1, 16, dtype=torch.bool, device=d)
@@ -575,7 +577,7 @@ def raising_suite():
     ids = lambda *v: torch.tensor(v, device=d)  # noqa: E731
     bt = torch.zeros(4, 2, dtype=torch.int64, device=d)
     cases = [
-        # SPEC 11 arguments: validated the same on every device (CUDA kernels for them: not yet, see below)
+        # SPEC 11 arguments: validated the same on every device
         ("write_to_cache ring=True with block_tables", ValueError,
          lambda: ops.write_to_cache(kv, idx, k, k, True, True, None, None, bt, None)),
         ("cached_attention mask and cache_seqlens together", ValueError,
@@ -637,8 +639,8 @@ def raising_suite():
          lambda: ops.lightning_decode(st, x[:, :1], st.view(3, 1, 2, 16)[..., :4], x[:, :1], sl, None, 1.0, True,
                                       None)),
         ("lightning_decode step_states overlapping state", ValueError,
-         lambda: ops.lightning_decode(st, x[:, :1], x[:, :1], x[:, :1], sl, None, 1.0, True,
-                                      torch.cat([st, st]).view(3, 2, 2, 4, 4))),
+         lambda: ops.lightning_decode(st6, x[:, :1], x[:, :1], x[:, :1], sl, ids(0, 1, 2), 1.0, True,
+                                      st6.view(3, 2, 2, 4, 4))),
         ("lightning_prefill checkpoints overlapping key", ValueError,
          lambda: ops.lightning_prefill(st, x, x.clone(), x, sl, None, None, 2, 1.0, True,
                                        x.view(-1)[:96].view(3, 1, 2, 4, 4), 2)),
@@ -655,7 +657,7 @@ def raising_suite():
                       lambda: ops.cached_attention(torch.zeros(1, 1, 1, 300, device=d), big_kv,
                                                    torch.ones(1, 1, 1, 4, dtype=torch.bool, device=d), 300, None,
                                                    None)))
-    before = [t.clone() for t in (kv, idx, codes, scales, st)]
+    before = [t.clone() for t in (kv, idx, codes, scales, st, st6)]
     for name, error, fn in cases:
         try:
             fn()
@@ -666,23 +668,104 @@ def raising_suite():
         except Exception as e:  # noqa: BLE001
             check(f"raises on {d}: {name}", False, f"{type(e).__name__} instead of {error.__name__}: {str(e)[:200]}")
     sync()
-    untouched = all(torch.equal(bits(a), bits(b)) for a, b in zip(before, (kv, idx, codes, scales, st)))
+    untouched = all(torch.equal(bits(a), bits(b)) for a, b in zip(before, (kv, idx, codes, scales, st, st6)))
     check(f"every refused call on {d} left its tensors as they were", untouched)
-    if d == "cuda":  # the serving layouts run on the CPU kernels only so far: refused by name on CUDA
-        for name, fn in [("write_to_cache cu_seqlens", lambda: ops.write_to_cache(
-                              kv, idx, k[:1], k[:1], False, True, None, None, None, ids(0, 1, 2, 2, 2))),
-                         ("cached_attention block_tables", lambda: ops.cached_attention(
-                              qa, kv, None, 4, None, None, bt, None, ids(1, 1, 1, 1), None, True))]:
-            try:
-                fn()
-                check(f"{name} on cuda: NotImplementedError", False, "no exception")
-            except NotImplementedError:
-                check(f"{name} on cuda: NotImplementedError", True)
+    # The serving layouts' own value checks, raised from the host plan on every device.
+    for name, error, fn in [
+            ("write_to_cache block_tables entry outside the pool", IndexError,
+             lambda: ops.write_to_cache(kv, idx, k4, k4, False, True, None, None,
+                                        torch.full((4, 2), 9, dtype=torch.int64, device=d), None)),
+            ("write_to_cache cu_seqlens not ending at T", ValueError,
+             lambda: ops.write_to_cache(kv, idx, k[:1], k[:1], False, True, None, None, None, ids(0, 1, 1))),
+            ("cached_attention cache_seqlens above the capacity", ValueError,
+             lambda: ops.cached_attention(qa, kv, None, 4, None, None, bt, None, ids(1, 1, 1, 99), None, True))]:
+        before_layouts = [t.clone() for t in (kv, idx)]
+        try:
+            fn()
+            check(f"raises on {d}: {name}", False, "no exception")
+        except error:
+            check(f"raises on {d}: {name} -> {error.__name__}", True)
+        except Exception as e:  # noqa: BLE001
+            check(f"raises on {d}: {name}", False, f"{type(e).__name__}: {str(e)[:200]}")
+        check(f"{name} on {d}: nothing written",
+              all(torch.equal(bits(a), bits(b)) for a, b in zip(before_layouts, (kv, idx))))
     # the process and the device are still usable after the raises
     ops.write_to_cache(kv, idx, k[:, :1], k[:, :1], False, True, ids(0, 1, 2), None)
     sync()
     check(f"a good call on {d} after the raises works", idx.cpu().tolist() == [1, 4, 6, 15])
 
+
+
+def layouts_suite(quick):
+    """SPEC 11 on DEV against the CPU kernels: paged and packed writes (bit for bit, float and int8
+    codes), cached_attention through block tables / packed rows / slot ids, packed prefill."""
+    g = seeded("layouts")
+    H, Dk, Dv, page_size = 2, 16, 16, 16
+    B, max_pages = 3, 4
+    N = B * max_pages + 2
+    tables = torch.randperm(N, generator=g)[:B * max_pages].view(B, max_pages).to(torch.int32)
+    k = torch.randn(B, 9, H, Dk, generator=g)
+    v = torch.randn(B, 9, H, Dv, generator=g)
+    cu = torch.tensor([0, 5, 5, 12])
+    kp, vp = torch.randn(1, 12, H, Dk, generator=g), torch.randn(1, 12, H, Dv, generator=g)
+    for storage in ("bfloat16", "int8") if quick else ("float32", "bfloat16", "int8", "fp8_e4m3"):
+        quantized = storage in ("int8", "fp8_e4m3")
+
+        def writes(dev):
+            if quantized:
+                pages, sc = torch_lightning_cache.init_paged_kv_cache(N, page_size, H, Dk, Dv, kv_quantization=storage)
+            else:
+                pages = torch_lightning_cache.init_paged_kv_cache(N, page_size, H, Dk, Dv, dtype=getattr(torch, storage))
+                sc = None
+            pages, sc = pages.to(dev), None if sc is None else sc.to(dev)
+            idx = torch.tensor([0, 3, 30], device=dev)
+            m = ops.concatenate_to_cache(pages, idx, k.to(dev), v.to(dev), None, None, None, True, False, True, None,
+                                         sc, tables.to(dev))
+            ops.write_to_cache(pages, idx, kp.to(dev), vp.to(dev), False, True, None, sc, tables.to(dev), cu.to(dev))
+            return pages.cpu(), idx.cpu(), m.cpu(), None if sc is None else sc.cpu()
+
+        a, b = on_both(writes)
+        check(f"paged+packed writes {storage}: kv, index, mask{', scales' if quantized else ''} = CPU",
+              all(x is None or same_bits(x, y) for x, y in zip(a, b)), [x is None or same_bits(x, y) for x, y in zip(a, b)])
+    pages = torch.randn(N, page_size, H, Dk + Dv, generator=g).to(torch.bfloat16)
+    dense = torch.randn(5, max_pages * page_size, H, Dk + Dv, generator=g)
+    for group, q in ((1, 1), (4, 3)):
+        query = torch.randn(B, q, H * group, Dk, generator=g)
+        packed_q = torch.randn(1, q + 2, H * group, Dk, generator=g)
+        valid = torch.tensor([q, 33, max_pages * page_size])
+        cu_q = torch.tensor([0, q, q, q + 2])
+
+        def attention(dev):
+            t = lambda x: None if x is None else x.to(dev)  # noqa: E731
+            return (ops.cached_attention(t(query), t(pages), None, Dk, None, None, t(tables), None, t(valid), None,
+                                         True).cpu(),
+                    ops.cached_attention(t(packed_q), t(pages), None, Dk, None, None, t(tables), t(cu_q), t(valid),
+                                         None, True).cpu(),
+                    ops.cached_attention(t(packed_q), t(dense), None, Dk, None, None, None, t(cu_q), t(valid),
+                                         t(torch.tensor([4, 0, 2])), True).cpu())
+
+        a, b = on_both(attention)
+        for what, x, y in zip(("paged", "paged packed", "packed slot_ids"), a, b):
+            err = rel_err(y, x)
+            check(f"cached_attention {what} group={group} q={q}: rel err vs CPU {err:.1e}", err < 1e-4, err)
+    lengths = [40, 0, 1, 70]
+    T = sum(lengths)
+    cu_p = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    qx, kx, vx = (torch.randn(1, T, H, Dk, generator=g) for _ in range(3))
+    s0 = torch.randn(6, H, Dk, Dv, generator=g)
+    slopes = torch_lightning_cache.lightning_slopes(H)
+
+    def prefill(dev):
+        st = s0.to(dev, copy=True)
+        ck = torch.zeros(4, 2, H, Dk, Dv, device=dev)
+        out = ops.lightning_prefill(st, qx.to(dev), kx.to(dev), vx.to(dev), slopes.to(dev), None,
+                                    torch.tensor([5, 0, 3, 1], device=dev), 32, 1.0, True, ck, 32, cu_p.to(dev))
+        return out.cpu(), st.cpu(), ck.cpu()
+
+    a, b = on_both(prefill)
+    for what, x, y in zip(("output", "state", "checkpoints"), a, b):
+        err = rel_err(y, x)
+        check(f"lightning_prefill packed {what}: rel err vs CPU {err:.1e}", err < 1e-4, err)
 
 
 def graph_suite():
@@ -969,6 +1052,7 @@ def main():
     guarded("lightning suite", lambda: lightning_suite(args.quick))
     guarded("checkpoint suite", lambda: checkpoint_suite(args.quick))
     guarded("speculative suite", lambda: speculative_suite(args.quick))
+    guarded("layouts suite", lambda: layouts_suite(args.quick))
     guarded("fused prefill suite", lambda: fused_suite(args.quick))
     if on_cuda:
         guarded("graph suite", graph_suite)

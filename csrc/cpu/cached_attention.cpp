@@ -400,12 +400,7 @@ const Isa& isa() {
 
 // ---------------------------------------------------------------- driver
 
-// A run of queries that read one cache row: batch row b (or packed sequence
-// s), query tokens i0 .. i0 + count - 1 of input row src; kv_row is the cache
-// row (dense) or the block-table row (paged).
-struct Segment {
-  int64_t src, i0, count, kv_row;
-};
+using Segment = AttentionRow;  // plan_attention_rows (validation.h)
 
 struct Problem {
   AttentionDims d;
@@ -714,37 +709,10 @@ at::Tensor cached_attention_cpu(const at::Tensor& query, const at::Tensor& key_v
   if (d.capacity == 0) return at::zeros({d.batch, d.queries, d.query_heads, d.value_dim}, out_options);
 
   // The rows (segments): batch rows, or packed sequences; kv_row -1 = skipped.
-  std::vector<Segment> segs(d.rows);
-  bool any_skipped = false;
-  if (d.packed) {
-    const PackedSequences seqs = prepare_cu_seqlens("cached_attention", *cu_seqlens, d.queries, check_bounds);
-    for (int64_t s = 0; s < d.rows; ++s) {
-      segs[s] = {0, seqs.length[s] < 0 ? 0 : seqs.begin[s], std::max<int64_t>(seqs.length[s], 0),
-                 seqs.length[s] < 0 ? -1 : s};
-    }
-  } else {
-    for (int64_t b = 0; b < d.rows; ++b) segs[b] = {b, 0, d.queries, b};
-  }
-  if (slot_ids.has_value()) {
-    const at::Tensor ids = slot_ids->contiguous();
-    const int64_t* id = ids.const_data_ptr<int64_t>();
-    for (int64_t r = 0; r < d.rows; ++r) {
-      TORCH_CHECK_INDEX(!check_bounds || (id[r] >= -1 && id[r] < d.pool_rows), "cached_attention: slot_ids[", r,
-                        "] = ", id[r], " is out of range [-1, ", d.pool_rows, ") for key_value with ", d.pool_rows,
-                        " rows");
-      if (segs[r].kv_row >= 0) segs[r].kv_row = id[r] >= 0 && id[r] < d.pool_rows ? id[r] : -1;
-    }
-  }
-  std::vector<int64_t> valid;
-  if (cache_seqlens.has_value()) {
-    std::vector<int64_t> counts(d.rows);
-    for (int64_t r = 0; r < d.rows; ++r) counts[r] = segs[r].kv_row < 0 ? -1 : segs[r].count;
-    valid = prepare_cache_seqlens(*cache_seqlens, counts, d.capacity, check_bounds);
-    for (int64_t r = 0; r < d.rows; ++r) {
-      if (valid[r] < 0) segs[r].kv_row = -1;
-    }
-  }
-  for (const Segment& seg : segs) any_skipped |= seg.kv_row < 0;
+  AttentionRows plan = plan_attention_rows(d, cu_seqlens, cache_seqlens, slot_ids, check_bounds);
+  const std::vector<Segment>& segs = plan.rows;
+  const std::vector<int64_t>& valid = plan.valid;
+  const bool any_skipped = plan.any_skipped;
 
   at::Tensor table_cpu;
   PageTable table;

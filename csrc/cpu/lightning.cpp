@@ -13,7 +13,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -364,6 +366,15 @@ at::Tensor lightning_decode_cpu(at::Tensor& state, const at::Tensor& query, cons
   return out;
 }
 
+// LIGHTNING_CACHE_CPU_PREFILL=aten (read per call): lightning_prefill runs the
+// shared ATen path the CUDA backend runs (lightning_prefill_chunked, and
+// lightning_prefill_packed for cu_seqlens) instead of the CPU kernels, so the
+// CPU test suite checks that path too.
+bool aten_prefill_selected() {
+  const char* flag = std::getenv("LIGHTNING_CACHE_CPU_PREFILL");
+  return flag != nullptr && std::string(flag) == "aten";
+}
+
 at::Tensor lightning_prefill_cpu(at::Tensor& state, const at::Tensor& query, const at::Tensor& key,
                                  const at::Tensor& value, const at::Tensor& slopes,
                                  const std::optional<at::Tensor>& attention_mask,
@@ -377,6 +388,14 @@ at::Tensor lightning_prefill_cpu(at::Tensor& state, const at::Tensor& query, con
   const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, check_bounds);
   PackedSequences seqs;
   if (d.packed) seqs = prepare_cu_seqlens("lightning_prefill", *cu_seqlens, d.tokens, check_bounds);
+  if (aten_prefill_selected()) {  // the CUDA backend's ATen path, run here so the CPU tests cover it
+    if (d.packed) {
+      return lightning_prefill_packed(state, query, key, value, slopes, slots, d, seqs, block_size, scale,
+                                      &scatter_state_rows_aten, checkpoints, checkpoint_every);
+    }
+    return lightning_prefill_chunked(state, query, key, value, slopes, attention_mask, slots, d, block_size, scale,
+                                     &scatter_state_rows_aten, checkpoints, checkpoint_every);
+  }
   // Packed: tokens of no (kept) sequence output zeros, so the output starts zeroed.
   at::Tensor out = d.packed ? at::zeros({1, d.tokens, d.heads, d.value_dim}, query.options())
                             : at::empty({d.batch, d.tokens, d.heads, d.value_dim}, query.options());

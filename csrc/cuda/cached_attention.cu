@@ -11,6 +11,12 @@
 // value there never reaches the row. The warps' partials meet in shared
 // memory; with one split the block writes the normalized output, otherwise
 // (m, l, acc) per row go to a workspace and pass 2 combines the splits.
+// SPEC 11 layouts change only where a unit (the block's row of work) reads:
+// a unit is a batch row, or a packed sequence (its own query tokens), with a
+// cache row (slot_ids) or a block-table row (paged: column j lives in page
+// block_tables[row, j / page_size]; an entry outside the pool hides the
+// column), and without a mask its queries sit causally at the last of its
+// cache_seqlens positions (columns past them are not even walked).
 // Launchers are noexcept and return the launch status (see launchers.h).
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
@@ -20,6 +26,7 @@
 #include <cfloat>
 #include <climits>
 
+#include "../paging_rule.h"
 #include "launch_utils.cuh"
 #include "launchers.h"
 
@@ -45,7 +52,26 @@ struct AttnParams {
   float* part_ml;   // [B * H, splits, R, 2]
   int64_t batch, queries, query_heads, heads, group, capacity, key_dim, value_dim, rows, splits, chunk;
   float q_scale;  // softmax_scale * log2(e)
+  // SPEC 11: units (the grid's rows of work) and their plan, int64 [units, 5] = (src, i0, count,
+  // kv_row, valid), or null: unit b is batch row b with every query and cache row b, masked by `mask`.
+  // `rows` is then the most query rows of any unit (group * count). table.data: paged, else null.
+  const int64_t* plan;
+  int64_t units;
+  PageTable table;
+  bool has_mask;  // false: queries placed by `valid` (cache_seqlens), causally
 };
+
+// What one unit reads: input row src, query tokens i0 .. i0 + count - 1, cache (or block-table) row
+// kv_row (-1: skipped, zeros out), valid tokens of the row (with no mask).
+struct Unit {
+  int64_t src, i0, count, kv_row, valid;
+};
+
+__device__ __forceinline__ Unit unit_of(const AttnParams& p, int64_t u) {
+  if (p.plan == nullptr) return {u, 0, p.queries, u, -1};
+  const int64_t* e = p.plan + u * 5;
+  return {e[0], e[1], e[2], e[3], e[4]};
+}
 
 template <typename T>
 __device__ __forceinline__ float to_float(T x) {
@@ -58,10 +84,10 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// Output offset of row r of (b, h): query i = r / G, query head h * G + r % G.
-__device__ __forceinline__ int64_t out_row(const AttnParams& p, int64_t b, int64_t h, int64_t r) {
+// Output offset of row r of (unit, h): query i = r / G (token i0 + i), query head h * G + r % G.
+__device__ __forceinline__ int64_t out_row(const AttnParams& p, const Unit& u, int64_t h, int64_t r) {
   const int64_t i = r / p.group, hq = h * p.group + r % p.group;
-  return ((b * p.queries + i) * p.query_heads + hq) * p.value_dim;
+  return ((u.src * p.queries + u.i0 + i) * p.query_heads + hq) * p.value_dim;
 }
 
 template <typename T, int DPL>
@@ -73,24 +99,30 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const __grid_
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t split = blockIdx.x % p.splits;
   const int64_t bh = blockIdx.x / p.splits;
-  const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int64_t h = bh % p.heads;
+  const Unit u = unit_of(p, bh / p.heads);
+  if (u.kv_row < 0 || u.count == 0) return;  // skipped: zeros out (pre-zeroed), no partials (combine skips it)
+  const int64_t unit_rows = p.group * u.count;
   const int64_t c_begin = split * p.chunk;
-  const int64_t c_end = c_begin + p.chunk < p.capacity ? c_begin + p.chunk : p.capacity;
+  int64_t c_end = c_begin + p.chunk < p.capacity ? c_begin + p.chunk : p.capacity;
+  if (!p.has_mask && u.valid < c_end) c_end = u.valid;  // no query sees a column past the valid ones
   const int64_t d0 = static_cast<int64_t>(lane) * DPL;  // this lane's first dim
-  const T* kv_head = static_cast<const T*>(p.kv) + b * p.kv_sb + h * p.kv_sh;
+  const T* kv_base = static_cast<const T*>(p.kv) + h * p.kv_sh;
 
-  for (int64_t r0 = 0; r0 < p.rows; r0 += kRows) {
-    const int nr = p.rows - r0 < kRows ? static_cast<int>(p.rows - r0) : kRows;
+  for (int64_t r0 = 0; r0 < unit_rows; r0 += kRows) {
+    const int nr = unit_rows - r0 < kRows ? static_cast<int>(unit_rows - r0) : kRows;
     float q[kRows][DPL], acc[kRows][DPL], m[kRows], l[kRows];
     const bool* mask_row[kRows];
+    int64_t last_seen[kRows];  // no mask: the query's position (it sees columns 0 .. last_seen)
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       m[r] = -INFINITY;
       l[r] = 0.0f;
       const int64_t row = r0 + (r < nr ? r : 0);
       const int64_t i = row / p.group, hq = h * p.group + row % p.group;
-      const float* src = p.query + b * p.q_sb + i * p.q_si + hq * p.q_sh;
-      mask_row[r] = p.mask + b * p.m_sb + i * p.m_si;
+      const float* src = p.query + u.src * p.q_sb + (u.i0 + i) * p.q_si + hq * p.q_sh;
+      mask_row[r] = p.has_mask ? p.mask + u.src * p.m_sb + (u.i0 + i) * p.m_si : nullptr;
+      last_seen[r] = u.valid - u.count + i;
 #pragma unroll
       for (int e = 0; e < DPL; ++e) {
         acc[r][e] = 0.0f;
@@ -103,11 +135,17 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const __grid_
       bool any = false;
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        seen[r] = r < nr && mask_row[r][j * p.m_sj];
+        seen[r] = r < nr && (p.has_mask ? mask_row[r][j * p.m_sj] : j <= last_seen[r]);
         any |= seen[r];
       }
       if (!any) continue;  // uniform over the warp: every lane read the same bytes
-      const T* col = kv_head + j * p.kv_sl;
+      int64_t cache_row = u.kv_row, column = j;  // where column j is stored
+      if (p.table.data != nullptr) {
+        cache_row = page_entry(p.table, u.kv_row, j);
+        if (cache_row < 0 || cache_row >= p.table.num_pages) continue;  // hidden (host checks raised if asked)
+        column = j % p.table.page_size;
+      }
+      const T* col = kv_base + cache_row * p.kv_sb + column * p.kv_sl;
       float kf[DPL], vf[DPL];
 #pragma unroll
       for (int e = 0; e < DPL; ++e) {
@@ -117,7 +155,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const __grid_
       }
       float k_scale = 1.0f, v_scale = 1.0f;
       if (p.scales) {
-        const float* sc = p.scales + b * p.sc_sb + j * p.sc_sl + h * p.sc_sh;
+        const float* sc = p.scales + cache_row * p.sc_sb + column * p.sc_sl + h * p.sc_sh;
         k_scale = sc[0];
         v_scale = sc[p.sc_sc];
       }
@@ -169,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const __grid_
       }
       const int64_t row = r0 + r;
       if (p.splits == 1) {
-        if (e < p.value_dim) p.out[out_row(p, b, h, row) + e] = mx == -INFINITY ? 0.0f : a / total;
+        if (e < p.value_dim) p.out[out_row(p, u, h, row) + e] = mx == -INFINITY ? 0.0f : a / total;
       } else {
         const int64_t part = (bh * p.splits + split) * p.rows + row;
         if (e < p.value_dim) p.part_acc[part * p.value_dim + e] = a;
@@ -185,13 +223,15 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const __grid_
 
 // Pass 2: one block per (b, h, row) in a grid-stride loop, threads over Dv.
 __global__ void __launch_bounds__(kThreads) combine_splits_kernel(const __grid_constant__ AttnParams p) {
-  const int64_t total_rows = p.batch * p.heads * p.rows;
-  for (int64_t unit = blockIdx.x; unit < total_rows; unit += gridDim.x) {
-    const int64_t bh = unit / p.rows, row = unit % p.rows;
-    const int64_t b = bh / p.heads, h = bh % p.heads;
+  const int64_t total_rows = p.units * p.heads * p.rows;
+  for (int64_t item = blockIdx.x; item < total_rows; item += gridDim.x) {
+    const int64_t bh = item / p.rows, row = item % p.rows;
+    const int64_t h = bh % p.heads;
+    const Unit u = unit_of(p, bh / p.heads);
+    if (u.kv_row < 0 || row >= p.group * u.count) continue;  // no such row: nothing to combine
     float mx = -INFINITY;
     for (int64_t s = 0; s < p.splits; ++s) mx = fmaxf(mx, p.part_ml[((bh * p.splits + s) * p.rows + row) * 2]);
-    float* dst = p.out + out_row(p, b, h, row);
+    float* dst = p.out + out_row(p, u, h, row);
     for (int64_t e = threadIdx.x; e < p.value_dim; e += blockDim.x) {
       float total = 0.0f, a = 0.0f;
       if (mx != -INFINITY) {
@@ -211,7 +251,7 @@ __global__ void __launch_bounds__(kThreads) combine_splits_kernel(const __grid_c
 
 template <typename T>
 cudaError_t launch_for_type(const AttnParams& p, int dims_per_lane, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(p.batch * p.heads * p.splits));
+  const dim3 grid(static_cast<unsigned>(p.units * p.heads * p.splits));
   switch (dims_per_lane) {
     case 1: attention_split_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p); break;
     case 2: attention_split_kernel<T, 2><<<grid, kThreads, 0, stream>>>(p); break;
@@ -223,14 +263,14 @@ cudaError_t launch_for_type(const AttnParams& p, int dims_per_lane, cudaStream_t
 
 }  // namespace
 
-int64_t cached_attention_splits(const AttentionDims& d, int device) noexcept {
-  const int64_t items = d.batch * d.heads;
+int64_t cached_attention_splits(const AttentionDims& d, int64_t max_queries, int device) noexcept {
+  const int64_t items = d.rows * d.heads;
   if (items <= 0) return 1;
   const int64_t target = 2 * static_cast<int64_t>(multiprocessor_count(device));
   int64_t splits = items >= target ? 1 : (target + items - 1) / items;
   // At least 256 columns per split, and a workspace of at most 2^26 floats.
   const int64_t by_length = (d.capacity + 255) / 256;
-  const int64_t row_floats = items * d.group * d.queries * (d.value_dim + 2);
+  const int64_t row_floats = items * d.group * max_queries * (d.value_dim + 2);
   const int64_t by_workspace = row_floats > 0 ? (int64_t(1) << 26) / row_floats : 1;
   splits = splits < by_length ? splits : by_length;
   splits = splits < by_workspace ? splits : by_workspace;
@@ -238,9 +278,12 @@ int64_t cached_attention_splits(const AttentionDims& d, int device) noexcept {
 }
 
 cudaError_t launch_cached_attention(at::Tensor& out, const at::Tensor& query_f, const at::Tensor& key_value,
-                                    const at::Tensor& mask, const float* scales, const int64_t* scale_strides,
-                                    const AttentionDims& d, int64_t splits, float* workspace) noexcept {
-  if (d.batch * d.queries * d.query_heads == 0 || d.capacity == 0 || splits < 1) return cudaSuccess;
+                                    const bool* mask, const int64_t* mask_strides, const float* scales,
+                                    const int64_t* scale_strides, const AttentionDims& d, const int64_t* plan,
+                                    int64_t max_queries, const PageTable& table, int64_t splits,
+                                    float* workspace) noexcept {
+  if (d.batch * d.queries * d.query_heads == 0 || d.rows == 0 || max_queries == 0 || d.capacity == 0 || splits < 1)
+    return cudaSuccess;
   AttnParams p{};
   p.query = static_cast<const float*>(query_f.const_data_ptr());
   p.q_sb = query_f.stride(0), p.q_si = query_f.stride(1), p.q_sh = query_f.stride(2), p.q_sd = query_f.stride(3);
@@ -250,18 +293,22 @@ cudaError_t launch_cached_attention(at::Tensor& out, const at::Tensor& query_f, 
   if (scales) {
     p.sc_sb = scale_strides[0], p.sc_sl = scale_strides[1], p.sc_sh = scale_strides[2], p.sc_sc = scale_strides[3];
   }
-  p.mask = static_cast<const bool*>(mask.const_data_ptr());
-  p.m_sb = mask.stride(0), p.m_si = mask.stride(2), p.m_sj = mask.stride(3);
+  p.mask = mask;
+  p.has_mask = mask != nullptr;
+  if (mask) p.m_sb = mask_strides[0], p.m_si = mask_strides[2], p.m_sj = mask_strides[3];
+  p.plan = plan;
+  p.units = d.rows;
+  p.table = table;
   p.out = static_cast<float*>(out.data_ptr());
   p.batch = d.batch, p.queries = d.queries, p.query_heads = d.query_heads, p.heads = d.heads, p.group = d.group;
   p.capacity = d.capacity, p.key_dim = d.key_dim, p.value_dim = d.value_dim;
-  p.rows = d.group * d.queries;
+  p.rows = d.group * max_queries;
   p.splits = splits;
   p.chunk = (d.capacity + splits - 1) / splits;
   p.q_scale = d.softmax_scale * kLog2e;
   if (splits > 1) {
     p.part_acc = workspace;
-    p.part_ml = workspace + d.batch * d.heads * splits * p.rows * d.value_dim;
+    p.part_ml = workspace + d.rows * d.heads * splits * p.rows * d.value_dim;
   }
   const int64_t widest = d.key_dim > d.value_dim ? d.key_dim : d.value_dim;
   const int dims_per_lane = widest <= 32 ? 1 : widest <= 64 ? 2 : widest <= 128 ? 4 : 8;
@@ -276,7 +323,7 @@ cudaError_t launch_cached_attention(at::Tensor& out, const at::Tensor& query_f, 
     default: return cudaErrorInvalidValue;  // validated on the host; never reached
   }
   if (status != cudaSuccess || splits == 1) return status;
-  const int64_t total_rows = d.batch * d.heads * p.rows;
+  const int64_t total_rows = d.rows * d.heads * p.rows;
   const int64_t blocks = total_rows < 65535 * 8 ? total_rows : 65535 * 8;
   combine_splits_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
   return cudaGetLastError();

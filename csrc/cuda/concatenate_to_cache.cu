@@ -67,6 +67,10 @@ struct RowParams {
   bool attn_wide;  // attention_mask is 1-byte, unit stride, rows 16-byte aligned
   unsigned counter_slot;
   MaskInputs mask_in;
+  // Planned writes (block tables, packed batches): the host's WritePlan, on the device, as int64
+  // [rows cells | write_rows index rows | write_rows starts | write_rows lengths]; null otherwise.
+  const int64_t* plan;
+  int64_t write_rows;
 };
 
 template <typename T, int N>
@@ -84,12 +88,13 @@ __device__ __forceinline__ cache_t to_cache_type(in_t x) {
   }
 }
 
-// Copies key[b, t] | value[b, t] (all heads) into the cache row at `column`.
+// Copies key[b, t] | value[b, t] (all heads) into cache cell `cell` (a row of
+// key_value's first two dimensions flattened: slot * L + column, or page *
+// page_size + page slot).
 // Threads: x walks the VEC-vectors of one head, y walks heads.
 template <typename cache_t, typename in_t, int VEC>
-__device__ __forceinline__ void copy_token_row(const RowParams& p, int64_t b, int64_t t, int64_t slot,
-                                               int64_t column) {
-  cache_t* dst_row = static_cast<cache_t*>(p.kv) + (slot * p.capacity + column) * p.heads * p.width;
+__device__ __forceinline__ void copy_token_row(const RowParams& p, int64_t b, int64_t t, int64_t cell) {
+  cache_t* dst_row = static_cast<cache_t*>(p.kv) + cell * p.heads * p.width;
   const in_t* key_tok = static_cast<const in_t*>(p.key) + b * p.key_stride[0] + t * p.key_stride[1];
   const in_t* value_tok = static_cast<const in_t*>(p.value) + b * p.value_stride[0] + t * p.value_stride[1];
   const int vecs = p.key_vecs + p.value_vecs;
@@ -295,36 +300,33 @@ __device__ __forceinline__ void advance_positions_if_last(const RowParams& p, in
 }
 
 template <typename cache_t, typename in_t>
-__device__ __forceinline__ void copy_token_row_as(const RowParams& p, int64_t b, int64_t t, int64_t slot,
-                                                  int64_t column) {
+__device__ __forceinline__ void copy_token_row_as(const RowParams& p, int64_t b, int64_t t, int64_t cell) {
   constexpr int kWide = static_cast<int>(16 / sizeof(cache_t));
   if (p.wide) {
-    copy_token_row<cache_t, in_t, kWide>(p, b, t, slot, column);
+    copy_token_row<cache_t, in_t, kWide>(p, b, t, cell);
   } else {
-    copy_token_row<cache_t, in_t, 1>(p, b, t, slot, column);
+    copy_token_row<cache_t, in_t, 1>(p, b, t, cell);
   }
 }
 
 template <typename cache_t>
-__device__ __forceinline__ void copy_token_row_to(const RowParams& p, int64_t b, int64_t t, int64_t slot,
-                                                  int64_t column) {
+__device__ __forceinline__ void copy_token_row_to(const RowParams& p, int64_t b, int64_t t, int64_t cell) {
   switch (p.in_type) {
-    case ElemType::Float16: copy_token_row_as<cache_t, c10::Half>(p, b, t, slot, column); break;
-    case ElemType::BFloat16: copy_token_row_as<cache_t, c10::BFloat16>(p, b, t, slot, column); break;
-    case ElemType::Float32: copy_token_row_as<cache_t, float>(p, b, t, slot, column); break;
-    default: copy_token_row_as<cache_t, double>(p, b, t, slot, column); break;  // Float64 (validated)
+    case ElemType::Float16: copy_token_row_as<cache_t, c10::Half>(p, b, t, cell); break;
+    case ElemType::BFloat16: copy_token_row_as<cache_t, c10::BFloat16>(p, b, t, cell); break;
+    case ElemType::Float32: copy_token_row_as<cache_t, float>(p, b, t, cell); break;
+    default: copy_token_row_as<cache_t, double>(p, b, t, cell); break;  // Float64 (validated)
   }
 }
 
 // The dtype pair is uniform over the grid: the switches cost a few
 // instructions per row, and each arm is a plain vector loop.
-__device__ __forceinline__ void copy_token_row_any(const RowParams& p, int64_t b, int64_t t, int64_t slot,
-                                                  int64_t column) {
+__device__ __forceinline__ void copy_token_row_any(const RowParams& p, int64_t b, int64_t t, int64_t cell) {
   switch (p.cache_type) {
-    case ElemType::Float16: copy_token_row_to<c10::Half>(p, b, t, slot, column); break;
-    case ElemType::BFloat16: copy_token_row_to<c10::BFloat16>(p, b, t, slot, column); break;
-    case ElemType::Float32: copy_token_row_to<float>(p, b, t, slot, column); break;
-    default: copy_token_row_to<double>(p, b, t, slot, column); break;  // Float64 (validated)
+    case ElemType::Float16: copy_token_row_to<c10::Half>(p, b, t, cell); break;
+    case ElemType::BFloat16: copy_token_row_to<c10::BFloat16>(p, b, t, cell); break;
+    case ElemType::Float32: copy_token_row_to<float>(p, b, t, cell); break;
+    default: copy_token_row_to<double>(p, b, t, cell); break;  // Float64 (validated)
   }
 }
 
@@ -332,9 +334,7 @@ __device__ __forceinline__ void copy_token_row_any(const RowParams& p, int64_t b
 // scale each (quantize_rule.h). The x-threads of one head (blockDim.x, a power
 // of two <= 32, so they share a warp) reduce its amax with shuffles.
 template <typename code_t, typename in_t>
-__device__ __forceinline__ void quantize_token_row(const RowParams& p, int64_t b, int64_t t, int64_t slot,
-                                                   int64_t column) {
-  const int64_t cell = slot * p.capacity + column;
+__device__ __forceinline__ void quantize_token_row(const RowParams& p, int64_t b, int64_t t, int64_t cell) {
   code_t* dst_row = static_cast<code_t*>(p.kv) + cell * p.heads * p.width;
   float* scale_row = p.scales + cell * p.heads * 2;
   const in_t* key_tok = static_cast<const in_t*>(p.key) + b * p.key_stride[0] + t * p.key_stride[1];
@@ -365,19 +365,51 @@ __device__ __forceinline__ void quantize_token_row(const RowParams& p, int64_t b
 }
 
 template <typename code_t>
-__device__ __forceinline__ void quantize_token_row_to(const RowParams& p, int64_t b, int64_t t, int64_t slot,
-                                                      int64_t column) {
+__device__ __forceinline__ void quantize_token_row_to(const RowParams& p, int64_t b, int64_t t, int64_t cell) {
   switch (p.in_type) {
-    case ElemType::Float16: quantize_token_row<code_t, c10::Half>(p, b, t, slot, column); break;
-    case ElemType::BFloat16: quantize_token_row<code_t, c10::BFloat16>(p, b, t, slot, column); break;
-    case ElemType::Float32: quantize_token_row<code_t, float>(p, b, t, slot, column); break;
-    default: quantize_token_row<code_t, double>(p, b, t, slot, column); break;  // Float64 (validated)
+    case ElemType::Float16: quantize_token_row<code_t, c10::Half>(p, b, t, cell); break;
+    case ElemType::BFloat16: quantize_token_row<code_t, c10::BFloat16>(p, b, t, cell); break;
+    case ElemType::Float32: quantize_token_row<code_t, float>(p, b, t, cell); break;
+    default: quantize_token_row<code_t, double>(p, b, t, cell); break;  // Float64 (validated)
+  }
+}
+
+// The token copies of one row, into cell `cell`, for the storage of the call.
+__device__ __forceinline__ void write_token(const RowParams& p, int64_t b, int64_t t, int64_t cell) {
+  if (p.scales == nullptr) {
+    copy_token_row_any(p, b, t, cell);
+  } else if (p.fp8) {
+    quantize_token_row_to<c10::Float8_e4m3fn>(p, b, t, cell);
+  } else {
+    quantize_token_row_to<int8_t>(p, b, t, cell);
+  }
+}
+
+// Planned writes: every cell, start and skip was decided on the host (plan_writes, the one rule
+// for these layouts), so no block reads `index` and block 0 can store the new positions.
+__device__ __forceinline__ void planned_rows(const RowParams& p, int tid) {
+  const int64_t* write_row = p.plan + p.rows;
+  const int64_t* write_start = write_row + p.write_rows;
+  const int64_t* write_length = write_start + p.write_rows;
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const int64_t b = r / p.new_tokens, t = r - b * p.new_tokens;
+    const int64_t cell = p.plan[r];
+    if (cell >= 0) write_token(p, b, t, cell);
+    if (p.mask != nullptr) write_mask_row(&p, b, t, write_start[b], write_row[b] >= 0);  // never packed
+  }
+  if (blockIdx.x != 0) return;
+  for (int64_t w = tid; w < p.write_rows; w += blockDim.x * blockDim.y) {
+    if (write_row[w] >= 0) p.index[write_row[w]] = write_start[w] + write_length[w];  // distinct rows
   }
 }
 
 __global__ void __launch_bounds__(kThreads, 4) write_rows_kernel(const __grid_constant__ RowParams p) {
   __shared__ int64_t row_slot, row_start;
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  if (p.plan != nullptr) {  // uniform over the grid
+    planned_rows(p, tid);
+    return;
+  }
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
     const int64_t b = r / p.new_tokens, t = r - b * p.new_tokens;
     if (tid == 0) {  // once per row; the values, not the addresses, are shared
@@ -387,16 +419,7 @@ __global__ void __launch_bounds__(kThreads, 4) write_rows_kernel(const __grid_co
     __syncthreads();
     const int64_t slot = row_slot, start = row_start;
     const bool writable = slot >= 0 && row_writable(start, p.new_tokens, p.capacity, p.ring, p.limit);
-    if (writable) {
-      const int64_t column = token_column(start, t, p.capacity, p.ring);
-      if (p.scales == nullptr) {
-        copy_token_row_any(p, b, t, slot, column);
-      } else if (p.fp8) {
-        quantize_token_row_to<c10::Float8_e4m3fn>(p, b, t, slot, column);
-      } else {
-        quantize_token_row_to<int8_t>(p, b, t, slot, column);
-      }
-    }
+    if (writable) write_token(p, b, t, slot * p.capacity + token_column(start, t, p.capacity, p.ring));
     if (p.mask != nullptr) write_mask_row(&p, b, t, start, writable);
     __syncthreads();  // row_start is overwritten for the next row
   }
@@ -426,7 +449,8 @@ ElemType float_elem_type(at::ScalarType t) {
 
 cudaError_t launch_write_rows(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key,
                               const at::Tensor& value, const int64_t* slots, float* scales, const KVCacheDims& d,
-                              bool ring, const MaskInputs& mask_in, bool* mask) noexcept {
+                              bool ring, const MaskInputs& mask_in, bool* mask, const int64_t* plan,
+                              int64_t write_rows) noexcept {
   static std::atomic<unsigned> next_slot{0};
   RowParams p{};
   p.kv = key_value.data_ptr();
@@ -441,7 +465,9 @@ cudaError_t launch_write_rows(at::Tensor& key_value, at::Tensor& index, const at
   p.pool = d.pool;
   p.new_tokens = d.new_tokens;
   p.capacity = d.capacity;
-  p.rows = d.batch * d.new_tokens;
+  p.rows = (d.packed ? 1 : d.batch) * d.new_tokens;  // tokens of key: [B, q] or packed [1, T]
+  p.plan = plan;
+  p.write_rows = write_rows;
   p.width = d.key_dim + d.value_dim;
   p.heads = static_cast<int>(d.heads);
   for (int k = 0; k < 4; ++k) {

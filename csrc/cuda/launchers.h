@@ -19,9 +19,15 @@ namespace lightning_cache {
 // ids: a pool row in [0, P), distinct, or -1 (row skipped). `scales` (float32
 // [P, L, H, 2], contiguous) is non-null exactly when key_value holds int8 /
 // float8_e4m3fn codes: the new tokens are then quantized as they are written.
+// `plan` (block tables, packed batches; null otherwise): plan_writes' result
+// on the device, int64 [tokens of key: cells | write_rows index rows |
+// write_rows starts | write_rows lengths]; the kernel then writes exactly
+// those cells (key_value contiguous, page pools included) and sets
+// index[row] = start + length, reading no position itself.
 cudaError_t launch_write_rows(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key,
                               const at::Tensor& value, const int64_t* slots, float* scales, const KVCacheDims& d,
-                              bool ring, const MaskInputs& mask_in, bool* mask) noexcept;
+                              bool ring, const MaskInputs& mask_in, bool* mask, const int64_t* plan,
+                              int64_t write_rows) noexcept;
 
 // lightning_decode into `out` [B, n, H, Dv]; `slopes_f` float32 contiguous;
 // `slots` sanitized slot ids (prepare_slot_ids) or null. Needs key_dim <= 512
@@ -36,18 +42,26 @@ cudaError_t launch_decode(at::Tensor& state, at::Tensor& out, const at::Tensor& 
 cudaError_t launch_scatter_rows(at::Tensor& state, const at::Tensor& src, const at::Tensor& slot_ids) noexcept;
 
 // cached_attention: how many splits of the columns to run (flash-decoding),
-// from the SM count of `device` and the sizes; at least 1.
-int64_t cached_attention_splits(const AttentionDims& d, int device) noexcept;
+// from the SM count of `device` and the sizes (max_queries: the most query
+// tokens of one row, d.queries unless packed); at least 1.
+int64_t cached_attention_splits(const AttentionDims& d, int64_t max_queries, int device) noexcept;
 
-// cached_attention into `out` [B, q, Hq, Dv] float32 contiguous. `query_f`
-// float32 (any strides), `key_value` validated with a contiguous last
-// dimension, `mask` bool [B, 1, q, L], `scales` (null for float caches) with
-// its four strides in `scale_strides`. With splits > 1, `workspace` holds
-// B * H * splits * Hq / H * q * (Dv + 2) floats. Needs key_dim, value_dim <= 256.
-// Nothing is launched for an empty call or L = 0.
+// cached_attention into `out` [B, q, Hq, Dv] float32 contiguous (pre-zeroed
+// when any row may be skipped). `query_f` float32 (any strides), `key_value`
+// validated with a contiguous last dimension, `mask` bool [B, 1, q, L] with
+// its four strides, or null (queries placed by the plan's valid counts),
+// `scales` (null for float caches) with its four strides. `plan`: null for a
+// plain call (d.rows == B), else d.rows units of int64 (src, i0, count,
+// kv_row, valid) from plan_attention_rows; max_queries their largest count.
+// `table.data` (device block table) makes key_value a page pool. With
+// splits > 1, `workspace` holds d.rows * H * splits * Hq / H * max_queries *
+// (Dv + 2) floats. Needs key_dim, value_dim <= 256. Nothing is launched for an
+// empty call or L = 0.
 cudaError_t launch_cached_attention(at::Tensor& out, const at::Tensor& query_f, const at::Tensor& key_value,
-                                    const at::Tensor& mask, const float* scales, const int64_t* scale_strides,
-                                    const AttentionDims& d, int64_t splits, float* workspace) noexcept;
+                                    const bool* mask, const int64_t* mask_strides, const float* scales,
+                                    const int64_t* scale_strides, const AttentionDims& d, const int64_t* plan,
+                                    int64_t max_queries, const PageTable& table, int64_t splits,
+                                    float* workspace) noexcept;
 
 // Fused tensor-core prefill (lightning_prefill_fused.cu): whether it takes this call
 // (sm_80+, bfloat16 q/k/v with 16-byte rows and unit last stride, key_dim = value_dim

@@ -30,12 +30,17 @@ void check_kernel_limits(const KVCacheDims& d) {
   TORCH_CHECK_VALUE(d.key_dim + d.value_dim <= INT_MAX, "key_value: key_dim + value_dim is too large");
 }
 
-// SPEC 11's layouts (block tables, packed batches) run on the CPU kernels so
-// far: on CUDA they are refused by name rather than misread.
-void not_yet_on_cuda(const char* op, std::initializer_list<std::pair<const char*, bool>> given) {
-  for (const auto& [name, present] : given) {
-    TORCH_CHECK_NOT_IMPLEMENTED(!present, op, ": ", name, " is not implemented on CUDA yet (CPU only)");
-  }
+// plan_writes' result as the write kernel reads it: one int64 tensor on `device`,
+// [cells | rows | starts | lengths] (see launch_write_rows), copied in one transfer.
+at::Tensor upload_plan(const WritePlan& plan, const at::Device& device) {
+  const int64_t tokens = static_cast<int64_t>(plan.cell.size()), rows = static_cast<int64_t>(plan.row.size());
+  at::Tensor host = at::empty({tokens + 3 * rows}, at::TensorOptions().dtype(at::kLong));
+  int64_t* out = host.data_ptr<int64_t>();
+  out = std::copy(plan.cell.begin(), plan.cell.end(), out);
+  out = std::copy(plan.row.begin(), plan.row.end(), out);
+  out = std::copy(plan.start.begin(), plan.start.end(), out);
+  std::copy(plan.length.begin(), plan.length.end(), out);
+  return host.to(device);  // a blocking copy: `host` may be freed when this returns
 }
 
 // Slot ids the kernel reads (contiguous int64 [B], -1 = skip), or null.
@@ -57,17 +62,24 @@ at::Tensor concatenate_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, c
                                      const std::optional<at::Tensor>& block_tables) {
   const KVCacheDims d = check_concatenate_args(key_value, index, key, value, attention_mask, causal_mask,
                                                token_type_ids, is_causal, ring, slot_ids, scales, block_tables);
-  not_yet_on_cuda("concatenate_to_cache", {{"block_tables", block_tables.has_value()}});
   check_kernel_limits(d);
   const c10::cuda::CUDAGuard guard(key_value.device());
   const bool host_checks = host_checks_allowed(check_bounds);
   const std::optional<at::Tensor> slots = prepare_write_rows(index, d, slot_ids, ring, causal_mask, host_checks);
 
   at::Tensor mask = at::empty({d.batch, 1, d.new_tokens, d.capacity}, key_value.options().dtype(at::kBool));
-  if (is_empty_call(d)) return mask;  // B = 0 or q = 0: nothing to write, no launch
   const MaskInputs mask_in = make_mask_inputs(d, attention_mask, causal_mask, token_type_ids, is_causal, ring);
+  at::Tensor plan;
+  if (d.paged) {  // where each token lands is read from the block table on the host (checks raise here)
+    const WritePlan host_plan =
+        plan_writes(index, d, slots, block_tables, std::nullopt, ring, position_limit(mask_in), check_bounds);
+    if (!is_empty_call(d)) plan = upload_plan(host_plan, key_value.device());
+  }
+  if (is_empty_call(d)) return mask;  // B = 0 or q = 0: nothing to write, no launch
   C10_CUDA_CHECK(launch_write_rows(key_value, index, key, value, slot_pointer(slots), scale_pointer(scales), d, ring,
-                                   mask_in, mask.data_ptr<bool>()));
+                                   mask_in, mask.data_ptr<bool>(),
+                                   plan.defined() ? plan.const_data_ptr<int64_t>() : nullptr,
+                                   plan.defined() ? d.batch : 0));
   return mask;
 }
 
@@ -77,19 +89,24 @@ void write_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, const at::Ten
                          const std::optional<at::Tensor>& cu_seqlens) {
   const KVCacheDims d =
       check_write_args(key_value, index, key, value, ring, slot_ids, "write_to_cache", scales, block_tables, cu_seqlens);
-  not_yet_on_cuda("write_to_cache", {{"block_tables", block_tables.has_value()}, {"cu_seqlens", cu_seqlens.has_value()}});
   check_kernel_limits(d);
   const c10::cuda::CUDAGuard guard(key_value.device());
   const bool host_checks = host_checks_allowed(check_bounds);
   const std::optional<at::Tensor> slots = prepare_write_rows(index, d, slot_ids, ring, std::nullopt, host_checks);
+  at::Tensor plan;
+  if (d.paged || d.packed) {  // block table / sequence bounds read on the host (checks raise here)
+    const WritePlan host_plan =
+        plan_writes(index, d, slots, block_tables, cu_seqlens, ring, kNoPositionLimit, check_bounds);
+    if (!is_empty_call(d)) plan = upload_plan(host_plan, key_value.device());
+  }
   if (is_empty_call(d)) return;  // B = 0 or q = 0: nothing to write, no launch
   MaskInputs no_mask;  // only position_limit (none) and the ring flag are read without a mask
   no_mask.new_tokens = d.new_tokens;
   no_mask.capacity = d.capacity;
   no_mask.ring = ring;
-  C10_CUDA_CHECK(
-      launch_write_rows(key_value, index, key, value, slot_pointer(slots), scale_pointer(scales), d, ring, no_mask,
-                        nullptr));
+  C10_CUDA_CHECK(launch_write_rows(key_value, index, key, value, slot_pointer(slots), scale_pointer(scales), d, ring,
+                                   no_mask, nullptr, plan.defined() ? plan.const_data_ptr<int64_t>() : nullptr,
+                                   plan.defined() ? d.batch : 0));
 }
 
 at::Tensor lightning_decode_cuda(at::Tensor& state, const at::Tensor& query, const at::Tensor& key,
@@ -142,10 +159,14 @@ at::Tensor lightning_prefill_cuda(at::Tensor& state, const at::Tensor& query, co
   const LightningDims d =
       check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask, slot_ids,
                            block_size, "checkpoints", checkpoints, cu_seqlens);
-  not_yet_on_cuda("lightning_prefill", {{"cu_seqlens", cu_seqlens.has_value()}});
   const int64_t written = check_checkpoints(checkpoints, checkpoint_every, state, d);
   const c10::cuda::CUDAGuard guard(state.device());
   const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, host_checks_allowed(check_bounds));
+  if (d.packed) {  // sequence bounds are read on the host (a sync); one padded ATen batch
+    const PackedSequences seqs = prepare_cu_seqlens("lightning_prefill", *cu_seqlens, d.tokens, check_bounds);
+    return lightning_prefill_packed(state, query, key, value, slopes, slots, d, seqs, block_size, scale,
+                                    &scatter_state_rows_cuda, checkpoints, checkpoint_every);
+  }
   if (fused_prefill_selected() && !is_empty_call(d) && d.heads > 0 &&
       fused_prefill_supported(state, query, key, value, d, written, checkpoint_every)) {
     at::Tensor out = at::empty({d.batch, d.tokens, d.heads, d.value_dim}, query.options());
@@ -164,43 +185,70 @@ at::Tensor lightning_prefill_cuda(at::Tensor& state, const at::Tensor& query, co
 }
 
 at::Tensor cached_attention_cuda(const at::Tensor& query, const at::Tensor& key_value,
-                                 const std::optional<at::Tensor>& mask_arg, int64_t key_dim,
+                                 const std::optional<at::Tensor>& mask, int64_t key_dim,
                                  const std::optional<at::Tensor>& scales, std::optional<double> softmax_scale,
                                  const std::optional<at::Tensor>& block_tables,
                                  const std::optional<at::Tensor>& cu_seqlens,
                                  const std::optional<at::Tensor>& cache_seqlens,
                                  const std::optional<at::Tensor>& slot_ids, bool check_bounds) {
-  const AttentionDims d = check_cached_attention_args(query, key_value, mask_arg, key_dim, scales, softmax_scale,
+  const AttentionDims d = check_cached_attention_args(query, key_value, mask, key_dim, scales, softmax_scale,
                                                       block_tables, cu_seqlens, cache_seqlens, slot_ids);
-  not_yet_on_cuda("cached_attention", {{"block_tables", block_tables.has_value()},
-                                       {"cu_seqlens", cu_seqlens.has_value()},
-                                       {"cache_seqlens", cache_seqlens.has_value()},
-                                       {"slot_ids", slot_ids.has_value()}});
-  (void)check_bounds;  // read only by the layouts above
-  const at::Tensor& mask = *mask_arg;  // validated: without cache_seqlens a mask is given
   TORCH_CHECK_VALUE(d.key_dim <= 256 && d.value_dim <= 256, "cached_attention: the CUDA kernel supports key_dim and ",
                     "value_dim up to 256, got ", d.key_dim, " and ", d.value_dim);
-  TORCH_CHECK_VALUE(d.batch * d.heads <= INT_MAX / 64, "cached_attention: batch * heads (", d.batch * d.heads,
+  TORCH_CHECK_VALUE(d.rows * d.heads <= INT_MAX / 64, "cached_attention: rows * heads (", d.rows * d.heads,
                     ") is larger than the CUDA kernel supports");
   const c10::cuda::CUDAGuard guard(query.device());
   const auto shape = {d.batch, d.queries, d.query_heads, d.value_dim};
   if (is_empty_call(d)) return at::empty(shape, query.options());
   if (d.capacity == 0) return at::zeros(shape, query.options());  // every row fully masked, no launch
+
+  // SPEC 11 rows (packed sequences, cache_seqlens, slot ids) are planned on the host: their
+  // small index tensors are read there (a sync), and bad values raise with checks.
+  const bool planned = d.packed || cache_seqlens.has_value() || slot_ids.has_value();
+  AttentionRows rows;
+  at::Tensor plan;
+  int64_t max_queries = d.queries;
+  if (planned) {
+    rows = plan_attention_rows(d, cu_seqlens, cache_seqlens, slot_ids, check_bounds);
+    at::Tensor host = at::empty({d.rows, 5}, at::TensorOptions().dtype(at::kLong));
+    int64_t* e = host.data_ptr<int64_t>();
+    max_queries = 0;
+    for (int64_t r = 0; r < d.rows; ++r) {
+      const AttentionRow& row = rows.rows[r];
+      e[r * 5 + 0] = row.src, e[r * 5 + 1] = row.i0, e[r * 5 + 2] = row.count, e[r * 5 + 3] = row.kv_row;
+      e[r * 5 + 4] = rows.valid.empty() ? -1 : rows.valid[r];
+      if (row.kv_row >= 0) max_queries = std::max(max_queries, row.count);
+    }
+    plan = host.to(query.device());  // blocking: `host` is freed on return
+  }
+  PageTable table;
+  if (d.paged) {
+    table = check_block_tables("cached_attention", *block_tables, d.rows, key_value);  // device data
+    if (host_checks_allowed(check_bounds)) check_visible_pages(d, *block_tables, mask, rows);
+  }
   const at::Tensor kv = key_value.stride(3) == 1 ? key_value : key_value.contiguous();
   const at::Tensor query_f = query.to(at::kFloat);
-  const int64_t splits = std::min<int64_t>(cached_attention_splits(d, query.get_device()), 64);
-  at::Tensor out = at::empty(shape, query.options().dtype(at::kFloat));
+  const int64_t splits = std::min<int64_t>(cached_attention_splits(d, std::max<int64_t>(max_queries, 1),
+                                                                   query.get_device()), 64);
+  // Planned calls may skip rows, and packed tokens of no sequence stay zero.
+  at::Tensor out = planned ? at::zeros(shape, query.options().dtype(at::kFloat))
+                           : at::empty(shape, query.options().dtype(at::kFloat));
   at::Tensor workspace;
   if (splits > 1) {
-    workspace = at::empty({d.batch * d.heads * splits * d.group * d.queries * (d.value_dim + 2)}, out.options());
+    workspace = at::empty({d.rows * d.heads * splits * d.group * max_queries * (d.value_dim + 2)}, out.options());
   }
-  int64_t scale_strides[4] = {0, 0, 0, 0};
+  int64_t scale_strides[4] = {0, 0, 0, 0}, mask_strides[4] = {0, 0, 0, 0};
   if (scales.has_value()) {
     for (int k = 0; k < 4; ++k) scale_strides[k] = scales->stride(k);
   }
-  C10_CUDA_CHECK(launch_cached_attention(out, query_f, kv, mask,
-                                         scales.has_value() ? scales->const_data_ptr<float>() : nullptr, scale_strides,
-                                         d, splits, splits > 1 ? workspace.data_ptr<float>() : nullptr));
+  if (mask.has_value()) {
+    for (int k = 0; k < 4; ++k) mask_strides[k] = mask->stride(k);
+  }
+  C10_CUDA_CHECK(launch_cached_attention(out, query_f, kv, mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
+                                         mask_strides, scales.has_value() ? scales->const_data_ptr<float>() : nullptr,
+                                         scale_strides, d, plan.defined() ? plan.const_data_ptr<int64_t>() : nullptr,
+                                         max_queries, table, splits,
+                                         splits > 1 ? workspace.data_ptr<float>() : nullptr));
   return query.scalar_type() == at::kFloat ? out : out.to(query.scalar_type());
 }
 
