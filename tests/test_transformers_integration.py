@@ -324,3 +324,46 @@ def test_deepcopy_and_state_dict_follow_the_weights(models):
             torch.testing.assert_close(model(ids, past_key_values=cache).logits, expected, rtol=0, atol=LOGITS_TOL)
         assert not torch.allclose(ours(ids, use_cache=False).logits, expected)
     assert type(copied).__name__ == "MiniMaxForCausalLM"
+
+
+def test_cache_exposes_hf_layers_and_linear_cache_views(models):
+    """Code written against Hugging Face's MiniMaxCache (its own test suite among it) reads
+    ``cache.layers[i].keys / .values`` and ``cache.linear_cache[i]``: views of this cache's buffers, equal to
+    what Hugging Face's cache holds after the same generate (attention K/V, and the recurrent states)."""
+    order, hf, ours, _ = models
+    ids, mask = prompts(padded=False)
+    with torch.no_grad():
+        got = ours.generate(ids, attention_mask=mask, **GREEDY).past_key_values
+        own = hf.generate(ids, attention_mask=mask, **GREEDY).past_key_values
+    config = ours.config
+    kinds = config.layer_types
+    tokens = ids.shape[1] + GREEDY["max_new_tokens"] - 1
+    assert isinstance(got, MiniMaxCache) and len(got.layers) == len(got.linear_cache) == len(kinds)
+    for i, kind in enumerate(kinds):
+        if kind == "full_attention":
+            layer = got.layers[i]
+            assert layer.keys.shape == layer.values.shape == (2, config.num_key_value_heads, tokens, config.head_dim)
+            assert got.linear_cache[i] == []
+            if order == "softmax_first":  # HF's cache holds the same K/V (lightning first: its decode is wrong)
+                torch.testing.assert_close(layer.keys, own.layers[i].keys, rtol=0, atol=1e-5)
+                torch.testing.assert_close(layer.values, own.layers[i].values, rtol=0, atol=1e-5)
+        else:
+            state = got.linear_cache[i]
+            assert state.shape == (2, config.num_attention_heads, config.head_dim, config.head_dim)
+            if order == "softmax_first":
+                torch.testing.assert_close(state, own.linear_cache[i].float(), rtol=1e-4, atol=1e-5)
+    # The views are the storage: the next forward reads what they hold.
+    attention = kinds.index("full_attention")
+    got.layers[attention].keys.zero_()
+    assert not got.layers[attention].keys.any()
+    assert LightningMiniMaxCache(config, batch_size=1, max_length=4).layers == []
+
+
+def test_patched_model_keeps_hf_checkpoint_conversions(models):
+    """Hugging Face skips the weight conversions of custom-code models; the patched classes are its own code."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    _, hf, ours, _ = models
+    assert len(get_model_conversion_mapping(ours, add_legacy=False)) == len(
+        get_model_conversion_mapping(hf, add_legacy=False)) > 0
+    assert not type(ours).is_custom_code() and not type(ours.model).is_custom_code()

@@ -1,4 +1,4 @@
-"""pytest plugin for running Hugging Face's own MiniMax test file against this package (see run_hf_minimax_suite.sh).
+"""pytest plugin for running Hugging Face's own MiniMax test file against this package (see tools/run_hf_minimax_suite.sh).
 
 Always: re-enables the tests Hugging Face skips only because its MiniMaxCache cannot ``crop``.
 With LIGHTNING_PATCH=1: every MiniMaxForCausalLM and MiniMaxModel built (``__init__`` or ``from_pretrained``) is

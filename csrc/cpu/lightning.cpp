@@ -194,7 +194,7 @@ void prefill_rows(at::Tensor& state, at::Tensor& out, const at::Tensor& query, c
     for (int64_t e = 0; e <= c; ++e) powers[h * (c + 1) + e] = static_cast<float>(std::exp(-double(slope[h]) * e));
   }
 
-  at::parallel_for(0, d.batch * heads, grain_for(tokens * dk * dv), [&](int64_t begin, int64_t end) {
+  auto run_items = [&](int64_t begin, int64_t end) {
     const bool widened = !std::is_same_v<state_t, float>;
     // Scratch per chunk: q [c, dk], k^T [dk, c], v [c, dv], scores [c, c], o tile [6, dv],
     // the row's token list [n], per-block factors [2c], and (bfloat16 state) the widened head state.
@@ -318,6 +318,56 @@ void prefill_rows(at::Tensor& state, at::Tensor& out, const at::Tensor& query, c
         for (int64_t e = 0; e < dk * dv; ++e) s_raw[e] = static_cast<state_t>(wide[e]);
       }
     }
+  };
+  if (seqs == nullptr) {
+    at::parallel_for(0, d.batch * heads, grain_for(tokens * dk * dv), run_items);
+    return;
+  }
+  // Packed: the items' work is their sequence's length, so equal item counts per thread would leave
+  // threads idle; split the items into one contiguous run per thread of about equal work instead.
+  const int64_t items = d.batch * heads;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  std::vector<int64_t> work_before(items + 1, 0);  // tokens (plus a state load/store's worth) before item i
+  for (int64_t i = 0; i < items; ++i) {
+    const int64_t b = i / heads;
+    const int64_t length = seqs->length[b] < 0 || rows[b] < 0 ? 0 : seqs->length[b] + 8;
+    work_before[i + 1] = work_before[i] + length;
+  }
+  std::vector<int64_t> bounds(parts + 1, items);
+  bounds[0] = 0;
+  for (int64_t p = 1; p < parts; ++p) {
+    const int64_t target = work_before[items] * p / parts;
+    bounds[p] = std::lower_bound(work_before.begin(), work_before.end(), target) - work_before.begin();
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      if (bounds[p] < bounds[p + 1]) run_items(bounds[p], bounds[p + 1]);
+    }
+  };
+  if (seqs == nullptr) {
+    at::parallel_for(0, d.batch * heads, grain_for(tokens * dk * dv), run_items);
+    return;
+  }
+  // Packed: the items' work is their sequence's length, so equal item counts per thread would leave
+  // threads idle; split the items into one contiguous run per thread of about equal work instead.
+  const int64_t items = d.batch * heads;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  std::vector<int64_t> work_before(items + 1, 0);  // tokens (plus a state load/store's worth) before item i
+  for (int64_t i = 0; i < items; ++i) {
+    const int64_t b = i / heads;
+    const int64_t length = seqs->length[b] < 0 || rows[b] < 0 ? 0 : seqs->length[b] + 8;
+    work_before[i + 1] = work_before[i] + length;
+  }
+  std::vector<int64_t> bounds(parts + 1, items);
+  bounds[0] = 0;
+  for (int64_t p = 1; p < parts; ++p) {
+    const int64_t target = work_before[items] * p / parts;
+    bounds[p] = std::lower_bound(work_before.begin(), work_before.end(), target) - work_before.begin();
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      if (bounds[p] < bounds[p + 1]) run_items(bounds[p], bounds[p + 1]);
+    }
   });
 }
 
@@ -396,11 +446,23 @@ at::Tensor lightning_prefill_cpu(at::Tensor& state, const at::Tensor& query, con
     return lightning_prefill_chunked(state, query, key, value, slopes, attention_mask, slots, d, block_size, scale,
                                      &scatter_state_rows_aten, checkpoints, checkpoint_every);
   }
-  // Packed: tokens of no (kept) sequence output zeros, so the output starts zeroed.
-  at::Tensor out = d.packed ? at::zeros({1, d.tokens, d.heads, d.value_dim}, query.options())
-                            : at::empty({d.batch, d.tokens, d.heads, d.value_dim}, query.options());
-  if (d.batch == 0 || d.tokens == 0 || d.heads == 0) return out;
+  at::Tensor out = at::empty({d.packed ? 1 : d.batch, d.tokens, d.heads, d.value_dim}, query.options());
+  if (d.batch == 0 || d.tokens == 0 || d.heads == 0) return d.packed ? out.zero_() : out;
   const std::vector<int64_t> rows = resolve_rows(slots, d);
+  if (d.packed) {  // tokens of no kept sequence output zeros; the kernel writes every other token
+    std::vector<uint8_t> written_by_kernel(d.tokens, 0);
+    for (int64_t s = 0; s < d.batch; ++s) {
+      if (seqs.length[s] <= 0 || rows[s] < 0) continue;
+      std::fill_n(written_by_kernel.begin() + seqs.begin[s], seqs.length[s], uint8_t{1});
+    }
+    at::Tensor tokens = out.view({d.tokens, -1});
+    for (int64_t t = 0; t < d.tokens;) {  // one fill per run of such tokens
+      int64_t end = t;
+      while (end < d.tokens && !written_by_kernel[end]) ++end;
+      if (end > t) tokens.narrow(0, t, end - t).zero_();
+      t = end + 1;
+    }
+  }
   const at::Tensor slopes_f = slopes.to(at::kFloat).contiguous();
   // "Nonzero" in the mask's own dtype (so -0.0 is masked), as one bool per token.
   const std::optional<at::Tensor> keep =

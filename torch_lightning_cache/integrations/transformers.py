@@ -47,6 +47,11 @@ from ..cache import ATTENTION, LIGHTNING, LightningCache, LightningCacheMetaData
 
 __all__ = ["LightningMiniMaxCache", "patch_minimax"]
 
+try:  # the layer class Hugging Face's caches hold (5.x)
+    from transformers.cache_utils import DynamicLayer as _DynamicLayer
+except ImportError:  # pragma: no cover - older transformers
+    _DynamicLayer = None
+
 _KINDS = {"full_attention": ATTENTION, "linear_attention": LIGHTNING}
 
 
@@ -92,6 +97,39 @@ class LightningMiniMaxCache(_hf.MiniMaxCache):
     @property
     def is_initialized(self) -> bool:  # type: ignore[override]
         return self.lightning is not None
+
+    # Hugging Face's MiniMaxCache exposes its storage as ``layers[i].keys / .values`` ([batch, kv_heads, tokens,
+    # head_dim]) for attention layers and ``linear_cache[i]`` ([batch, heads, head_dim, head_dim]) for linear
+    # ones; code written against it (its own tests among it) reads them. Here they are read-only views of this
+    # cache's buffers, built on access: writing through them changes the cache, assigning them does nothing.
+    @property
+    def layers(self) -> list:  # type: ignore[override]
+        if self.lightning is None:
+            return []
+        out = []
+        for view in self.lightning:
+            layer = _DynamicLayer()
+            if view.layer_kind == ATTENTION:
+                d = _head_dim(self.config)
+                held = view.key_value[:, :self._length]
+                layer.keys, layer.values = held[..., :d].transpose(1, 2), held[..., d:].transpose(1, 2)
+                layer.dtype, layer.device, layer.is_initialized = held.dtype, held.device, True
+            out.append(layer)
+        return out
+
+    @layers.setter
+    def layers(self, value) -> None:  # Cache.__init__ assigns its own (empty) list: the buffers are the storage
+        pass
+
+    @property
+    def linear_cache(self) -> list:  # type: ignore[override]
+        if self.lightning is None:
+            return []
+        return [view.key_value if view.layer_kind == LIGHTNING else [] for view in self.lightning]
+
+    @linear_cache.setter
+    def linear_cache(self, value) -> None:  # MiniMaxCache.__init__ assigns an empty list
+        pass
 
     def __init__(self, config, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, max_rewind: int = 32, growable: bool = False):
@@ -474,6 +512,10 @@ for _cls in _PATCHED.values():
     # Hugging Face's names: save_pretrained writes config.architectures from __name__, and loss and cache
     # selection read it; __qualname__ stays this module's, so pickling finds the patched class.
     _cls.__name__ = _cls.__mro__[1].__name__
+for _cls in (_PatchedMiniMaxModel, _PatchedMiniMaxForCausalLM):
+    # Hugging Face treats models whose class lives outside transformers as custom code and then skips its
+    # checkpoint conversions (weight renames) on load and save; these run Hugging Face's own code and weights.
+    _cls.is_custom_code = classmethod(lambda cls: cls.__mro__[1].is_custom_code())
 
 
 def patch_minimax(model):
