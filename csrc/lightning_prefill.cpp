@@ -24,7 +24,9 @@
 #include <ATen/Context.h>
 #include <torch/version.h>
 
+#include <algorithm>
 #include <mutex>
+#include <vector>
 
 #include "ops.h"
 
@@ -99,8 +101,11 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
                                      const std::optional<at::Tensor>& attention_mask,
                                      const std::optional<at::Tensor>& slot_ids, const LightningDims& d,
                                      int64_t block_size, double scale, ScatterStateRows scatter,
-                                     const std::optional<at::Tensor>& checkpoints, int64_t checkpoint_every) {
+                                     const std::optional<at::Tensor>& checkpoints, int64_t checkpoint_every,
+                                     const std::vector<int64_t>* row_tokens) {
   if (is_empty_call(d)) return empty_lightning_output(d, query);  // nothing read, nothing written
+  TORCH_INTERNAL_ASSERT(row_tokens == nullptr || (attention_mask.has_value() &&
+                                                  static_cast<int64_t>(row_tokens->size()) == d.batch));
   const FullFloat32Matmul full_float32;
   const auto f32 = at::TensorOptions().device(state.device()).dtype(at::kFloat);
   const at::Tensor zero = at::zeros({}, f32);
@@ -151,19 +156,18 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
   // (exact: counts are integers, block-local differences are at most c).
   at::Tensor intra_decay, query_decay, key_decay, full_block_decay;
   at::Tensor count;  // [B, n] int64, unmasked tokens among 0..t (mask only)
-  if (!keep.has_value()) {
+  if (!keep.has_value() || row_tokens != nullptr) {  // row_tokens: blocks of rows without masked tokens
     const at::Tensor distance = pos.view({block, 1}) - pos.view({1, block});       // j - i
     intra_decay = at::exp(-s * distance.clamp_min(0)).mul_(scale);                  // [H, c, c]
     query_decay = at::exp(-s * (pos + 1).view({block, 1})).mul_(scale);             // [H, c, 1]
     key_decay = at::exp(-s * (block - 1 - pos).view({block, 1}));                   // [H, c, 1]
     full_block_decay = at::exp(-s * static_cast<double>(block));                    // [H, 1, 1]
-  } else {
-    count = keep->view({d.batch, d.tokens}).to(at::kLong).cumsum(1);
   }
-  // [B*H, c, D] block of a dense input, times a [H or B*H-shaped, c, 1] factor.
-  auto times_factor = [&](const at::Tensor& x, const at::Tensor& factor) {
+  if (keep.has_value()) count = keep->view({d.batch, d.tokens}).to(at::kLong).cumsum(1);
+  // [rows*H, c, D] block of a dense input (the first `rows` batch rows), times a [H or rows*H-shaped, c, 1] factor.
+  auto times_factor = [&](const at::Tensor& x, const at::Tensor& factor, int64_t rows) {
     const int64_t c = x.size(1);
-    return (x.view({d.batch, d.heads, c, x.size(2)}) * factor).view({bh, c, x.size(2)});
+    return (x.view({rows, d.heads, c, x.size(2)}) * factor).view({rows * d.heads, c, x.size(2)});
   };
 
   // Checkpoint k (k < written) is the working state after position (k + 1) * every.
@@ -187,37 +191,56 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
     int64_t end = std::min(start + block - start % block, d.tokens);
     if (next_checkpoint < written) end = std::min(end, (next_checkpoint + 1) * checkpoint_every);
     c = end - start;
-    const at::Tensor qb = q.narrow(1, start, c);
-    const at::Tensor kb = k.narrow(1, start, c);
-    const at::Tensor vb = v.narrow(1, start, c);
-    at::Tensor intra, qdecay, kdecay, sdecay;
-    if (!keep.has_value()) {
-      intra = intra_decay.narrow(1, 0, c).narrow(2, 0, c);
-      qdecay = query_decay.narrow(1, 0, c);
-      kdecay = key_decay.narrow(1, block - c, c);  // a partial block (the last, or cut by a checkpoint): the tail
-      sdecay = c == block ? full_block_decay : at::exp(-s * static_cast<double>(c));
+    // One block of batch rows [r0, r1), with the mask's decays or, for rows with no masked token in the
+    // block, the head's.
+    auto run_rows = [&](int64_t r0, int64_t r1, bool masked) {
+      const int64_t n = r1 - r0, nh = n * d.heads;
+      const at::Tensor qb = q.narrow(1, start, c).narrow(0, r0 * d.heads, nh);
+      const at::Tensor kb = k.narrow(1, start, c).narrow(0, r0 * d.heads, nh);
+      const at::Tensor vb = v.narrow(1, start, c).narrow(0, r0 * d.heads, nh);
+      at::Tensor intra, qdecay, kdecay, sdecay;
+      if (!masked) {
+        intra = intra_decay.narrow(1, 0, c).narrow(2, 0, c);
+        qdecay = query_decay.narrow(1, 0, c);
+        kdecay = key_decay.narrow(1, block - c, c);  // a partial block (the last, or cut by a checkpoint): the tail
+        sdecay = c == block ? full_block_decay : at::exp(-s * static_cast<double>(c));
+      } else {
+        // e_t within the block, per row: [n, 1, c, 1]; E = e_{c-1}: [n, 1, 1, 1].
+        const at::Tensor row_count = count.narrow(0, r0, n);
+        at::Tensor e = row_count.narrow(1, start, c);
+        if (start > 0) e = e - row_count.narrow(1, start - 1, 1);
+        e = e.to(at::kFloat).view({n, 1, c, 1});
+        const at::Tensor total = e.narrow(2, c - 1, 1);
+        const at::Tensor sh = s.view({1, d.heads, 1, 1});
+        intra = at::exp(-sh * (e - e.transpose(2, 3)).clamp_min_(0)).mul_(scale);  // [n, H, c, c]
+        qdecay = at::exp(-sh * e).mul_(scale);                                       // [n, H, c, 1]
+        kdecay = at::exp(-sh * (total - e));                                         // [n, H, c, 1]
+        sdecay = at::exp(-sh * total);                                               // [n, H, 1, 1]
+      }
+      at::Tensor scores = at::bmm(qb, kb.transpose(1, 2));
+      // Decay, then drop i > j by selection: a later token's non-finite k must
+      // not reach an earlier output through 0 * Inf.
+      scores.view({n, d.heads, c, c}).mul_(intra).masked_fill_(later.narrow(0, 0, c).narrow(1, 0, c), 0.0f);
+      // o = (q * lam^e_j) S + scores v, the second product accumulated in place.
+      at::Tensor row_state = state_rows.narrow(0, r0 * d.heads, nh);
+      at::Tensor ob = at::bmm(times_factor(qb, qdecay, n), row_state)
+                          .baddbmm_(scores, v_intra.narrow(1, start, c).narrow(0, r0 * d.heads, nh));
+      out.narrow(1, start, c).narrow(0, r0 * d.heads, nh).copy_(ob);
+      // S = lam^E S + (k * lam^(E-e_i))^T v, with the raw v: every token here is before the block's end.
+      rows.narrow(0, r0, n).mul_(sdecay);
+      row_state.baddbmm_(times_factor(kb, kdecay, n).transpose(1, 2), vb);
+    };
+    if (row_tokens == nullptr) {
+      run_rows(0, d.batch, keep.has_value());
     } else {
-      // e_t within the block, per row: [B, 1, c, 1]; E = e_{c-1}: [B, 1, 1, 1].
-      at::Tensor e = count.narrow(1, start, c);
-      if (start > 0) e = e - count.narrow(1, start - 1, 1);
-      e = e.to(at::kFloat).view({d.batch, 1, c, 1});
-      const at::Tensor total = e.narrow(2, c - 1, 1);
-      const at::Tensor sh = s.view({1, d.heads, 1, 1});
-      intra = at::exp(-sh * (e - e.transpose(2, 3)).clamp_min_(0)).mul_(scale);  // [B, H, c, c]
-      qdecay = at::exp(-sh * e).mul_(scale);                                       // [B, H, c, 1]
-      kdecay = at::exp(-sh * (total - e));                                         // [B, H, c, 1]
-      sdecay = at::exp(-sh * total);                                               // [B, H, 1, 1]
+      // Rows [0, full) hold every token of the block, rows [full, active) end inside it, the rest ended
+      // before it (masked from here on: state unchanged, outputs zeroed below, so no work at all).
+      int64_t active = d.batch, full = 0;
+      while (active > 0 && (*row_tokens)[active - 1] <= start) --active;
+      while (full < active && (*row_tokens)[full] >= end) ++full;
+      if (full > 0) run_rows(0, full, false);
+      if (active > full) run_rows(full, active, true);
     }
-    at::Tensor scores = at::bmm(qb, kb.transpose(1, 2));
-    // Decay, then drop i > j by selection: a later token's non-finite k must
-    // not reach an earlier output through 0 * Inf.
-    scores.view({d.batch, d.heads, c, c}).mul_(intra).masked_fill_(later.narrow(0, 0, c).narrow(1, 0, c), 0.0f);
-    // o = (q * lam^e_j) S + scores v, the second product accumulated in place.
-    at::Tensor ob = at::bmm(times_factor(qb, qdecay), state_rows).baddbmm_(scores, v_intra.narrow(1, start, c));
-    out.narrow(1, start, c).copy_(ob);
-    // S = lam^E S + (k * lam^(E-e_i))^T v, with the raw v: every token here is before the block's end.
-    rows.mul_(sdecay);
-    state_rows.baddbmm_(times_factor(kb, kdecay).transpose(1, 2), vb);
     if (next_checkpoint < written && end == (next_checkpoint + 1) * checkpoint_every) {
       store_checkpoint(next_checkpoint++);
     }
@@ -260,28 +283,37 @@ at::Tensor lightning_prefill_packed(at::Tensor& state, const at::Tensor& query, 
   for (int64_t s = 0; s < S; ++s) longest = std::max(longest, seqs.length[s]);
   if (S == 0 || longest == 0 || d.heads == 0) return out;
 
-  // gather[s * longest + t]: the packed token padded row s reads at t (T: a zero token).
-  std::vector<int64_t> gather(S * longest, d.tokens), kept(S), out_token, out_source;
-  for (int64_t s = 0; s < S; ++s) {
-    kept[s] = seqs.length[s] >= 0;
-    for (int64_t t = 0; t < std::max<int64_t>(seqs.length[s], 0); ++t) {
-      gather[s * longest + t] = seqs.begin[s] + t;
+  // Padded row i holds sequence order[i], longest first, so the rows still holding tokens at any block are a
+  // prefix and the chunked loop skips the rest (work ~ the tokens, not S * max_len).
+  // gather[i * longest + t]: the packed token padded row i reads at t (T: a zero token).
+  std::vector<int64_t> order(S);
+  for (int64_t s = 0; s < S; ++s) order[s] = s;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return seqs.length[a] > seqs.length[b]; });
+  std::vector<int64_t> gather(S * longest, d.tokens), row_tokens(S), kept(S), out_token, out_source;
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t s = order[i];
+    kept[i] = seqs.length[s] >= 0;
+    row_tokens[i] = std::max<int64_t>(seqs.length[s], 0);
+    for (int64_t t = 0; t < row_tokens[i]; ++t) {
+      gather[i * longest + t] = seqs.begin[s] + t;
       out_token.push_back(seqs.begin[s] + t);
-      out_source.push_back(s * longest + t);
+      out_source.push_back(i * longest + t);
     }
   }
   const auto longs = at::TensorOptions().dtype(at::kLong);
   const at::Device device = query.device();
   const at::Tensor gather_at = at::tensor(gather, longs).to(device);
+  const at::Tensor order_at = at::tensor(order, longs).to(device);
   auto padded = [&](const at::Tensor& x) {  // [1, T, H, D] -> [S, longest, H, D], zero-padded
     const at::Tensor rows = at::cat({x.select(0, 0), at::zeros({1, x.size(2), x.size(3)}, x.options())});
     return rows.index_select(0, gather_at).view({S, longest, x.size(2), x.size(3)});
   };
-  const at::Tensor lengths = at::tensor(std::vector<int64_t>(seqs.length.begin(), seqs.length.end()), longs).to(device);
+  const at::Tensor lengths = at::tensor(row_tokens, longs).to(device);
   const at::Tensor mask = at::arange(longest, longs.device(device)).unsqueeze(0).lt(lengths.unsqueeze(1));
   // Rows of skipped sequences are skipped rows (slot -1).
   const at::Tensor kept_at = at::tensor(kept, longs).to(device).ne(0);
-  const at::Tensor slot_of = slot_ids.has_value() ? *slot_ids : at::arange(S, longs.device(device));
+  const at::Tensor slot_of = slot_ids.has_value() ? slot_ids->index_select(0, order_at) : order_at;
   const std::optional<at::Tensor> slots = at::where(kept_at, slot_of, at::full({}, -1, slot_of.options()));
 
   LightningDims pd = d;
@@ -289,21 +321,21 @@ at::Tensor lightning_prefill_packed(at::Tensor& state, const at::Tensor& query, 
   pd.batch = S;
   pd.tokens = longest;
   const int64_t written = checkpoints.has_value() ? checkpoints_written(longest, checkpoints->size(1), checkpoint_every) : 0;
-  std::optional<at::Tensor> scratch;
-  if (written > 0) scratch = checkpoints->clone();  // rows the padded call skips keep what they hold
+  std::optional<at::Tensor> scratch;  // padded row order; rows the padded call skips keep what they hold
+  if (written > 0) scratch = checkpoints->index_select(0, order_at);
   const at::Tensor padded_out =
       lightning_prefill_chunked(state, padded(query), padded(key), padded(value), slopes, mask, slots, pd, block_size,
-                                scale, scatter, scratch, checkpoint_every);
+                                scale, scatter, scratch, checkpoint_every, &row_tokens);
   if (written > 0) {
-    // Checkpoint c of sequence s is its own when (c + 1) * every <= its length.
+    // Checkpoint c of a sequence is its own when (c + 1) * every <= its length.
     std::vector<int64_t> own(S);
-    for (int64_t s = 0; s < S; ++s) {
-      own[s] = kept[s] ? checkpoints_written(seqs.length[s], checkpoints->size(1), checkpoint_every) : 0;
+    for (int64_t i = 0; i < S; ++i) {
+      own[i] = kept[i] ? checkpoints_written(row_tokens[i], checkpoints->size(1), checkpoint_every) : 0;
     }
     const at::Tensor own_at = at::tensor(own, longs).to(device);
     const at::Tensor take = at::arange(checkpoints->size(1), longs.device(device)).unsqueeze(0).lt(own_at.unsqueeze(1));
     at::Tensor dst = *checkpoints;
-    dst.copy_(at::where(take.view({S, -1, 1, 1, 1}), *scratch, dst));
+    dst.index_copy_(0, order_at, at::where(take.view({S, -1, 1, 1, 1}), *scratch, dst.index_select(0, order_at)));
   }
   if (!out_token.empty()) {
     out.select(0, 0).index_copy_(0, at::tensor(out_token, longs).to(device),

@@ -21,13 +21,16 @@ void scatter_state_rows_aten(at::Tensor& state, const at::Tensor& rows, const st
 // and heads at once, one loop iteration per block of `block_size` tokens (a
 // block is split where a checkpoint falls inside it). `checkpoints` (validated
 // by check_checkpoints, or none) receives the state after every
-// `checkpoint_every` tokens; skipped rows leave theirs untouched.
+// `checkpoint_every` tokens; skipped rows leave theirs untouched. `row_tokens`
+// (with a mask only): each row's tokens before its masked tail, non-increasing;
+// blocks then compute only the rows that still hold tokens.
 at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query, const at::Tensor& key,
                                      const at::Tensor& value, const at::Tensor& slopes,
                                      const std::optional<at::Tensor>& attention_mask,
                                      const std::optional<at::Tensor>& slot_ids, const LightningDims& dims,
                                      int64_t block_size, double scale, ScatterStateRows scatter,
-                                     const std::optional<at::Tensor>& checkpoints, int64_t checkpoint_every);
+                                     const std::optional<at::Tensor>& checkpoints, int64_t checkpoint_every,
+                                     const std::vector<int64_t>* row_tokens = nullptr);
 
 // Packed sequences (cu_seqlens, prepared into `seqs`) through
 // lightning_prefill_chunked, as one zero-padded [S, max_len] batch with the

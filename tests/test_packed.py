@@ -412,6 +412,7 @@ def test_compile_packed_step_no_recompile_when_cu_seqlens_change(gen):
     eager_kv, eager_index = kv.clone(), index.clone()
     torch._dynamo.utils.counters.clear()
     for lengths in ([5, 2, 1], [1, 1, 6], [0, 7, 1]):
+        assert sum(lengths) == T  # the same shapes every call: only the cu_seqlens values change
         q, k, v = packed_inputs(lengths, gen)
         cu = cu_of(lengths)
         got = compiled(state, kv, index, q, k, v, cu)

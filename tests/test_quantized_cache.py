@@ -60,6 +60,7 @@ def spread_inputs(layout, B, q, H, Dk, Dv, gen, dtype, device):
 def test_quantized_write_matches_reference(device, gen, fmt, dtype, layout, ring, slots):
     P, L, H, Dk, Dv, q = 4, 6, 2, 8, 5, 2
     key_value, index, scales = pool(fmt, device)
+    assert key_value.shape == (P, L, H, Dk + Dv)  # the pool these sizes describe
     B = P if slots is None else len(slots)
     key, value = spread_inputs(layout, B, q, H, Dk, Dv, gen, dtype, device)
     slot_ids = None if slots is None else torch.tensor(slots, device=device)

@@ -343,31 +343,6 @@ void prefill_rows(at::Tensor& state, at::Tensor& out, const at::Tensor& query, c
     for (int64_t p = begin; p < end; ++p) {
       if (bounds[p] < bounds[p + 1]) run_items(bounds[p], bounds[p + 1]);
     }
-  };
-  if (seqs == nullptr) {
-    at::parallel_for(0, d.batch * heads, grain_for(tokens * dk * dv), run_items);
-    return;
-  }
-  // Packed: the items' work is their sequence's length, so equal item counts per thread would leave
-  // threads idle; split the items into one contiguous run per thread of about equal work instead.
-  const int64_t items = d.batch * heads;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
-  std::vector<int64_t> work_before(items + 1, 0);  // tokens (plus a state load/store's worth) before item i
-  for (int64_t i = 0; i < items; ++i) {
-    const int64_t b = i / heads;
-    const int64_t length = seqs->length[b] < 0 || rows[b] < 0 ? 0 : seqs->length[b] + 8;
-    work_before[i + 1] = work_before[i] + length;
-  }
-  std::vector<int64_t> bounds(parts + 1, items);
-  bounds[0] = 0;
-  for (int64_t p = 1; p < parts; ++p) {
-    const int64_t target = work_before[items] * p / parts;
-    bounds[p] = std::lower_bound(work_before.begin(), work_before.end(), target) - work_before.begin();
-  }
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      if (bounds[p] < bounds[p + 1]) run_items(bounds[p], bounds[p + 1]);
-    }
   });
 }
 
