@@ -69,7 +69,7 @@ def test_demo_serve_both_engines_side_by_side(capsys):
     reports its pages against what contiguous rows would reserve."""
     rc, out = _run(capsys, SMALL + ["--engine", "both", "--page-size", "4", "--token-budget", "8"])
     assert rc == 0, out
-    assert out.count("self-check against each request alone without any cache: PASS (0 differing tokens") == 3, out
+    assert out.count("self-check against each request alone without any cache: PASS (0 differing tokens") == 4, out
     packed = next(line for line in out.splitlines() if line.startswith("packed:"))
     assert re.search(r"[\d.]+ tokens/s", packed), packed
     hits, lookups = map(int, re.search(r"prefix cache: (\d+) hits / (\d+) lookups", packed).groups())
@@ -126,3 +126,29 @@ def test_pool_cache_shares_the_model_buffers(kv_quantization):
         if before.numel():  # an unquantized attention layer's scales are empty
             before[2] = before[0]
         assert torch.equal(before, after)
+
+
+def test_demo_serve_packed_speculative_gives_plain_tokens_in_fewer_forwards(capsys):
+    """Speculative decoding on the packed engine: the draft's proposals verified in the step's one packed
+    forward; the same tokens as plain packed serving, in fewer target forwards, accepting some proposals and
+    rejecting others (both paths ran)."""
+    rc, out = _run(capsys, SMALL + ["--page-size", "4", "--token-budget", "8"])
+    assert rc == 0, out
+    assert "packed plain and speculative serving produced the same tokens: True" in out, out
+    plain = next(line for line in out.splitlines() if line.startswith("packed:"))
+    spec = next(line for line in out.splitlines() if line.startswith("packed-spec:"))
+    calls = [int(re.search(r"(\d+) target forward calls", line).group(1)) for line in (plain, spec)]
+    assert calls[1] < calls[0], out
+    accepted, drafted = map(int, re.search(r"\((\d+)/(\d+) draft tokens", spec).groups())
+    assert 0 < accepted < drafted, spec
+
+
+def test_demo_serve_packed_speculative_self_check_catches_a_missing_rollback(capsys, monkeypatch):
+    """Keeping the target's lightning states after rejected proposals changes later tokens: exit 1."""
+    from torch_lightning_cache.cli import engine
+
+    monkeypatch.setattr(engine.PackedEngine, "_roll_back", lambda self, run, sequence, ok: None)
+    rc, out = _run(capsys, SMALL + ["--page-size", "4", "--token-budget", "8"])
+    assert rc == 1, out
+    checks = [line for line in out.splitlines() if "self-check" in line]
+    assert "PASS (0 differing tokens" in checks[0] and "FAIL" in checks[1], out

@@ -24,6 +24,13 @@ Policies (vLLM's, where the spec is silent):
   states, and prefills the rest. Only full pages are shared
   (:mod:`torch_lightning_cache.paging`): the system prompt's partial last page is
   recomputed by each request, so no shared page is ever written (no copy-on-write).
+- **Speculative decoding** (``draft=``): a draft model with its own pages (same page ids) and state rows
+  mirrors every prefill chunk; for each decoding request it proposes up to ``draft_tokens`` tokens (one packed
+  draft forward per proposal, all decoding requests together, never past the request's last token), then the
+  target verifies every request's pending token and proposals as one sequence of the step's single packed
+  forward, alongside the prefill chunks, keeping the state after each token (``checkpoints``, one per token).
+  The longest agreeing prefix is kept, plus the target's own next token; both models roll their lightning
+  states back to it and their positions to it (K|V written past it are overwritten later, never read).
 """
 
 from __future__ import annotations
@@ -99,19 +106,33 @@ class Running:
 class PackedEngine:
     """Serves requests with one packed forward per step over a paged K|V pool."""
 
-    def __init__(self, model: HybridLM, system: torch.Tensor, num_pages: int, page_size: int, token_budget: int):
+    def __init__(self, model: HybridLM, system: torch.Tensor, num_pages: int, page_size: int, token_budget: int,
+                 draft: HybridLM | None = None, draft_tokens: int = 4, draft_noise: float = 0.0, seed: int = 0):
         self.model = model
+        self.draft = draft
+        self.draft_tokens = draft_tokens
+        self.draft_noise = draft_noise
+        self.noise = torch.Generator(device=system.device).manual_seed(seed + 2)
+        self.accepted = self.drafted = 0
+        if draft is not None:
+            if draft_tokens < 1:
+                raise ValueError(f"draft_tokens must be at least 1, got {draft_tokens}")
+            draft.init_pages(num_pages, page_size)
         self.device = system.device
         self.system = system.tolist()
         self.page_size = page_size
         self.pages = PageAllocator(num_pages)
         model.init_pages(num_pages, page_size)
+        if draft is not None and not all(layer.mixer.paged_ops for layer in list(model.layers) + list(draft.layers)):
+            raise ValueError("speculative decoding in the packed engine needs the packed ops (cu_seqlens=)")
         self.scheduler = TokenBudgetScheduler(token_budget)
         self.free_slots = list(range(model.batch_size))
         self.lightning = [layer.mixer for layer in model.layers if layer.kind != ATTENTION]
+        self.draft_lightning = [] if draft is None else [layer.mixer for layer in draft.layers
+                                                         if layer.kind != ATTENTION]
         self.prefix_end = (len(self.system) // page_size) * page_size  # the system prompt's full pages
         self.prefix_pages: list[int] | None = None
-        self.prefix_states: list[torch.Tensor] | None = None
+        self.prefix_states: list[torch.Tensor] | None = None  # target's lightning layers, then the draft's
         self.prefix_writer: Running | None = None
         self.hits = self.lookups = 0
         self.steps = self.calls = 0
@@ -136,10 +157,10 @@ class PackedEngine:
             self.hits += 1
             run.pages = self.pages.share(self.prefix_pages)
             run.cached = self.prefix_end
-            for mixer, state in zip(self.lightning, self.prefix_states):
+            for mixer, state in zip(self.lightning + self.draft_lightning, self.prefix_states):
                 mixer.state[slot] = state
         else:
-            for mixer in self.lightning:
+            for mixer in self.lightning + self.draft_lightning:
                 mixer.state[slot] = 0
             if request.with_system and self.prefix_writer is None and self.prefix_end > 0:
                 run.writes_prefix, run.prefix_end = True, self.prefix_end
@@ -149,7 +170,7 @@ class PackedEngine:
     def _save_prefix(self, run: Running) -> None:
         count = self.prefix_end // self.page_size
         self.prefix_pages = self.pages.share(run.pages[:count])  # the prefix cache's own reference
-        self.prefix_states = [mixer.state[run.slot].clone() for mixer in self.lightning]
+        self.prefix_states = [mixer.state[run.slot].clone() for mixer in self.lightning + self.draft_lightning]
         run.writes_prefix = False
 
     def _finish(self, run: Running) -> None:
@@ -180,28 +201,113 @@ class PackedEngine:
         self.peak_contiguous_tokens = max(self.peak_contiguous_tokens,
                                           (len(running) + (self.prefix_pages is not None)) * self.model.config.max_length)
         plan = self.scheduler.plan(running)
+        # Speculation: a decoding request proposes up to draft_tokens tokens, never past its last one.
+        proposals: dict[int, list[int]] = {}
+        if self.draft is not None:
+            proposals = self._propose(plan)
         tokens, lengths, starts, slots, tables = [], [], [], [], []
         for run, n in plan:
-            grow = pages_for(run.cached + n, self.page_size) - len(run.pages)
-            run.pages += self.pages.alloc(grow)
+            n += len(proposals.get(id(run), []))
+            grow = pages_for(run.cached + n, self.page_size) - len(run.pages)  # < 0 after a speculative rollback
+            run.pages += self.pages.alloc(max(grow, 0))
             first_written = run.cached // self.page_size
             for page in run.pages[first_written: pages_for(run.cached + n, self.page_size)]:
                 self.pages.check_writable(page)
-            tokens += run.next_tokens(n)
+            tokens += run.next_tokens(n) if id(run) not in proposals else run.next_tokens(1) + proposals[id(run)]
             lengths.append(n)
             starts.append(run.cached)
             slots.append(run.slot)
             tables.append(run.pages)
-        batch = PackedBatch.build(lengths, starts, slots, tables, self.page_size, self.device)
+        checkpoint_tokens = 1 + max((len(p) for p in proposals.values()), default=-1) if proposals else 0
+        batch = PackedBatch.build(lengths, starts, slots, tables, self.page_size, self.device,
+                                  checkpoint_tokens=checkpoint_tokens)
         ids = torch.tensor(tokens, dtype=torch.int64, device=self.device)[None]
-        choices = self.model.forward_packed(ids, batch).argmax(-1).tolist()
+        if not proposals:
+            choices = self.model.forward_packed(ids, batch).argmax(-1).tolist()
+            if self.draft is not None:  # the draft takes in the same prefill chunks
+                self.draft.forward_packed(ids, batch)
+            self.calls += 1
+            for (run, n), token in zip(plan, choices):
+                self._advance(run, n, [token])
+            return
+        greedy = self.model.forward_packed(ids, batch, all_logits=True).argmax(-1).tolist()
         self.calls += 1
-        for (run, n), token in zip(plan, choices):
-            run.cached += n
-            if run.writes_prefix and run.cached == run.prefix_end:
-                self._save_prefix(run)
-            if run.prefill_left == 0:  # the prompt is in: this logit row predicts the next token
-                run.request.generated.append(token)
+        ends = batch.cu_seqlens[1:].tolist()
+        for s, ((run, n), length) in enumerate(zip(plan, lengths)):
+            proposed = proposals.get(id(run))
+            if proposed is None:
+                self._advance(run, n, [greedy[ends[s] - 1]])
+                continue
+            row = greedy[ends[s] - length: ends[s]]  # the target's choice after the pending token and each proposal
+            ok = 0
+            while ok < len(proposed) and proposed[ok] == row[ok]:
+                ok += 1
+            self.accepted += ok
+            self.drafted += len(proposed)
+            if ok < len(proposed):
+                self._roll_back(run, s, ok)
+            self._advance(run, ok + 1, row[:ok + 1])
+
+    def _roll_back(self, run: Running, sequence: int, ok: int) -> None:
+        """Both models' lightning states back to after the request's pending token and ``ok`` accepted
+        proposals (the target's from this step's per-token checkpoints, the draft's from its snapshots)."""
+        for mixer in self.lightning:
+            mixer.state[run.slot] = mixer.checkpoints[sequence, ok]
+        for mixer, snapshots in zip(self.draft_lightning, self._draft_snapshots[id(run)]):
+            mixer.state[run.slot] = snapshots[ok]
+
+    def _advance(self, run: Running, n: int, new_tokens: list[int]) -> None:
+        """``n`` more of the request's tokens are in the cache; ``new_tokens`` follow them when decoding."""
+        run.cached += n
+        if run.writes_prefix and run.cached == run.prefix_end:
+            self._save_prefix(run)
+        if run.prefill_left == 0:  # the prompt is in: these logit rows predict the next tokens
+            run.request.generated.extend(new_tokens[:run.request.max_new - len(run.request.generated)])
+
+    def _propose(self, plan: list[tuple[Running, int]]) -> dict[int, list[int]]:
+        """The draft's proposals for the plan's decoding requests (keyed by id(run)), and its prefill chunks: it
+        takes in every pending token and proposal, keeping its state after each (``_draft_snapshots``)."""
+        decoding = [run for run, n in plan if run.prefill_left == 0]
+        room = {id(run): min(self.draft_tokens, run.request.max_new - len(run.request.generated) - 1)
+                for run in decoding}
+        proposals: dict[int, list[int]] = {id(run): [] for run in decoding if room[id(run)] > 0}
+        self._draft_snapshots = {key: [[] for _ in self.draft_lightning] for key in proposals}
+        if not proposals:
+            return {}
+        depth = max(room[key] for key in proposals)
+        for t in range(depth + 1):  # call t takes in token t (the pending token, then proposal t)
+            if t == 0:  # with the step's prefill chunks, which the target runs in its one forward
+                members = [(run, n) for run, n in plan]
+            else:
+                members = [(run, 1) for run in decoding if id(run) in proposals and room[id(run)] >= t]
+            tokens, lengths, starts, slots, tables = [], [], [], [], []
+            for run, n in members:
+                speculating = id(run) in proposals
+                position = run.cached + (t if speculating else 0)
+                grow = pages_for(position + n, self.page_size) - len(run.pages)
+                run.pages += self.pages.alloc(max(grow, 0))
+                tokens += ([run.request.generated[-1]] if t == 0 else [proposals[id(run)][t - 1]]) \
+                    if speculating else run.next_tokens(n)
+                lengths.append(n)
+                starts.append(position)
+                slots.append(run.slot)
+                tables.append(run.pages)
+            batch = PackedBatch.build(lengths, starts, slots, tables, self.page_size, self.device)
+            logits = self.draft.forward_packed(torch.tensor(tokens, dtype=torch.int64, device=self.device)[None],
+                                               batch)
+            if self.draft_noise > 0:  # the draft's deliberate mistakes
+                logits = logits + self.draft_noise * logits.std(-1, keepdim=True) * torch.randn(
+                    logits.shape, generator=self.noise, device=logits.device)
+            choices = logits.argmax(-1).tolist()
+            for (run, _), token in zip(members, choices):
+                key = id(run)
+                if key not in proposals:
+                    continue
+                for mixer, snapshots in zip(self.draft_lightning, self._draft_snapshots[key]):
+                    snapshots.append(mixer.state[run.slot].clone())  # after t + 1 of its tokens
+                if t < room[key]:
+                    proposals[key].append(token)
+        return proposals
 
     def pages_in_use(self) -> tuple[int, int]:
         """(peak pages in use, pages in the pool)."""

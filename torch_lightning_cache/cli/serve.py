@@ -316,10 +316,12 @@ def _copy(requests: list[Request]) -> list[Request]:
 
 
 def serve_packed(model, system: torch.Tensor, requests: list[Request], args: argparse.Namespace,
-                 dtype: torch.dtype) -> tuple[float, bool]:
-    """The packed engine on ``requests`` (filled in); prints its lines. Returns (tokens/s, passed)."""
+                 dtype: torch.dtype, draft=None) -> tuple[float, bool]:
+    """The packed engine on ``requests`` (filled in), speculative with a ``draft``; prints its lines. Returns
+    (tokens/s, passed)."""
     num_pages = (args.pool_rows + 1) * args.max_length // args.page_size  # the padded pool's K|V memory
-    engine = PackedEngine(model, system, num_pages, args.page_size, args.token_budget)
+    engine = PackedEngine(model, system, num_pages, args.page_size, args.token_budget, draft=draft,
+                          draft_tokens=args.draft_tokens, draft_noise=args.draft_noise, seed=args.seed)
     sync(system.device)
     start = time.perf_counter()
     engine.serve(requests)
@@ -328,9 +330,14 @@ def serve_packed(model, system: torch.Tensor, requests: list[Request], args: arg
     tokens = sum(len(r.generated) for r in requests)
     mismatches, ties = check_requests(model, system, requests, TOLERANCE[dtype])
     peak, pool = engine.pages_in_use()
-    print(f"{'packed:':<12} {len(requests) / seconds:7.1f} requests/s, {tokens / seconds:8.1f} tokens/s "
-          f"({tokens} tokens in {seconds:.3f} s, {engine.calls} forward calls, token budget {args.token_budget}); "
-          f"prefix cache: {engine.hits} hits / {engine.lookups} lookups")
+    name = "packed:" if draft is None else "packed-spec:"
+    line = (f"{name:<12} {len(requests) / seconds:7.1f} requests/s, {tokens / seconds:8.1f} tokens/s "
+            f"({tokens} tokens in {seconds:.3f} s, {engine.calls} target forward calls, token budget "
+            f"{args.token_budget}); prefix cache: {engine.hits} hits / {engine.lookups} lookups")
+    if draft is not None:
+        line += (f"; acceptance {engine.accepted / max(engine.drafted, 1):.1%} ({engine.accepted}/{engine.drafted} "
+                 f"draft tokens, up to {args.draft_tokens} per round, draft noise {args.draft_noise:g})")
+    print(line)
     print(f"{'':<12} pages: peak {peak} of {pool} in use ({peak * args.page_size} tokens of {args.page_size}) for "
           f"up to {engine.peak_running} running requests; contiguous rows would reserve "
           f"{engine.peak_contiguous_tokens} tokens for them")
@@ -388,6 +395,22 @@ def run(args: argparse.Namespace) -> int:
             speed["packed"], passed = serve_packed(model, system, served, args, dtype)
             failed |= not passed
             results["packed"] = served
+            # Speculative decoding on the packed engine: a draft with the target's weights (noisy logits).
+            model = HybridLM(config, batch_size=args.max_running, dtype=dtype, device=device, seed=args.seed).eval()
+            draft = HybridLM(config, batch_size=args.max_running, dtype=dtype, device=device, seed=args.seed).eval()
+            served = _copy(requests)
+            try:
+                speed["packed-spec"], passed = serve_packed(model, system, served, args, dtype, draft=draft)
+            except ValueError as error:  # the older ops: no per-token checkpoints in a packed call
+                if "needs the packed ops" not in str(error):
+                    raise
+                print(f"{'packed-spec:':<12} skipped ({error})")
+            else:
+                failed |= not passed
+                results["packed-spec"] = served
+                same = all(a.generated == b.generated for a, b in zip(results["packed"], served))
+                print(f"packed plain and speculative serving produced the same tokens: {same}")
+                failed |= not same
         for mode in ("plain", "speculative") if args.engine != "packed" else ():
             target = engine()
             served = _copy(requests)

@@ -103,10 +103,13 @@ class PackedBatch:
     lengths: list  # host copies, for the path without packed ops
     num_decodes: int
     write_rows: torch.Tensor  # [T] int64: page * page_size + slot of each token (path without paged ops)
+    # > 0: each lightning layer keeps the state after each of every sequence's first checkpoint_tokens tokens
+    # in its ``checkpoints`` [S, checkpoint_tokens, H, D, D] (speculative decoding rolls back to them).
+    checkpoint_tokens: int = 0
 
     @staticmethod
     def build(lengths: list[int], start_positions: list[int], slot_ids: list[int], block_tables: list[list[int]],
-              page_size: int, device: torch.device | str = "cpu") -> "PackedBatch":
+              page_size: int, device: torch.device | str = "cpu", checkpoint_tokens: int = 0) -> "PackedBatch":
         if not (len(lengths) == len(start_positions) == len(slot_ids) == len(block_tables)):
             raise ValueError("PackedBatch.build: lengths, start_positions, slot_ids and block_tables must have "
                              "one entry per sequence")
@@ -132,7 +135,7 @@ class PackedBatch:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
         return PackedBatch(ids(cu), ids(slot_ids), table.to(device), ids(start_positions), ids(ends), page_size,
-                           list(lengths), num_decodes, ids(write_rows))
+                           list(lengths), num_decodes, ids(write_rows), checkpoint_tokens)
 
 
 class RMSNorm(nn.Module):
@@ -328,10 +331,18 @@ class LightningAttention(nn.Module):
         """``forward`` on packed tokens ``x [1, T, hidden]``: sequence ``s`` runs from state row ``slot_ids[s]``."""
         q, k, v = _split_qkv(F.silu(self.qkv(x)), self.heads, self.head_dim)
         if self.paged_ops:
+            checkpoints = None
+            if batch.checkpoint_tokens > 0:
+                checkpoints = self.state.new_empty((len(batch.lengths), batch.checkpoint_tokens,
+                                                    *self.state.shape[1:]))
             o = ops.lightning_prefill(self.state, q, k, v, self.slopes, slot_ids=batch.slot_ids,
                                       block_size=self.block_size, check_bounds=self.check_bounds,
+                                      checkpoints=checkpoints, checkpoint_every=1 if checkpoints is not None else 0,
                                       cu_seqlens=batch.cu_seqlens)
+            self.checkpoints = checkpoints
             return self._finish(x, o)
+        if batch.checkpoint_tokens > 0:
+            raise ValueError("recur_packed: per-token checkpoints need the packed lightning_prefill (cu_seqlens=)")
         outputs = []
         nd = batch.num_decodes
         if nd:  # the decodes: one batched call, token s of the packed batch is row s
@@ -474,10 +485,11 @@ class HybridLM(nn.Module):
         return self.pages
 
     @torch.jit.unused
-    def forward_packed(self, input_ids: torch.Tensor, batch) -> torch.Tensor:
+    def forward_packed(self, input_ids: torch.Tensor, batch, all_logits: bool = False) -> torch.Tensor:
         """One engine step over packed tokens ``input_ids [1, T]`` (see :class:`PackedBatch`): appends each
         sequence's tokens to its pages and state row and returns float32 logits ``[S, vocab]`` of each
-        sequence's LAST token (a zero-length sequence's row is meaningless). Needs :meth:`init_pages`."""
+        sequence's LAST token (a zero-length sequence's row is meaningless), or with ``all_logits`` those of every
+        token, ``[T, vocab]``. Needs :meth:`init_pages`."""
         if batch.page_size != self.page_size:
             raise ValueError(f"forward_packed: batch.page_size is {batch.page_size} but the pages hold "
                              f"{self.page_size} tokens")
@@ -485,6 +497,8 @@ class HybridLM(nn.Module):
         pages = iter(self.pages)
         for layer in self.layers:
             x = layer.forward_packed(x, batch, next(pages) if layer.kind == ATTENTION else None)
+        if all_logits:
+            return self.lm_head(self.final_norm(x[0])).float()
         last = (batch.cu_seqlens[1:] - 1).clamp_min(0)
         return self.lm_head(self.final_norm(x[0].index_select(0, last))).float()
 
