@@ -28,8 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the in-place build and the reference
 import torch_lightning_cache  # noqa: E402,F401  (loads the ops)
 from reference import (  # noqa: E402
-    ref_cached_attention, ref_dequantize_kv, ref_lightning, ref_lightning_accept, ref_quantize_kv_tokens,
-    ref_quantized_write, ref_rewind_cache,
+    ref_cached_attention, ref_dequantize_kv, ref_lightning, ref_lightning_accept, ref_lightning_packed,
+    ref_quantize_kv_tokens, ref_quantized_write, ref_rewind_cache,
 )
 
 ops = torch.ops.lightning_cache
@@ -894,7 +894,41 @@ def fused_case(B, n, H, state_dt, masked, ids, every=0, C=0, nonfinite=False, sc
               rel_err(fc.nan_to_num(), ac.nan_to_num()) < tol_state, rel_err(fc.nan_to_num(), ac.nan_to_num()))
 
 
+def fused_packed_case(lengths, state_dt, every=0, C=0):
+    """Fused prefill of a packed batch (cu_seqlens: one CTA group per sequence) vs the ATen packed path and the
+    float64 reference; a skipped slot and an empty sequence included."""
+    g = seeded("fused-packed", tuple(lengths), str(state_dt), every, C)
+    D, H, S = 128, 2, len(lengths)
+    T = sum(lengths)
+    bf = torch.bfloat16
+    q, k, v = (torch.randn(1, T, H, D, generator=g).to(bf) for _ in range(3))
+    S0 = torch.randn(S + 2, H, D, D, generator=g).to(state_dt)
+    slopes = torch_lightning_cache.lightning_slopes(H, 0, 2).float()
+    slot_ids = torch.randperm(S + 2, generator=g)[:S]
+    slot_ids[-1] = -1
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    results = {}
+    for fused in (True, False):
+        st = S0.to(DEV, copy=True)
+        cp = torch.zeros(S, C, H, D, D, dtype=state_dt, device=DEV) if C else None
+        out = with_fused(fused, lambda: ops.lightning_prefill(st, q.to(DEV), k.to(DEV), v.to(DEV), slopes.to(DEV),
+                                                             None, slot_ids.to(DEV), 64, 1.0, True, cp, every,
+                                                             cu.to(DEV)))
+        sync()
+        results[fused] = (out.cpu().double(), st.cpu().double(), None if cp is None else cp.cpu().double())
+    exp_state, exp_out = ref_lightning_packed(S0, q, k, v, slopes, cu, slot_ids)
+    name = f"lightning_prefill fused packed lengths={lengths} {state_dt} every={every} C={C}"
+    tol = 2e-2
+    check(name + " output vs reference", rel_err(results[True][0], exp_out) < tol, rel_err(results[True][0], exp_out))
+    check(name + " state vs reference", rel_err(results[True][1], exp_state) < tol,
+          rel_err(results[True][1], exp_state))
+    for what, a, b in zip(("output", "state", "checkpoints"), results[True], results[False]):
+        if a is not None:
+            check(f"{name} {what} vs ATen packed path", rel_err(a, b) < tol, rel_err(a, b))
+
+
 def fused_suite(quick):
+    fused_packed_case([70, 0, 129, 1, 64], torch.float32, every=64, C=2)
     fused_case(2, 64, 2, torch.float32, False, "none")
     fused_case(2, 200, 3, torch.float32, True, "perm", scale=0.125)
     fused_case(3, 130, 2, torch.bfloat16, True, "skip")
@@ -906,6 +940,7 @@ def fused_suite(quick):
         fused_case(2, 4096, 4, torch.float32, True, "perm")
         fused_case(1, 1, 1, torch.float32, False, "none")
         fused_case(2, 192, 2, torch.float32, False, "none", every=96, C=2)  # not a multiple of 64: ATen path
+        fused_packed_case([300, 5, 64, 0, 200], torch.bfloat16)
 
 
 def fused_bench():

@@ -73,11 +73,13 @@ bool fused_prefill_supported(const at::Tensor& state, const at::Tensor& query, c
 
 // One launch: outputs into `out` (bfloat16 [B, T, H, 128], contiguous), state rows and
 // checkpoints updated in place. `slots` sanitized (prepare_slot_ids) or null; `keep`
-// uint8 [B, T] contiguous (1 = unmasked) or null. Needs B, T >= 1.
+// uint8 [B, T] contiguous (1 = unmasked) or null. Needs B, T >= 1. Packed (cu_seqlens):
+// `seq_bounds` int64 [S, 2] on the device (first token, length; length < 0 = skipped,
+// prepare_cu_seqlens), d.batch = S, inputs and `out` [1, T, ...] (out pre-zeroed), no keep.
 cudaError_t launch_fused_prefill(at::Tensor& state, at::Tensor& out, const at::Tensor& query, const at::Tensor& key,
                                  const at::Tensor& value, const at::Tensor& slopes_f, const int64_t* slots,
                                  const uint8_t* keep, void* checkpoints, int64_t checkpoint_count,
                                  int64_t checkpoints_written, int64_t checkpoint_every, const LightningDims& d,
-                                 float scale) noexcept;
+                                 float scale, const int64_t* seq_bounds) noexcept;
 
 }  // namespace lightning_cache

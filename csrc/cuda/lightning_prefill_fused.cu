@@ -2,8 +2,8 @@
 // ops_cuda.cpp for which calls it takes; every other call runs the ATen path).
 //
 // One CTA per (value tile of 64 columns, head, sequence). A sequence is a triple
-// (first token row, length, state row): today batch row b of a [B, T] call; packed
-// sequences (cu_seqlens) only change how the triple is formed (sequence_of below).
+// (first token row, length, state row): batch row b of a [B, T] call, or packed
+// sequence s of a [1, T] call (cu_seqlens: its first token and length, sequence_of).
 // The CTA walks its chunks of 64 tokens in order with its [128 x 64] float32 state
 // tile in registers, loading chunk c + 1 with cp.async while it computes chunk c.
 // Per chunk, with c_i the unmasked tokens among chunk tokens 0..i and n = c_63:
@@ -63,20 +63,25 @@ struct FusedParams {
   const int64_t* slots;       // [B] sanitized (-1 skip) or null
   const uint8_t* keep;        // [B, T] 1 = unmasked, or null
   void* checkpoints;          // [B, C, H, 128, 128] state dtype, or null
+  const int64_t* seq_bounds;  // packed: [S, 2] (first token, length; length < 0 = skipped), else null
   int64_t batch, tokens, heads, num_slots;
   int64_t q_stride[3], k_stride[3], v_stride[3];  // b, t, h (elements; the dim stride is 1)
   int64_t checkpoint_count, checkpoints_written, checkpoint_every;
   float scale;
 };
 
-// (first token row, length, state row) of the CTA's sequence; state row -1 = skipped.
+// The CTA's sequence: its input row and first token there, its length, its state row (-1 = skipped) and
+// its index (the first dimension of checkpoints).
 struct Sequence {
-  int64_t batch_row, length, state_row;
+  int64_t batch_row, first_token, length, state_row, index;
 };
 
 __device__ __forceinline__ Sequence sequence_of(const FusedParams& p, int64_t b) {
-  const int64_t row = p.slots == nullptr ? b : p.slots[b];
-  return {b, p.tokens, row >= 0 && row < p.num_slots ? row : -1};
+  const int64_t slot = p.slots == nullptr ? b : p.slots[b];
+  const int64_t row = slot >= 0 && slot < p.num_slots ? slot : -1;
+  if (p.seq_bounds == nullptr) return {b, 0, p.tokens, row, b};
+  const int64_t first = p.seq_bounds[2 * b], length = p.seq_bounds[2 * b + 1];
+  return {0, length < 0 ? 0 : first, length < 0 ? 0 : length, length < 0 ? -1 : row, b};
 }
 
 // State element conversions (torch builds with the implicit bfloat16 conversions off).
@@ -141,7 +146,7 @@ __device__ __forceinline__ void async_wait() {
 }
 
 __device__ __forceinline__ bool token_kept(const FusedParams& p, const Sequence& s, int64_t t) {
-  return t < s.length && (p.keep == nullptr || p.keep[s.batch_row * p.tokens + t] != 0);
+  return t < s.length && (p.keep == nullptr || p.keep[s.batch_row * p.tokens + s.first_token + t] != 0);
 }
 
 // Issues the copies of chunk `chunk` (q, k: 128 dims; v: this CTA's 64 columns) into `stage`.
@@ -156,7 +161,7 @@ __device__ __forceinline__ void load_chunk(const FusedParams& p, const Sequence&
     const int row = e / (kKeyDim / 8), piece = e % (kKeyDim / 8);
     const int64_t t = chunk * kChunk + row;
     const bool kept = token_kept(p, s, t);
-    const int64_t tt = kept ? t : 0;  // a valid address either way; nothing is read when not kept
+    const int64_t tt = s.first_token + (kept ? t : 0);  // a valid address either way; nothing is read when not kept
     const __nv_bfloat16* q = p.query + s.batch_row * p.q_stride[0] + tt * p.q_stride[1] + h * p.q_stride[2];
     const __nv_bfloat16* k = p.key + s.batch_row * p.k_stride[0] + tt * p.k_stride[1] + h * p.k_stride[2];
     copy16_async(qs + row * kQKStride + piece * 8, q + piece * 8, kept ? 16 : 0);
@@ -166,7 +171,7 @@ __device__ __forceinline__ void load_chunk(const FusedParams& p, const Sequence&
     const int row = e / (kTile / 8), piece = e % (kTile / 8);
     const int64_t t = chunk * kChunk + row;
     const bool kept = token_kept(p, s, t);
-    const int64_t tt = kept ? t : 0;
+    const int64_t tt = s.first_token + (kept ? t : 0);
     const __nv_bfloat16* v =
         p.value + s.batch_row * p.v_stride[0] + tt * p.v_stride[1] + h * p.v_stride[2] + col0 + piece * 8;
     copy16_async(vs + row * kVStride + piece * 8, v, kept ? 16 : 0);
@@ -187,7 +192,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_prefill_kernel(const __grid
   const int64_t col0 = int64_t(blockIdx.x) * kTile, h = blockIdx.y;
   const Sequence seq = sequence_of(p, blockIdx.z);
   const int64_t out_token_stride = p.heads * kKeyDim;
-  __nv_bfloat16* out = p.out + (seq.batch_row * p.tokens * p.heads + h) * kKeyDim + col0;
+  __nv_bfloat16* out = p.out + ((seq.batch_row * p.tokens + seq.first_token) * p.heads + h) * kKeyDim + col0;
 
   if (seq.state_row < 0) {  // skipped: zeros out, state and checkpoints untouched
     for (int64_t e = tid; e < seq.length * (kTile / 2); e += kThreads) {
@@ -427,9 +432,12 @@ __global__ void __launch_bounds__(kThreads, 1) fused_prefill_kernel(const __grid
     }
     // Prefix-cache checkpoint at this chunk's end (checkpoint_every is a multiple of 64).
     const int64_t end = chunk * kChunk + kChunk < seq.length ? chunk * kChunk + kChunk : seq.length;
-    if (p.checkpoints_written > 0 && end % p.checkpoint_every == 0 && end / p.checkpoint_every <= p.checkpoints_written) {
+    // Checkpoints are counted in the sequence's own tokens: min(C, length / every) of them.
+    const int64_t own = seq.length / p.checkpoint_every < p.checkpoint_count ? seq.length / p.checkpoint_every
+                                                                             : p.checkpoint_count;
+    if (p.checkpoints_written > 0 && end % p.checkpoint_every == 0 && end / p.checkpoint_every <= own) {
       state_t* dst = static_cast<state_t*>(p.checkpoints) +
-                     ((seq.batch_row * p.checkpoint_count + end / p.checkpoint_every - 1) * p.heads + h) * kKeyDim *
+                     ((seq.index * p.checkpoint_count + end / p.checkpoint_every - 1) * p.heads + h) * kKeyDim *
                          kKeyDim +
                      col0;
 #pragma unroll
@@ -490,7 +498,7 @@ cudaError_t launch_fused_prefill(at::Tensor& state, at::Tensor& out, const at::T
                                  const at::Tensor& value, const at::Tensor& slopes_f, const int64_t* slots,
                                  const uint8_t* keep, void* checkpoints, int64_t checkpoint_count,
                                  int64_t checkpoints_written, int64_t checkpoint_every, const LightningDims& d,
-                                 float scale) noexcept {
+                                 float scale, const int64_t* seq_bounds) noexcept {
   FusedParams p{};
   p.state = state.data_ptr();
   p.out = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
@@ -501,6 +509,7 @@ cudaError_t launch_fused_prefill(at::Tensor& state, at::Tensor& out, const at::T
   p.slots = slots;
   p.keep = keep;
   p.checkpoints = checkpoints;
+  p.seq_bounds = seq_bounds;
   p.batch = d.batch, p.tokens = d.tokens, p.heads = d.heads, p.num_slots = d.slots;
   for (int dim = 0; dim < 3; ++dim) {
     p.q_stride[dim] = query.stride(dim), p.k_stride[dim] = key.stride(dim), p.v_stride[dim] = value.stride(dim);

@@ -162,14 +162,20 @@ at::Tensor lightning_prefill_cuda(at::Tensor& state, const at::Tensor& query, co
   const int64_t written = check_checkpoints(checkpoints, checkpoint_every, state, d);
   const c10::cuda::CUDAGuard guard(state.device());
   const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, host_checks_allowed(check_bounds));
-  if (d.packed) {  // sequence bounds are read on the host (a sync); one padded ATen batch
-    const PackedSequences seqs = prepare_cu_seqlens("lightning_prefill", *cu_seqlens, d.tokens, check_bounds);
-    return lightning_prefill_packed(state, query, key, value, slopes, slots, d, seqs, block_size, scale,
-                                    &scatter_state_rows_cuda, checkpoints, checkpoint_every);
-  }
+  PackedSequences seqs;  // sequence bounds are read on the host (a sync)
+  if (d.packed) seqs = prepare_cu_seqlens("lightning_prefill", *cu_seqlens, d.tokens, check_bounds);
   if (fused_prefill_selected() && !is_empty_call(d) && d.heads > 0 &&
       fused_prefill_supported(state, query, key, value, d, written, checkpoint_every)) {
-    at::Tensor out = at::empty({d.batch, d.tokens, d.heads, d.value_dim}, query.options());
+    // Packed: one CTA group per sequence, its bounds from the host; tokens of no sequence stay zero.
+    at::Tensor bounds;
+    if (d.packed) {
+      at::Tensor host = at::empty({d.batch, 2}, at::TensorOptions().dtype(at::kLong));
+      int64_t* b = host.data_ptr<int64_t>();
+      for (int64_t s = 0; s < d.batch; ++s) b[2 * s] = seqs.begin[s], b[2 * s + 1] = seqs.length[s];
+      bounds = host.to(query.device());  // blocking: `host` is freed on return
+    }
+    const auto shape = {d.packed ? int64_t(1) : d.batch, d.tokens, d.heads, d.value_dim};
+    at::Tensor out = d.packed ? at::zeros(shape, query.options()) : at::empty(shape, query.options());
     const at::Tensor slopes_f = slopes.to(at::kFloat).contiguous();
     std::optional<at::Tensor> keep;
     if (attention_mask.has_value()) keep = attention_mask->ne(0).to(at::kByte).contiguous();
@@ -177,8 +183,13 @@ at::Tensor lightning_prefill_cuda(at::Tensor& state, const at::Tensor& query, co
                                         keep ? keep->const_data_ptr<uint8_t>() : nullptr,
                                         written > 0 ? checkpoints->data_ptr() : nullptr,
                                         written > 0 ? checkpoints->size(1) : 0, written, checkpoint_every, d,
-                                        static_cast<float>(scale)));
+                                        static_cast<float>(scale),
+                                        bounds.defined() ? bounds.const_data_ptr<int64_t>() : nullptr));
     return out;
+  }
+  if (d.packed) {  // one padded ATen batch
+    return lightning_prefill_packed(state, query, key, value, slopes, slots, d, seqs, block_size, scale,
+                                    &scatter_state_rows_cuda, checkpoints, checkpoint_every);
   }
   return lightning_prefill_chunked(state, query, key, value, slopes, attention_mask, slots, d, block_size, scale,
                                    &scatter_state_rows_cuda, checkpoints, checkpoint_every);
