@@ -29,6 +29,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 
+#include <climits>
 #include <cstdint>
 #include <type_traits>
 
@@ -70,18 +71,20 @@ struct FusedParams {
   float scale;
 };
 
-// The CTA's sequence: its input row and first token there, its length, its state row (-1 = skipped) and
-// its index (the first dimension of checkpoints).
+// The CTA's sequence: its input row and first token there, its length and its state row (-1 = skipped);
+// its index (checkpoints' first dimension) is blockIdx.z. 32-bit (fused_prefill_supported: T, slots and
+// batch fit) to keep the kernel's registers within 255 without spills.
 struct Sequence {
-  int64_t batch_row, first_token, length, state_row, index;
+  int32_t batch_row, first_token, length, state_row;
 };
 
 __device__ __forceinline__ Sequence sequence_of(const FusedParams& p, int64_t b) {
   const int64_t slot = p.slots == nullptr ? b : p.slots[b];
-  const int64_t row = slot >= 0 && slot < p.num_slots ? slot : -1;
-  if (p.seq_bounds == nullptr) return {b, 0, p.tokens, row, b};
+  const int32_t row = slot >= 0 && slot < p.num_slots ? static_cast<int32_t>(slot) : -1;
+  if (p.seq_bounds == nullptr) return {static_cast<int32_t>(b), 0, static_cast<int32_t>(p.tokens), row};
   const int64_t first = p.seq_bounds[2 * b], length = p.seq_bounds[2 * b + 1];
-  return {0, length < 0 ? 0 : first, length < 0 ? 0 : length, length < 0 ? -1 : row, b};
+  return {0, length < 0 ? 0 : static_cast<int32_t>(first), length < 0 ? 0 : static_cast<int32_t>(length),
+          length < 0 ? -1 : row};
 }
 
 // State element conversions (torch builds with the implicit bfloat16 conversions off).
@@ -195,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_prefill_kernel(const __grid
   __nv_bfloat16* out = p.out + ((seq.batch_row * p.tokens + seq.first_token) * p.heads + h) * kKeyDim + col0;
 
   if (seq.state_row < 0) {  // skipped: zeros out, state and checkpoints untouched
-    for (int64_t e = tid; e < seq.length * (kTile / 2); e += kThreads) {
+    for (int64_t e = tid; e < int64_t(seq.length) * (kTile / 2); e += kThreads) {
       const int64_t t = e / (kTile / 2);
       reinterpret_cast<uint32_t*>(out + t * out_token_stride)[e % (kTile / 2)] = 0u;
     }
@@ -437,7 +440,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_prefill_kernel(const __grid
                                                                              : p.checkpoint_count;
     if (p.checkpoints_written > 0 && end % p.checkpoint_every == 0 && end / p.checkpoint_every <= own) {
       state_t* dst = static_cast<state_t*>(p.checkpoints) +
-                     ((seq.index * p.checkpoint_count + end / p.checkpoint_every - 1) * p.heads + h) * kKeyDim *
+                     ((int64_t(blockIdx.z) * p.checkpoint_count + end / p.checkpoint_every - 1) * p.heads + h) * kKeyDim *
                          kKeyDim +
                      col0;
 #pragma unroll
@@ -491,7 +494,7 @@ bool fused_prefill_supported(const at::Tensor& state, const at::Tensor& query, c
       if (x->stride(dim) % 8 != 0 && x->size(dim) > 1) return false;  // 16-byte rows for cp.async
     }
   }
-  return d.batch <= 65535 && d.heads <= 65535;
+  return d.batch <= 65535 && d.heads <= 65535 && d.tokens <= INT_MAX && d.slots <= INT_MAX;
 }
 
 cudaError_t launch_fused_prefill(at::Tensor& state, at::Tensor& out, const at::Tensor& query, const at::Tensor& key,
