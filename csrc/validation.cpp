@@ -128,6 +128,10 @@ bool shares_memory(const at::Tensor& a, const at::Tensor& b) {
 }  // namespace
 
 void check_no_overlap(const char* op, std::initializer_list<OpArgument> args) {
+  check_no_overlap(op, std::vector<OpArgument>(args));
+}
+
+void check_no_overlap(const char* op, const std::vector<OpArgument>& args) {
   for (const OpArgument& w : args) {
     if (w.tensor == nullptr || !w.written) continue;
     TORCH_CHECK_VALUE(at::has_internal_overlap(*w.tensor) != at::MemOverlap::Yes, op, ": ", w.name,
@@ -234,6 +238,18 @@ KVCacheDims write_args_dims(const at::Tensor& key_value, const at::Tensor& index
   return d;
 }
 
+// The tensor arguments both sequence-cache writes take, for the overlap rule (key_value, index and
+// scales are written); concatenate_to_cache adds its masks.
+std::vector<OpArgument> write_arguments(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
+                                        const at::Tensor& value, const std::optional<at::Tensor>& slot_ids,
+                                        const std::optional<at::Tensor>& scales,
+                                        const std::optional<at::Tensor>& block_tables,
+                                        const std::optional<at::Tensor>& cu_seqlens) {
+  return {{"key_value", key_value, true}, {"index", index, true}, {"scales", scales, true},
+          {"key", key},                   {"value", value},       {"slot_ids", slot_ids},
+          {"block_tables", block_tables}, {"cu_seqlens", cu_seqlens}};
+}
+
 }  // namespace
 
 KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& index, const at::Tensor& key,
@@ -243,14 +259,7 @@ KVCacheDims check_write_args(const at::Tensor& key_value, const at::Tensor& inde
                              const std::optional<at::Tensor>& cu_seqlens) {
   const KVCacheDims d =
       write_args_dims(key_value, index, key, value, ring, slot_ids, op, scales, block_tables, cu_seqlens);
-  check_no_overlap(op, {{"key_value", key_value, true},
-                        {"index", index, true},
-                        {"scales", scales, true},
-                        {"key", key},
-                        {"value", value},
-                        {"slot_ids", slot_ids},
-                        {"block_tables", block_tables},
-                        {"cu_seqlens", cu_seqlens}});
+  check_no_overlap(op, write_arguments(key_value, index, key, value, slot_ids, scales, block_tables, cu_seqlens));
   return d;
 }
 
@@ -314,16 +323,11 @@ KVCacheDims check_concatenate_args(const at::Tensor& key_value, const at::Tensor
                       "token_type_ids must be [batch, new_tokens] = [", d.batch, ", ", d.new_tokens, "], got shape ",
                       shape_of(t));
   }
-  check_no_overlap("concatenate_to_cache", {{"key_value", key_value, true},
-                                            {"index", index, true},
-                                            {"scales", scales, true},
-                                            {"key", key},
-                                            {"value", value},
-                                            {"attention_mask", attention_mask},
-                                            {"causal_mask", causal_mask},
-                                            {"token_type_ids", token_type_ids},
-                                            {"slot_ids", slot_ids},
-                                            {"block_tables", block_tables}});
+  std::vector<OpArgument> args =
+      write_arguments(key_value, index, key, value, slot_ids, scales, block_tables, std::nullopt);
+  args.insert(args.begin() + 5, {{"attention_mask", attention_mask}, {"causal_mask", causal_mask},  // after value
+                                 {"token_type_ids", token_type_ids}});
+  check_no_overlap("concatenate_to_cache", args);
   return d;
 }
 

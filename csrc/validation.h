@@ -31,6 +31,7 @@ struct OpArgument {
 // a dense tensor against any strided one and conservative (byte extents) only
 // when neither is dense. New arguments are one entry of `args` each.
 void check_no_overlap(const char* op, std::initializer_list<OpArgument> args);
+void check_no_overlap(const char* op, const std::vector<OpArgument>& args);
 
 struct KVCacheDims {
   int64_t pool = 0;        // P: rows of key_value and index (== B without slot_ids)
