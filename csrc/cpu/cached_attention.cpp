@@ -415,8 +415,9 @@ struct Problem {
   int64_t kv_sb, kv_sl, kv_sh;  // element strides; the last dimension is contiguous
   const float* scales;          // null for float caches
   int64_t sc_sb, sc_sl, sc_sh, sc_sc;
-  const uint8_t* mask;  // bool bytes; the last dimension is contiguous
+  const uint8_t* mask;  // bool bytes; the last dimension is contiguous (null: `limits`)
   int64_t m_sb, m_si;
+  const int64_t* limits;  // no mask: mask row bi sees columns [0, limits[bi]) (queries placed by cache_seqlens)
   const uint8_t* states;  // [B, q, blocks]: kNone / kAll / kSome
   int64_t blocks;
   int64_t chunk_rows;  // query rows of one head per work item
@@ -494,15 +495,19 @@ void run_item(const Problem& P, int64_t item, Scratch& w, const Sink& sink) {
     }
     if (!any) continue;
     const int64_t c_begin = blk * kBlock, width = std::min(kBlock, d.capacity - c_begin);
-    const uint8_t* mrow = P.mask + seg.src * P.m_sb + seg.i0 * P.m_si + c_begin;
+    const uint8_t* mrow = P.mask != nullptr ? P.mask + seg.src * P.m_sb + seg.i0 * P.m_si + c_begin : nullptr;
+    // Whether query i of the segment sees column c_begin + j.
+    auto visible = [&](int64_t i, int64_t j) -> bool {
+      return mrow != nullptr ? mrow[i * P.m_si + j] != 0 : c_begin + j < P.limits[first_row + i];
+    };
     // The block's columns some row of the chunk sees, in order.
     int64_t n = 0;
     if (full) {
       for (int64_t j = 0; j < width; ++j) w.cols[n++] = static_cast<int32_t>(j);
     } else {
       for (int64_t j = 0; j < width; ++j) {
-        uint8_t seen = 0;
-        for (int64_t i = i0; i <= i1; ++i) seen |= mrow[i * P.m_si + j];
+        bool seen = false;
+        for (int64_t i = i0; i <= i1 && !seen; ++i) seen = visible(i, j);
         if (seen) w.cols[n++] = static_cast<int32_t>(j);
       }
     }
@@ -511,7 +516,7 @@ void run_item(const Problem& P, int64_t item, Scratch& w, const Sink& sink) {
     const bool uniform = full || nq == 1;
     if (!uniform) {
       for (int64_t i = i0; i <= i1; ++i) {
-        for (int64_t jj = 0; jj < n; ++jj) w.vis[(i - i0) * kBlock + jj] = mrow[i * P.m_si + w.cols[jj]] != 0;
+        for (int64_t jj = 0; jj < n; ++jj) w.vis[(i - i0) * kBlock + jj] = visible(i, w.cols[jj]);
       }
     }
     // Copy the visible columns' K|V rows, head-major: in the cache one head's
@@ -695,6 +700,27 @@ at::Tensor effective_mask(const AttentionDims& d, const std::vector<Segment>& se
   return out;
 }
 
+// Without a mask, queries see the columns below their row's cache_seqlens: whether every page those
+// columns live in is inside the pool. A visible page outside it raises with checks (the message
+// effective_mask gives) and, without, returns false (its columns must be hidden: a built mask).
+bool visible_pages_in_pool(const AttentionDims& d, const std::vector<Segment>& segs, const std::vector<int64_t>& valid,
+                           const PageTable& table, bool host_checks) {
+  if (table.data == nullptr) return true;
+  for (size_t w = 0; w < segs.size(); ++w) {
+    const Segment& seg = segs[w];
+    if (seg.kv_row < 0 || seg.count == 0) continue;
+    for (int64_t p0 = 0; p0 < valid[w]; p0 += table.page_size) {
+      if (paged_cell(table, seg.kv_row, p0) >= 0) continue;
+      TORCH_CHECK_INDEX(!host_checks, "cached_attention: block_tables[", seg.kv_row, ", ", p0 / table.page_size,
+                        "] = ", page_entry(table, seg.kv_row, p0), " is outside the page pool [0, ", table.num_pages,
+                        ") but column ", p0, " is visible to query ", std::max<int64_t>(0, p0 - (valid[w] - seg.count)),
+                        " of row ", w);
+      return false;
+    }
+  }
+  return true;
+}
+
 at::Tensor cached_attention_cpu(const at::Tensor& query, const at::Tensor& key_value,
                                 const std::optional<at::Tensor>& mask, int64_t key_dim,
                                 const std::optional<at::Tensor>& scales, std::optional<double> softmax_scale,
@@ -724,11 +750,23 @@ at::Tensor cached_attention_cpu(const at::Tensor& query, const at::Tensor& key_v
   // Unusual layouts are copied once (the kernels want contiguous cache rows and mask rows).
   const at::Tensor kv = key_value.stride(3) == 1 ? key_value : key_value.contiguous();
   const at::Tensor qf = query.to(at::kFloat);
-  // The given mask is used as is for plain calls; anything else reads a built one.
+  // The given mask is used as is for plain calls; queries placed by cache_seqlens see a prefix of columns
+  // each (their limits, no mask built) unless a page they see is outside the pool without checks (hidden
+  // columns: a built mask); anything else reads a built mask.
   const bool plain = d.has_mask && !d.paged && !any_skipped;
+  const int64_t mask_rows = (d.packed ? 1 : d.batch) * d.queries;
+  std::vector<int64_t> limits;
+  const bool by_limits = !d.has_mask && visible_pages_in_pool(d, segs, valid, table, check_bounds);
   at::Tensor mk;
   if (plain) {
     mk = mask->stride(3) == 1 ? *mask : mask->contiguous();
+  } else if (by_limits) {
+    limits.assign(mask_rows, 0);
+    for (size_t w = 0; w < segs.size(); ++w) {
+      const Segment& seg = segs[w];
+      if (seg.kv_row < 0) continue;  // skipped row: nothing visible, zeros out
+      for (int64_t i = 0; i < seg.count; ++i) limits[seg.src * d.queries + seg.i0 + i] = valid[w] - seg.count + i + 1;
+    }
   } else {
     const at::Tensor given = d.has_mask ? *mask : at::Tensor();
     mk = effective_mask(d, segs, valid, given, table, d.packed ? 1 : d.batch, check_bounds);
@@ -751,6 +789,8 @@ at::Tensor cached_attention_cpu(const at::Tensor& query, const at::Tensor& key_v
   if (plain) {
     P.mask = reinterpret_cast<const uint8_t*>(mk.const_data_ptr<bool>());
     P.m_sb = mk.stride(0), P.m_si = mk.stride(2);
+  } else if (by_limits) {
+    P.limits = limits.data();
   } else {
     P.mask = mk.const_data_ptr<uint8_t>();
     P.m_sb = d.queries * d.capacity, P.m_si = d.capacity;
@@ -775,10 +815,17 @@ at::Tensor cached_attention_cpu(const at::Tensor& query, const at::Tensor& key_v
 
   // How each block of columns looks to each mask row: a decode row's mask is a
   // prefix, so most blocks are all visible or all hidden and skip the per-column rule.
-  const int64_t mask_rows = (d.packed ? 1 : d.batch) * d.queries;
   std::vector<uint8_t> states(mask_rows * P.blocks);
   at::parallel_for(0, mask_rows, std::max<int64_t>(1, 65536 / d.capacity), [&](int64_t begin, int64_t end) {
     for (int64_t bi = begin; bi < end; ++bi) {
+      if (P.limits != nullptr) {  // a prefix: blocks below the limit are all seen, above it none
+        for (int64_t blk = 0; blk < P.blocks; ++blk) {
+          const int64_t c0 = blk * kBlock, width = std::min(kBlock, d.capacity - c0);
+          const int64_t seen = std::clamp<int64_t>(P.limits[bi] - c0, 0, width);
+          states[bi * P.blocks + blk] = seen == 0 ? kNone : seen == width ? kAll : kSome;
+        }
+        continue;
+      }
       const uint8_t* row = P.mask + (bi / d.queries) * P.m_sb + (bi % d.queries) * P.m_si;
       for (int64_t blk = 0; blk < P.blocks; ++blk) {
         const int64_t c0 = blk * kBlock, width = std::min(kBlock, d.capacity - c0);
