@@ -258,6 +258,16 @@ def test_attention_visible_column_outside_pool(gen, bad):
     # Row 1's bad entry is past what it sees: never read, no error.
     out = tlc.cached_attention(query[1:], pages, key_dim=DK, block_tables=tables[1:], cache_seqlens=valid[1:])
     torch.testing.assert_close(out, got[1:], rtol=1e-6, atol=1e-6)
+    # With a mask instead: an error exactly when the mask shows a column of the bad page.
+    shows = torch.zeros(2, 1, 1, 12, dtype=torch.bool)
+    shows[0, 0, 0, [0, 5]] = True  # column 5: page 1 of row 0
+    shows[1, 0, 0, :3] = True
+    with pytest.raises(IndexError, match=r"block_tables\[0, 1\] = .* is outside the page pool .* column 5"):
+        tlc.cached_attention(query, pages, shows, DK, block_tables=tables)
+    hides = shows.clone()
+    hides[0, 0, 0, 5] = False
+    out = tlc.cached_attention(query, pages, hides, DK, block_tables=tables)
+    torch.testing.assert_close(out.double(), ref_cached_attention(query, dense, hides, DK), rtol=1e-5, atol=1e-5)
 
 
 def test_opcheck_paged_arguments(gen):

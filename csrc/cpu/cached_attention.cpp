@@ -661,9 +661,9 @@ KVType kv_type(at::ScalarType t) {
 // the given mask alone does not describe: queries placed by cache_seqlens
 // (causal: column j <= the query's position), rows skipped (bad slot id,
 // sequence or count: all hidden), columns whose page is outside the pool
-// (IndexError with checks when visible, hidden without).
+// (hidden; with checks check_visible_pages has raised already).
 at::Tensor effective_mask(const AttentionDims& d, const std::vector<Segment>& segs, const std::vector<int64_t>& valid,
-                          const at::Tensor& mask, const PageTable& table, int64_t input_rows, bool host_checks) {
+                          const at::Tensor& mask, const PageTable& table, int64_t input_rows) {
   const int64_t L = d.capacity;
   at::Tensor out = at::zeros({input_rows * d.queries, L}, at::TensorOptions().dtype(at::kByte));
   uint8_t* o = out.data_ptr<uint8_t>();
@@ -687,13 +687,7 @@ at::Tensor effective_mask(const AttentionDims& d, const std::vector<Segment>& se
       for (int64_t p0 = 0; p0 < L; p0 += table.page_size) {
         if (paged_cell(table, seg.kv_row, p0) >= 0) continue;
         const int64_t p1 = std::min(L, p0 + table.page_size);
-        for (int64_t j = p0; j < p1; ++j) {
-          TORCH_CHECK_INDEX(!host_checks || row[j] == 0, "cached_attention: block_tables[", seg.kv_row, ", ",
-                            p0 / table.page_size, "] = ", page_entry(table, seg.kv_row, p0),
-                            " is outside the page pool [0, ", table.num_pages, ") but column ", j,
-                            " is visible to query ", i, " of row ", w);
-          row[j] = 0;
-        }
+        std::fill(row + p0, row + p1, uint8_t{0});
       }
     }
   }
@@ -701,21 +695,15 @@ at::Tensor effective_mask(const AttentionDims& d, const std::vector<Segment>& se
 }
 
 // Without a mask, queries see the columns below their row's cache_seqlens: whether every page those
-// columns live in is inside the pool. A visible page outside it raises with checks (the message
-// effective_mask gives) and, without, returns false (its columns must be hidden: a built mask).
-bool visible_pages_in_pool(const AttentionDims& d, const std::vector<Segment>& segs, const std::vector<int64_t>& valid,
-                           const PageTable& table, bool host_checks) {
+// columns live in is inside the pool (if not, with checks off, its columns must be hidden: a built mask).
+bool visible_pages_in_pool(const std::vector<Segment>& segs, const std::vector<int64_t>& valid,
+                           const PageTable& table) {
   if (table.data == nullptr) return true;
   for (size_t w = 0; w < segs.size(); ++w) {
     const Segment& seg = segs[w];
     if (seg.kv_row < 0 || seg.count == 0) continue;
     for (int64_t p0 = 0; p0 < valid[w]; p0 += table.page_size) {
-      if (paged_cell(table, seg.kv_row, p0) >= 0) continue;
-      TORCH_CHECK_INDEX(!host_checks, "cached_attention: block_tables[", seg.kv_row, ", ", p0 / table.page_size,
-                        "] = ", page_entry(table, seg.kv_row, p0), " is outside the page pool [0, ", table.num_pages,
-                        ") but column ", p0, " is visible to query ", std::max<int64_t>(0, p0 - (valid[w] - seg.count)),
-                        " of row ", w);
-      return false;
+      if (paged_cell(table, seg.kv_row, p0) < 0) return false;
     }
   }
   return true;
@@ -745,6 +733,7 @@ at::Tensor cached_attention_cpu(const at::Tensor& query, const at::Tensor& key_v
   if (d.paged) {
     table_cpu = block_tables->contiguous();
     table = check_block_tables("cached_attention", table_cpu, d.rows, key_value);
+    if (check_bounds) check_visible_pages(d, *block_tables, mask, plan);  // the one rule, every backend
   }
 
   // Unusual layouts are copied once (the kernels want contiguous cache rows and mask rows).
@@ -756,7 +745,7 @@ at::Tensor cached_attention_cpu(const at::Tensor& query, const at::Tensor& key_v
   const bool plain = d.has_mask && !d.paged && !any_skipped;
   const int64_t mask_rows = (d.packed ? 1 : d.batch) * d.queries;
   std::vector<int64_t> limits;
-  const bool by_limits = !d.has_mask && visible_pages_in_pool(d, segs, valid, table, check_bounds);
+  const bool by_limits = !d.has_mask && visible_pages_in_pool(segs, valid, table);
   at::Tensor mk;
   if (plain) {
     mk = mask->stride(3) == 1 ? *mask : mask->contiguous();
@@ -769,7 +758,7 @@ at::Tensor cached_attention_cpu(const at::Tensor& query, const at::Tensor& key_v
     }
   } else {
     const at::Tensor given = d.has_mask ? *mask : at::Tensor();
-    mk = effective_mask(d, segs, valid, given, table, d.packed ? 1 : d.batch, check_bounds);
+    mk = effective_mask(d, segs, valid, given, table, d.packed ? 1 : d.batch);
   }
 
   Problem P{};
