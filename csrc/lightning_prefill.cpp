@@ -164,7 +164,7 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
     full_block_decay = at::exp(-s * static_cast<double>(block));                    // [H, 1, 1]
   }
   if (keep.has_value()) count = keep->view({d.batch, d.tokens}).to(at::kLong).cumsum(1);
-  // [rows*H, c, D] block of a dense input (the first `rows` batch rows), times a [H or rows*H-shaped, c, 1] factor.
+  // [rows*H, c, D] block of a dense input (`rows` batch rows), times a [H or rows*H-shaped, c, 1] factor.
   auto times_factor = [&](const at::Tensor& x, const at::Tensor& factor, int64_t rows) {
     const int64_t c = x.size(1);
     return (x.view({rows, d.heads, c, x.size(2)}) * factor).view({rows * d.heads, c, x.size(2)});
@@ -255,6 +255,10 @@ at::Tensor lightning_prefill_chunked(at::Tensor& state, const at::Tensor& query,
   return out.transpose(1, 2).to(query.scalar_type()).contiguous();
 }
 
+at::Tensor int64_on(const std::vector<int64_t>& values, const at::Device& device) {
+  return at::tensor(values, at::TensorOptions().dtype(at::kLong)).to(device);  // blocking: `values` may go
+}
+
 void scatter_state_rows_aten(at::Tensor& state, const at::Tensor& rows, const std::optional<at::Tensor>& slot_ids) {
   if (!slot_ids.has_value()) {
     state.copy_(rows);
@@ -265,9 +269,9 @@ void scatter_state_rows_aten(at::Tensor& state, const at::Tensor& rows, const st
   state.index_copy_(0, slot_ids->index_select(0, taken), rows.index_select(0, taken).to(state.scalar_type()));
 }
 
-// Packed sequences as one padded batch: sequence s becomes row s of [S, max_len],
-// its tokens first and the rest masked (a masked token leaves the state as it
-// is and outputs zero, so each row's state and outputs are its sequence's).
+// Packed sequences as one padded batch: each sequence becomes a row of [S, max_len]
+// (longest first), its tokens first and the rest masked (a masked token leaves the
+// state as it is and outputs zero, so each row's state and outputs are its sequence's).
 // Checkpoints go to a scratch buffer and only each sequence's own (counted in
 // its own tokens) are kept: the padded row would also reach later ones.
 at::Tensor lightning_prefill_packed(at::Tensor& state, const at::Tensor& query, const at::Tensor& key,
@@ -303,16 +307,16 @@ at::Tensor lightning_prefill_packed(at::Tensor& state, const at::Tensor& query, 
   }
   const auto longs = at::TensorOptions().dtype(at::kLong);
   const at::Device device = query.device();
-  const at::Tensor gather_at = at::tensor(gather, longs).to(device);
-  const at::Tensor order_at = at::tensor(order, longs).to(device);
+  const at::Tensor gather_at = int64_on(gather, device);
+  const at::Tensor order_at = int64_on(order, device);
   auto padded = [&](const at::Tensor& x) {  // [1, T, H, D] -> [S, longest, H, D], zero-padded
     const at::Tensor rows = at::cat({x.select(0, 0), at::zeros({1, x.size(2), x.size(3)}, x.options())});
     return rows.index_select(0, gather_at).view({S, longest, x.size(2), x.size(3)});
   };
-  const at::Tensor lengths = at::tensor(row_tokens, longs).to(device);
+  const at::Tensor lengths = int64_on(row_tokens, device);
   const at::Tensor mask = at::arange(longest, longs.device(device)).unsqueeze(0).lt(lengths.unsqueeze(1));
   // Rows of skipped sequences are skipped rows (slot -1).
-  const at::Tensor kept_at = at::tensor(kept, longs).to(device).ne(0);
+  const at::Tensor kept_at = int64_on(kept, device).ne(0);
   const at::Tensor slot_of = slot_ids.has_value() ? slot_ids->index_select(0, order_at) : order_at;
   const std::optional<at::Tensor> slots = at::where(kept_at, slot_of, at::full({}, -1, slot_of.options()));
 
@@ -332,15 +336,15 @@ at::Tensor lightning_prefill_packed(at::Tensor& state, const at::Tensor& query, 
     for (int64_t i = 0; i < S; ++i) {
       own[i] = kept[i] ? checkpoints_written(row_tokens[i], checkpoints->size(1), checkpoint_every) : 0;
     }
-    const at::Tensor own_at = at::tensor(own, longs).to(device);
+    const at::Tensor own_at = int64_on(own, device);
     const at::Tensor take = at::arange(checkpoints->size(1), longs.device(device)).unsqueeze(0).lt(own_at.unsqueeze(1));
     at::Tensor dst = *checkpoints;
     dst.index_copy_(0, order_at, at::where(take.view({S, -1, 1, 1, 1}), *scratch, dst.index_select(0, order_at)));
   }
   if (!out_token.empty()) {
-    out.select(0, 0).index_copy_(0, at::tensor(out_token, longs).to(device),
+    out.select(0, 0).index_copy_(0, int64_on(out_token, device),
                                  padded_out.reshape({S * longest, d.heads, d.value_dim})
-                                     .index_select(0, at::tensor(out_source, longs).to(device)));
+                                     .index_select(0, int64_on(out_source, device)));
   }
   return out;
 }

@@ -14,6 +14,9 @@ namespace lightning_cache {
 // skipped). One implementation per backend.
 using ScatterStateRows = void (*)(at::Tensor& state, const at::Tensor& rows, const std::optional<at::Tensor>& slot_ids);
 
+// `values` as an int64 tensor on `device` (host index data for a kernel or an ATen op).
+at::Tensor int64_on(const std::vector<int64_t>& values, const at::Device& device);
+
 // ScatterStateRows with ATen ops, for any device (slot ids sanitized).
 void scatter_state_rows_aten(at::Tensor& state, const at::Tensor& rows, const std::optional<at::Tensor>& slot_ids);
 

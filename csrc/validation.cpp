@@ -890,20 +890,16 @@ void check_visible_pages(const AttentionDims& d, const at::Tensor& block_tables,
   // seen[r, j]: some query of row r sees column j.
   at::Tensor seen;
   if (mask.has_value()) {
-    seen = mask->select(1, 0).any(1);  // [B, L]; a mask excludes cu_seqlens, so rows are batch rows
+    // [B, L]. A mask excludes cu_seqlens and cache_seqlens, and block tables exclude slot_ids: every
+    // row is a batch row and none is skipped.
+    seen = mask->select(1, 0).any(1);
   } else {
-    std::vector<int64_t> limit(d.rows, 0);
+    std::vector<int64_t> limit(d.rows, 0);  // skipped rows see nothing
     for (int64_t r = 0; r < d.rows; ++r) {
       if (plan.rows[r].kv_row >= 0 && plan.rows[r].count > 0) limit[r] = plan.valid[r];
     }
     const at::Tensor limits = at::tensor(limit, at::TensorOptions().dtype(at::kLong)).to(table.device());
     seen = at::arange(L, table.options()).unsqueeze(0).lt(limits.unsqueeze(1));
-  }
-  if (!plan.rows.empty()) {  // skipped rows see nothing
-    std::vector<uint8_t> kept(d.rows);
-    for (int64_t r = 0; r < d.rows; ++r) kept[r] = plan.rows[r].kv_row >= 0;
-    const at::Tensor keep = at::tensor(std::vector<int64_t>(kept.begin(), kept.end()), at::kLong).to(table.device());
-    seen = seen.logical_and(keep.ne(0).unsqueeze(1));
   }
   const at::Tensor hits = seen.logical_and(hidden_column).nonzero().cpu();  // [n, 2]: (row, column)
   if (hits.size(0) == 0) return;

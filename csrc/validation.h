@@ -292,10 +292,10 @@ AttentionRows plan_attention_rows(const AttentionDims& d, const std::optional<at
                                   const std::optional<at::Tensor>& cache_seqlens,
                                   const std::optional<at::Tensor>& slot_ids, bool host_checks);
 
-// Paged cached_attention with checks, for kernels that read the block table
-// on the device: every column a query of a kept row sees (by `mask`, or
-// causally by plan.valid) must lie in a page of the pool, else IndexError
-// naming the block_tables entry. ATen ops on the table's device; one sync.
+// Paged cached_attention with checks, on every backend: every column a query
+// of a kept row sees (by `mask`, or causally by plan.valid) must lie in a page
+// of the pool, else IndexError naming the block_tables entry. ATen ops on the
+// table's device; one sync.
 void check_visible_pages(const AttentionDims& d, const at::Tensor& block_tables, const std::optional<at::Tensor>& mask,
                          const AttentionRows& plan);
 

@@ -745,7 +745,8 @@ at::Tensor cached_attention_cpu(const at::Tensor& query, const at::Tensor& key_v
   const bool plain = d.has_mask && !d.paged && !any_skipped;
   const int64_t mask_rows = (d.packed ? 1 : d.batch) * d.queries;
   std::vector<int64_t> limits;
-  const bool by_limits = !d.has_mask && visible_pages_in_pool(segs, valid, table);
+  // (With checks, check_visible_pages has already refused any such page.)
+  const bool by_limits = !d.has_mask && (check_bounds || visible_pages_in_pool(segs, valid, table));
   at::Tensor mk;
   if (plain) {
     mk = mask->stride(3) == 1 ? *mask : mask->contiguous();

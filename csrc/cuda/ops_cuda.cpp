@@ -33,14 +33,11 @@ void check_kernel_limits(const KVCacheDims& d) {
 // plan_writes' result as the write kernel reads it: one int64 tensor on `device`,
 // [cells | rows | starts | lengths] (see launch_write_rows), copied in one transfer.
 at::Tensor upload_plan(const WritePlan& plan, const at::Device& device) {
-  const int64_t tokens = static_cast<int64_t>(plan.cell.size()), rows = static_cast<int64_t>(plan.row.size());
-  at::Tensor host = at::empty({tokens + 3 * rows}, at::TensorOptions().dtype(at::kLong));
-  int64_t* out = host.data_ptr<int64_t>();
-  out = std::copy(plan.cell.begin(), plan.cell.end(), out);
-  out = std::copy(plan.row.begin(), plan.row.end(), out);
-  out = std::copy(plan.start.begin(), plan.start.end(), out);
-  std::copy(plan.length.begin(), plan.length.end(), out);
-  return host.to(device);  // a blocking copy: `host` may be freed when this returns
+  std::vector<int64_t> flat(plan.cell);
+  for (const std::vector<int64_t>* part : {&plan.row, &plan.start, &plan.length}) {
+    flat.insert(flat.end(), part->begin(), part->end());
+  }
+  return int64_on(flat, device);
 }
 
 // Slot ids the kernel reads (contiguous int64 [B], -1 = skip), or null.
@@ -169,10 +166,9 @@ at::Tensor lightning_prefill_cuda(at::Tensor& state, const at::Tensor& query, co
     // Packed: one CTA group per sequence, its bounds from the host; tokens of no sequence stay zero.
     at::Tensor bounds;
     if (d.packed) {
-      at::Tensor host = at::empty({d.batch, 2}, at::TensorOptions().dtype(at::kLong));
-      int64_t* b = host.data_ptr<int64_t>();
-      for (int64_t s = 0; s < d.batch; ++s) b[2 * s] = seqs.begin[s], b[2 * s + 1] = seqs.length[s];
-      bounds = host.to(query.device());  // blocking: `host` is freed on return
+      std::vector<int64_t> flat;
+      for (int64_t s = 0; s < d.batch; ++s) flat.insert(flat.end(), {seqs.begin[s], seqs.length[s]});
+      bounds = int64_on(flat, query.device());
     }
     const auto shape = {d.packed ? int64_t(1) : d.batch, d.tokens, d.heads, d.value_dim};
     at::Tensor out = d.packed ? at::zeros(shape, query.options()) : at::empty(shape, query.options());
@@ -221,16 +217,14 @@ at::Tensor cached_attention_cuda(const at::Tensor& query, const at::Tensor& key_
   int64_t max_queries = d.queries;
   if (planned) {
     rows = plan_attention_rows(d, cu_seqlens, cache_seqlens, slot_ids, check_bounds);
-    at::Tensor host = at::empty({d.rows, 5}, at::TensorOptions().dtype(at::kLong));
-    int64_t* e = host.data_ptr<int64_t>();
+    std::vector<int64_t> flat;  // [rows, 5]: src, i0, count, kv_row, valid (-1 without cache_seqlens)
     max_queries = 0;
     for (int64_t r = 0; r < d.rows; ++r) {
       const AttentionRow& row = rows.rows[r];
-      e[r * 5 + 0] = row.src, e[r * 5 + 1] = row.i0, e[r * 5 + 2] = row.count, e[r * 5 + 3] = row.kv_row;
-      e[r * 5 + 4] = rows.valid.empty() ? -1 : rows.valid[r];
+      flat.insert(flat.end(), {row.src, row.i0, row.count, row.kv_row, rows.valid.empty() ? -1 : rows.valid[r]});
       if (row.kv_row >= 0) max_queries = std::max(max_queries, row.count);
     }
-    plan = host.to(query.device());  // blocking: `host` is freed on return
+    plan = int64_on(flat, query.device());
   }
   PageTable table;
   if (d.paged) {

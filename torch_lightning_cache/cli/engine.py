@@ -114,17 +114,17 @@ class PackedEngine:
         self.draft_noise = draft_noise
         self.noise = torch.Generator(device=system.device).manual_seed(seed + 2)
         self.accepted = self.drafted = 0
-        if draft is not None:
-            if draft_tokens < 1:
-                raise ValueError(f"draft_tokens must be at least 1, got {draft_tokens}")
-            draft.init_pages(num_pages, page_size)
+        if draft is not None and draft_tokens < 1:
+            raise ValueError(f"draft_tokens must be at least 1, got {draft_tokens}")
         self.device = system.device
         self.system = system.tolist()
         self.page_size = page_size
         self.pages = PageAllocator(num_pages)
         model.init_pages(num_pages, page_size)
-        if draft is not None and not all(layer.mixer.paged_ops for layer in list(model.layers) + list(draft.layers)):
-            raise ValueError("speculative decoding in the packed engine needs the packed ops (cu_seqlens=)")
+        if draft is not None:  # its own pools, addressed by the same page ids
+            draft.init_pages(num_pages, page_size)
+            if not all(layer.mixer.paged_ops for layer in list(model.layers) + list(draft.layers)):
+                raise ValueError("speculative decoding in the packed engine needs the packed ops (cu_seqlens=)")
         self.scheduler = TokenBudgetScheduler(token_budget)
         self.free_slots = list(range(model.batch_size))
         self.lightning = [layer.mixer for layer in model.layers if layer.kind != ATTENTION]
@@ -205,23 +205,11 @@ class PackedEngine:
         proposals: dict[int, list[int]] = {}
         if self.draft is not None:
             proposals = self._propose(plan)
-        tokens, lengths, starts, slots, tables = [], [], [], [], []
-        for run, n in plan:
-            n += len(proposals.get(id(run), []))
-            grow = pages_for(run.cached + n, self.page_size) - len(run.pages)  # < 0 after a speculative rollback
-            run.pages += self.pages.alloc(max(grow, 0))
-            first_written = run.cached // self.page_size
-            for page in run.pages[first_written: pages_for(run.cached + n, self.page_size)]:
-                self.pages.check_writable(page)
-            tokens += run.next_tokens(n) if id(run) not in proposals else run.next_tokens(1) + proposals[id(run)]
-            lengths.append(n)
-            starts.append(run.cached)
-            slots.append(run.slot)
-            tables.append(run.pages)
+        sequences = [(run, run.cached, run.next_tokens(n) if id(run) not in proposals
+                      else run.next_tokens(1) + proposals[id(run)]) for run, n in plan]
+        lengths = [len(tokens) for _, _, tokens in sequences]
         checkpoint_tokens = 1 + max((len(p) for p in proposals.values()), default=-1) if proposals else 0
-        batch = PackedBatch.build(lengths, starts, slots, tables, self.page_size, self.device,
-                                  checkpoint_tokens=checkpoint_tokens)
-        ids = torch.tensor(tokens, dtype=torch.int64, device=self.device)[None]
+        ids, batch = self._pack(sequences, checkpoint_tokens)
         if not proposals:
             choices = self.model.forward_packed(ids, batch).argmax(-1).tolist()
             if self.draft is not None:  # the draft takes in the same prefill chunks
@@ -256,6 +244,26 @@ class PackedEngine:
         for mixer, snapshots in zip(self.draft_lightning, self._draft_snapshots[id(run)]):
             mixer.state[run.slot] = snapshots[ok]
 
+    def _pack(self, sequences: list[tuple[Running, int, list[int]]],
+              checkpoint_tokens: int = 0) -> tuple[torch.Tensor, PackedBatch]:
+        """One packed forward's input: each ``(run, position, tokens)`` writes ``tokens`` at ``position ..`` of
+        its request, whose pages grow to hold them (the pages written must each have a single holder)."""
+        ids, lengths, starts, slots, tables = [], [], [], [], []
+        for run, position, tokens in sequences:
+            end = position + len(tokens)
+            grow = pages_for(end, self.page_size) - len(run.pages)  # < 0 after a speculative rollback
+            run.pages += self.pages.alloc(max(grow, 0))
+            for page in run.pages[position // self.page_size: pages_for(end, self.page_size)]:
+                self.pages.check_writable(page)
+            ids += tokens
+            lengths.append(len(tokens))
+            starts.append(position)
+            slots.append(run.slot)
+            tables.append(run.pages)
+        batch = PackedBatch.build(lengths, starts, slots, tables, self.page_size, self.device,
+                                  checkpoint_tokens=checkpoint_tokens)
+        return torch.tensor(ids, dtype=torch.int64, device=self.device)[None], batch
+
     def _advance(self, run: Running, n: int, new_tokens: list[int]) -> None:
         """``n`` more of the request's tokens are in the cache; ``new_tokens`` follow them when decoding."""
         run.cached += n
@@ -277,24 +285,17 @@ class PackedEngine:
         depth = max(room[key] for key in proposals)
         for t in range(depth + 1):  # call t takes in token t (the pending token, then proposal t)
             if t == 0:  # with the step's prefill chunks, which the target runs in its one forward
-                members = [(run, n) for run, n in plan]
+                members = list(plan)
             else:
                 members = [(run, 1) for run in decoding if id(run) in proposals and room[id(run)] >= t]
-            tokens, lengths, starts, slots, tables = [], [], [], [], []
+            sequences = []
             for run, n in members:
-                speculating = id(run) in proposals
-                position = run.cached + (t if speculating else 0)
-                grow = pages_for(position + n, self.page_size) - len(run.pages)
-                run.pages += self.pages.alloc(max(grow, 0))
-                tokens += ([run.request.generated[-1]] if t == 0 else [proposals[id(run)][t - 1]]) \
-                    if speculating else run.next_tokens(n)
-                lengths.append(n)
-                starts.append(position)
-                slots.append(run.slot)
-                tables.append(run.pages)
-            batch = PackedBatch.build(lengths, starts, slots, tables, self.page_size, self.device)
-            logits = self.draft.forward_packed(torch.tensor(tokens, dtype=torch.int64, device=self.device)[None],
-                                               batch)
+                if id(run) not in proposals:  # a prefill chunk (or a last decode): what the target takes in
+                    sequences.append((run, run.cached, run.next_tokens(n)))
+                else:
+                    token = run.next_tokens(1) if t == 0 else [proposals[id(run)][t - 1]]  # pending, then proposals
+                    sequences.append((run, run.cached + t, token))
+            logits = self.draft.forward_packed(*self._pack(sequences))
             if self.draft_noise > 0:  # the draft's deliberate mistakes
                 logits = logits + self.draft_noise * logits.std(-1, keepdim=True) * torch.randn(
                     logits.shape, generator=self.noise, device=logits.device)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 try:
+    from transformers.cache_utils import DynamicLayer  # the layer class of Hugging Face's caches
     from transformers.models.minimax import modeling_minimax as _hf
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("torch_lightning_cache.integrations.transformers needs Hugging Face transformers "
@@ -46,11 +47,6 @@ from .. import ops
 from ..cache import ATTENTION, LIGHTNING, LightningCache, LightningCacheMetaData, LightningCacheView
 
 __all__ = ["LightningMiniMaxCache", "patch_minimax"]
-
-try:  # the layer class Hugging Face's caches hold (5.x)
-    from transformers.cache_utils import DynamicLayer as _DynamicLayer
-except ImportError:  # pragma: no cover - older transformers
-    _DynamicLayer = None
 
 _KINDS = {"full_attention": ATTENTION, "linear_attention": LIGHTNING}
 
@@ -69,6 +65,13 @@ def _layer_kinds(config) -> list[str]:
 
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _hf_keys_values(key_value: torch.Tensor, tokens: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``tokens`` of a unified K|V buffer as Hugging Face's (keys, values) views, [batch, heads,
+    tokens, head_dim] each."""
+    held = key_value[:, :tokens]
+    return held[..., :head_dim].transpose(1, 2), held[..., head_dim:].transpose(1, 2)
 
 
 class LightningMiniMaxCache(_hf.MiniMaxCache):
@@ -108,12 +111,10 @@ class LightningMiniMaxCache(_hf.MiniMaxCache):
             return []
         out = []
         for view in self.lightning:
-            layer = _DynamicLayer()
+            layer = DynamicLayer()
             if view.layer_kind == ATTENTION:
-                d = _head_dim(self.config)
-                held = view.key_value[:, :self._length]
-                layer.keys, layer.values = held[..., :d].transpose(1, 2), held[..., d:].transpose(1, 2)
-                layer.dtype, layer.device, layer.is_initialized = held.dtype, held.device, True
+                layer.keys, layer.values = _hf_keys_values(view.key_value, self._length, _head_dim(self.config))
+                layer.dtype, layer.device, layer.is_initialized = layer.keys.dtype, layer.keys.device, True
             out.append(layer)
         return out
 
@@ -376,8 +377,7 @@ class _PatchedMiniMaxAttention(_hf.MiniMaxAttention):
         # A padding query sees no column; give it every column so the softmax stays finite (its output reaches
         # nothing: later queries never see a padding key, and the lightning layers skip padding tokens).
         mask = mask | ~mask.any(dim=-1, keepdim=True)
-        keys = view.key_value[:, :total, :, :self.head_dim].transpose(1, 2)
-        values = view.key_value[:, :total, :, self.head_dim:].transpose(1, 2)
+        keys, values = _hf_keys_values(view.key_value, total, self.head_dim)
         weights = None
         if step["attentions"]:  # the weights Hugging Face's eager attention returns: softmax in float32
             groups = query.shape[1] // keys.shape[1]
