@@ -3,12 +3,15 @@ scheduler (cli/engine.py) and HybridLM's packed forward over pages (models/hybri
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from torch_lightning_cache.cli.engine import TokenBudgetScheduler
 from torch_lightning_cache.models import hybrid
+from torch_lightning_cache.ops import KV_QUANTIZATION
 from torch_lightning_cache.models.hybrid import HybridConfig, HybridLM, PackedBatch
 from torch_lightning_cache.paging import OutOfPages, PageAllocator, pages_for
 
@@ -116,20 +119,25 @@ def _alone(model: HybridLM, row: int, chunks: list[torch.Tensor]) -> list[torch.
     return [model(chunk[None], row_start=row)[0, -1] for chunk in chunks]
 
 
-@pytest.mark.parametrize("with_paged_ops", [False, True], ids=["existing-ops", "paged-packed-ops"])
+@pytest.mark.parametrize("with_paged_ops,kv_quantization",
+                         [(False, None), (True, None), (True, "int8"), (True, "fp8_e4m3")],
+                         ids=["existing-ops", "paged-packed-ops", "paged-int8", "paged-fp8"])
 @pytest.mark.parametrize("page_size", [4, 16])
-def test_packed_paged_forward_equals_each_request_alone(page_size, with_paged_ops, monkeypatch):
+def test_packed_paged_forward_equals_each_request_alone(page_size, with_paged_ops, kv_quantization, monkeypatch):
     """Three requests served in packed steps (prefill chunks and decodes mixed in one forward, pages scattered
     and a prefix page shared between two of them) give the logits of each request fed alone to the contiguous
-    cache, chunk by chunk."""
+    cache, chunk by chunk; with quantized K|V, pages of codes against quantized contiguous rows."""
     if with_paged_ops and not hybrid.PAGED_PACKED_OPS:
         pytest.skip("the built operator library has no block_tables / cu_seqlens arguments")
     monkeypatch.setattr(hybrid, "PAGED_PACKED_OPS", with_paged_ops)
     torch.manual_seed(0)
-    packed = HybridLM(CONFIG, batch_size=4, seed=3).eval()
-    alone = HybridLM(CONFIG, batch_size=3, seed=3).eval()
+    config = dataclasses.replace(CONFIG, kv_quantization=kv_quantization)
+    packed = HybridLM(config, batch_size=4, seed=3).eval()
+    alone = HybridLM(config, batch_size=3, seed=3).eval()
     packed.init_pages(num_pages=32, page_size=page_size)
     assert all(layer.mixer.paged_ops == with_paged_ops for layer in packed.layers)  # the path under test
+    if kv_quantization is not None:
+        assert all(pool.dtype == KV_QUANTIZATION[kv_quantization] for pool in packed.pages)
     prefix = torch.randint(0, 64, (2 * page_size,))  # two full pages shared by requests 0 and 2
     prompts = [torch.cat([prefix, torch.randint(0, 64, (5,))]), torch.randint(0, 64, (11,)),
                torch.cat([prefix, torch.randint(0, 64, (3,))])]
@@ -196,6 +204,18 @@ def test_packed_paged_forward_equals_each_request_alone(page_size, with_paged_op
             for a, b in zip(got[r], reference):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert pages.refcount(tables[0][0]) == 2 and pages.refcount(tables[1][0]) == 1
+    if kv_quantization is not None:  # the pages written hold codes and their scales
+        for pool, scales in zip(packed.pages, packed.page_scales):
+            written = min(page_size, position[1])  # request 1's first page: its first tokens
+            assert pool[tables[1][0], :written].abs().float().sum() > 0
+            assert (scales[tables[1][0], :written] > 0).all()
+
+
+def test_quantized_pages_need_the_paged_ops(monkeypatch):
+    monkeypatch.setattr(hybrid, "PAGED_PACKED_OPS", False)
+    model = HybridLM(dataclasses.replace(CONFIG, kv_quantization="int8"), batch_size=2)
+    with pytest.raises(ValueError, match="quantized pages .*need the paged and packed ops"):
+        model.init_pages(num_pages=4, page_size=4)
 
 
 # --------------------------------------------------------------------------- token-budget scheduler

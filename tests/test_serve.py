@@ -81,7 +81,21 @@ def test_demo_serve_both_engines_side_by_side(capsys):
                      r"same tokens: True", out), out
 
 
-def test_demo_serve_packed_self_check_catches_a_missing_prefix_state(capsys, monkeypatch):
+@pytest.mark.parametrize("kv_quantization", ["int8", "fp8_e4m3"])
+def test_demo_serve_quantized_kv_on_both_engines(capsys, kv_quantization):
+    """--kv-quantization: both engines serve from codes (pages of codes in the packed one), each request checked
+    against itself decoded alone on the same quantized storage; the engines agree token for token."""
+    rc, out = _run(capsys, SMALL + ["--engine", "both", "--page-size", "4", "--token-budget", "8",
+                                    "--kv-quantization", kv_quantization])
+    assert rc == 0, out
+    assert f"K|V storage: {kv_quantization} codes + float32 scales, 40 bytes per token and head" in out, out
+    assert out.count(f"self-check against each request alone on its own {kv_quantization} cache: PASS (0 differing "
+                     "tokens") == 4, out
+    assert "same tokens: True" in out.splitlines()[-2], out
+
+
+@pytest.mark.parametrize("kv_quantization", [None, "int8"])
+def test_demo_serve_packed_self_check_catches_a_missing_prefix_state(capsys, monkeypatch, kv_quantization):
     """A prefix hit that shares the pages but starts the lightning states from zero changes tokens: exit 1."""
     from torch_lightning_cache.cli import engine
 
@@ -92,7 +106,8 @@ def test_demo_serve_packed_self_check_catches_a_missing_prefix_state(capsys, mon
         self.prefix_states = [torch.zeros_like(state) for state in self.prefix_states]
 
     monkeypatch.setattr(engine.PackedEngine, "_save_prefix", save_zero_states)
-    rc, out = _run(capsys, SMALL + ["--page-size", "4"])
+    quantized = ["--kv-quantization", kv_quantization] if kv_quantization else []
+    rc, out = _run(capsys, SMALL + ["--page-size", "4"] + quantized)
     assert rc == 1, out
     assert "FAIL" in next(line for line in out.splitlines() if "self-check" in line), out
 
@@ -107,22 +122,24 @@ def test_demo_serve_rejects_bad_options(capsys):
     for option in ("--token-budget", "--page-size", "--max-running"):
         assert cli.main(SMALL + [option, "0"]) == 2
         assert f"{option} must be at least 1" in capsys.readouterr().err
-    assert cli.main(SMALL + ["--kv-quantization", "int8"]) == 2
-    assert "does not apply to --serve" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kv_quantization", [None, "int8"])
+@pytest.mark.parametrize("kv_quantization", [None, "int8", "fp8_e4m3"])
 def test_pool_cache_shares_the_model_buffers(kv_quantization):
     from torch_lightning_cache.models.hybrid import HybridConfig, HybridLM
 
     model = HybridLM(HybridConfig(hidden_size=16, num_layers=2, num_heads=2, head_dim=8, intermediate_size=16,
                                   max_length=8, kv_quantization=kv_quantization), batch_size=3)
     pool = serve.pool_cache(model)
-    for buffer in model.cache_buffers():
+
+    def buffers():  # fp8 codes as their bytes (CPU has no fp8 random_ / equal)
+        return [b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b for b in model.cache_buffers()]
+
+    for buffer in buffers():
         buffer.random_(0, 100)
-    expected = [b.clone() for b in model.cache_buffers()]
+    expected = [b.clone() for b in buffers()]
     pool.copy_slots(torch.tensor([0]), torch.tensor([2]))
-    for before, after in zip(expected, model.cache_buffers()):
+    for before, after in zip(expected, buffers()):
         if before.numel():  # an unquantized attention layer's scales are empty
             before[2] = before[0]
         assert torch.equal(before, after)

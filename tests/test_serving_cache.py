@@ -233,3 +233,33 @@ def run_without_checks(cache, method, args, compiled):
     torch._dynamo.reset()
     # Compiled code skips the host check whatever check_bounds says: the default (True) is traced.
     torch.compile(lambda *a: getattr(cache, method)(*a), backend="aot_eager", fullgraph=True)(*args)
+
+
+@pytest.mark.parametrize("kv_quantization", ["int8", "fp8_e4m3"])
+def test_slot_methods_move_codes_and_scales_of_quantized_storage(device, gen, kv_quantization):
+    """Quantized attention layers: codes (fp8 included, which CPU indexing lacks) and scales move with their
+    rows, bit for bit, in reorder_cache, copy_slots and reset_slots."""
+    meta = LightningCacheMetaData.create(batch_size=POOL, num_heads=2, key_dim=3, value_dim=5, max_length=7,
+                                         device=device, kv_quantization=kv_quantization)
+    cache = LightningCache.init_cache(2, meta, layer_kinds=minimax_layer_kinds(2, attention_every=2))
+    attention = cache[1]
+    attention.concatenate_to_cache(*(torch.randn(POOL, 4, 2, d, generator=gen).to(device) for d in (3, 3, 5)), None)
+    cache[0].key_value.copy_(torch.randn(cache[0].key_value.shape, generator=gen).to(device))
+
+    def state():
+        rows = (attention.key_value, attention.index.view(POOL, 1), attention.scales, cache[0].key_value)
+        return [bits(t).clone() for t in rows]  # each [POOL, ...]: bytes in the last dim
+
+    before = state()
+    assert before[0].any() and before[2].any()  # something to move
+    cache.reorder_cache(ids([5, 4, 3, 2, 1, 0], device))
+    assert all(torch.equal(a, b.flip(0)) for a, b in zip(state(), before))
+    cache.copy_slots(ids([0, 1], device), ids([3, 0], device))  # rows 0, 1 now hold the original rows 5, 4
+    expected = [b.flip(0) for b in before]
+    for e in expected:
+        e[3], e[0] = e[0].clone(), e[1].clone()
+    assert all(torch.equal(a, e) for a, e in zip(state(), expected))
+    cache.reset_slots(ids([2], device))
+    for e in expected:
+        e[2] = 0
+    assert all(torch.equal(a, e) for a, e in zip(state(), expected))

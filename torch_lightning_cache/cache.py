@@ -453,12 +453,14 @@ class LightningCache:
         """Every allocated per-row buffer (row = dim 0): attention ``key_value``/``index``, lightning states.
 
         On a mesh, each rank's local shard (aliasing the DTensor's storage): ids are rows of the rank's own
-        shard, as slot ids are, and nothing is communicated."""
+        shard, as slot ids are, and nothing is communicated. fp8 codes come as their bytes (uint8 views of the
+        same memory), since row copies move bits and CPU indexing kernels lack the float8 dtypes."""
         buffers = []
         for i, view in enumerate(self.views):
             if view is None or view.key_value is None:
                 continue
-            local = (lambda t: t.to_local()) if sharding.is_dtensor(view.key_value) else (lambda t: t)
+            local = (lambda t: _as_bytes_if_fp8(t.to_local())) if sharding.is_dtensor(view.key_value) \
+                else _as_bytes_if_fp8
             buffers.append((f"layer {i} key_value", local(view.key_value)))
             if view.index is not None:
                 buffers.append((f"layer {i} index", local(view.index)))
@@ -589,6 +591,10 @@ class LightningCache:
         return f"{self.__class__.__name__}(\n  " + "\n  ".join(str(view) for view in self.views) + "\n)"
 
     __str__ = __repr__
+
+
+def _as_bytes_if_fp8(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
 
 
 def minimax_layer_kinds(num_hidden_layers: int, attention_every: int = 8) -> list[str]:

@@ -36,6 +36,12 @@ cache, no custom op) over the request's own sequence up to it; one recomputation
 per request checks all its tokens. A token whose uncached logit is within the
 demo's tolerance of the best one counts as a near-tie (reported, not an error:
 the cached and uncached paths round differently). Any other difference exits 1.
+
+``--kv-quantization int8|fp8_e4m3``: both engines keep the attention layers' K|V as
+codes with per-token scales (pages of codes in the packed engine). Quantization
+changes the model's outputs, so the self-check's reference is then each request
+decoded alone through the model's own quantized cache (one prefill of the
+request's whole sequence, every token quantized as it is when served).
 """
 
 from __future__ import annotations
@@ -294,13 +300,27 @@ def serve_speculative(target: Engine, draft: Engine, requests: list[Request], po
     return calls, accepted, drafted
 
 
+def _logits_alone(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits ``[n, vocab]`` of ``tokens [n]`` decoded alone: without any cache, or with quantized K|V through
+    batch row 0 of the model's own cache (reset first), since quantization is part of what is served."""
+    if model.config.kv_quantization is None:
+        return model.forward_uncached(tokens[None])[0]
+    model.reset_cache()
+    return model(tokens[None])[0]
+
+
+def _alone(model) -> str:
+    quantization = model.config.kv_quantization
+    return "alone without any cache" if quantization is None else f"alone on its own {quantization} cache"
+
+
 def check_requests(model, system: torch.Tensor, requests: list[Request], tolerance: float) -> tuple[int, int]:
-    """(mismatches, near-ties) of the served tokens against each request decoded alone without a cache."""
+    """(mismatches, near-ties) of the served tokens against each request decoded alone (``_logits_alone``)."""
     mismatches = ties = 0
     for r in requests:
         context = torch.cat([system, r.prompt.to(system.device)]) if r.with_system else r.prompt.to(system.device)
         served = torch.tensor(r.generated, device=system.device)
-        logits = model.forward_uncached(torch.cat([context, served])[None])[0]
+        logits = _logits_alone(model, torch.cat([context, served]))
         logits = logits[context.numel() - 1: context.numel() - 1 + served.numel()]  # predicting each served token
         best = logits.max(-1).values
         chosen = logits.gather(-1, served[:, None])[:, 0]
@@ -341,7 +361,7 @@ def serve_packed(model, system: torch.Tensor, requests: list[Request], args: arg
     print(f"{'':<12} pages: peak {peak} of {pool} in use ({peak * args.page_size} tokens of {args.page_size}) for "
           f"up to {engine.peak_running} running requests; contiguous rows would reserve "
           f"{engine.peak_contiguous_tokens} tokens for them")
-    print(f"{'':<12} self-check against each request alone without any cache: "
+    print(f"{'':<12} self-check against each request {_alone(model)}: "
           f"{'PASS' if mismatches == 0 else 'FAIL'} ({mismatches} differing tokens, {ties} near-ties)")
     return tokens / seconds, mismatches == 0
 
@@ -360,14 +380,12 @@ def run(args: argparse.Namespace) -> int:
         if args.engine != "padded" and (args.pool_rows + 1) * args.max_length // args.page_size < -(-need // args.page_size):
             raise OptionError(f"the packed engine's page pool ((--pool-rows + 1) * --max-length tokens) cannot hold "
                               f"one request of {need} tokens in pages of {args.page_size}")
-        if getattr(args, "kv_quantization", None) is not None:  # it used to be ignored silently
-            raise OptionError("--kv-quantization does not apply to --serve (both engines serve float K|V)")
     except OptionError as error:
         return report_option_error(error)
     dtype = DTYPES[args.dtype]
     config = HybridConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                           head_dim=args.hidden // args.heads, intermediate_size=2 * args.hidden,
-                          max_length=args.max_length)
+                          max_length=args.max_length, kv_quantization=getattr(args, "kv_quantization", None))
     rows = args.pool_rows + 1  # the last row holds the cached prefix
 
     def engine():
@@ -386,6 +404,10 @@ def run(args: argparse.Namespace) -> int:
           f"{sum(r.with_system for r in requests)} of them after a {args.system_length}-token system prompt; "
           f"pool of {args.pool_rows} rows + 1 prefix row; model: {args.layers} layers "
           f"({kinds.count('lightning')} lightning, {kinds.count('attention')} attention), hidden {args.hidden}")
+    if config.kv_quantization is not None:
+        head_bytes = 2 * config.head_dim  # K and V of one head and token
+        print(f"K|V storage: {config.kv_quantization} codes + float32 scales, {head_bytes + 8} bytes per token and "
+              f"head ({args.dtype} storage: {head_bytes * DTYPES[args.dtype].itemsize})")
 
     results, speed, failed = {}, {}, False
     with torch.inference_mode():
@@ -435,7 +457,7 @@ def run(args: argparse.Namespace) -> int:
                 line += (f"; acceptance {accepted / max(drafted, 1):.1%} ({accepted}/{drafted} draft tokens, "
                          f"{args.draft_tokens} per round, draft noise {args.draft_noise:g})")
             print(line)
-            print(f"{'':<12} self-check against each request alone without any cache: "
+            print(f"{'':<12} self-check against each request {_alone(target.model)}: "
                   f"{'PASS' if mismatches == 0 else 'FAIL'} ({mismatches} differing tokens, {ties} near-ties)")
     if "speculative" in results:
         same = all(a.generated == b.generated for a, b in zip(results["plain"], results["speculative"]))

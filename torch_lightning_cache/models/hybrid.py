@@ -222,19 +222,23 @@ class CachedAttention(nn.Module):
         return self.out(o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
     @torch.jit.unused
-    def attend_packed(self, x: torch.Tensor, pages: torch.Tensor, batch) -> torch.Tensor:
-        """``forward`` on packed tokens ``x [1, T, hidden]``, K|V in the page pool ``pages [N, page_size, H, 2D]``."""
+    def attend_packed(self, x: torch.Tensor, pages: torch.Tensor, batch,
+                      page_scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``forward`` on packed tokens ``x [1, T, hidden]``, K|V in the page pool ``pages [N, page_size, H, 2D]``
+        (int8 / fp8 codes with ``page_scales [N, page_size, H, 2]`` when quantized)."""
         # batch: a PackedBatch, left unannotated (here and below) so that scripting the model does not compile it.
         t = x.shape[1]
         q, k, v = _split_qkv(self.qkv(x), self.heads, self.head_dim)
         if self.paged_ops:
             index = batch.start_positions.clone()  # advanced by the write
-            ops.write_to_cache(pages, index, k, v, check_bounds=self.check_bounds, block_tables=batch.block_tables,
-                               cu_seqlens=batch.cu_seqlens)
-            o = ops.cached_attention(q, pages, None, self.head_dim, block_tables=batch.block_tables,
+            # Quantized: the write quantizes only the new tokens; attention reads the codes (no dense copy).
+            ops.write_to_cache(pages, index, k, v, check_bounds=self.check_bounds, scales=page_scales,
+                               block_tables=batch.block_tables, cu_seqlens=batch.cu_seqlens)
+            o = ops.cached_attention(q, pages, None, self.head_dim, page_scales, block_tables=batch.block_tables,
                                      cu_seqlens=batch.cu_seqlens, cache_seqlens=batch.cache_seqlens,
                                      check_bounds=self.check_bounds)
         else:
+            assert page_scales is None, "quantized pages need the paged ops"
             o = self._attend_pages_gathered(q, k, v, pages, batch)
         return self.out(o.reshape(1, t, self.heads * self.head_dim))
 
@@ -399,11 +403,12 @@ class DecoderLayer(nn.Module):
         return self._mlp(x + h)
 
     @torch.jit.unused
-    def forward_packed(self, x: torch.Tensor, batch, pages: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward_packed(self, x: torch.Tensor, batch, pages: Optional[torch.Tensor],
+                       page_scales: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.input_norm(x)
         if self.kind == ATTENTION:
             assert pages is not None
-            h = self.mixer.attend_packed(h, pages, batch)
+            h = self.mixer.attend_packed(h, pages, batch, page_scales)
         else:
             h = self.mixer.recur_packed(h, batch)
         return self._mlp(x + h)
@@ -467,20 +472,27 @@ class HybridLM(nn.Module):
     def init_pages(self, num_pages: int, page_size: int) -> list[torch.Tensor]:
         """Gives every attention layer a paged K|V pool ``[num_pages, page_size, H, 2D]`` (zeros) for
         :meth:`forward_packed`, and returns them in layer order. Page ids are the caller's (one block table serves
-        every layer). The lightning states stay the ``[batch_size, H, D, D]`` buffers: one row per running request."""
-        if self.config.kv_quantization is not None:
-            raise ValueError("init_pages: the packed engine serves float K|V pages only (kv_quantization is "
-                             f"{self.config.kv_quantization!r})")
+        every layer). The lightning states stay the ``[batch_size, H, D, D]`` buffers: one row per running request.
+
+        With ``config.kv_quantization`` the pools hold int8 / fp8 codes and :attr:`page_scales` their per-token
+        scales ``[num_pages, page_size, H, 2]`` (else it holds None per pool)."""
         device = self.lm_head.weight.device
         paged_ops = PAGED_PACKED_OPS and _paged_packed_ops_run_on(device)
-        self.pages = []
+        quantization = self.config.kv_quantization
+        if quantization is not None and not paged_ops:
+            raise ValueError(f"init_pages: quantized pages (kv_quantization={quantization!r}) need the paged "
+                             f"and packed ops, which have no kernels on {device.type}")
+        self.pages, self.page_scales = [], []
         for layer in self.layers:
             layer.mixer.paged_ops = paged_ops  # else the same computation on the older ops
             if layer.kind == ATTENTION:
                 c = self.config
-                self.pages.append(ops.init_paged_kv_cache(num_pages, page_size, c.num_heads, c.head_dim, c.head_dim,
-                                                          dtype=layer.mixer.key_value.dtype,
-                                                          device=layer.mixer.key_value.device))
+                pool = ops.init_paged_kv_cache(num_pages, page_size, c.num_heads, c.head_dim, c.head_dim,
+                                               dtype=None if quantization else layer.mixer.key_value.dtype,
+                                               device=device, kv_quantization=quantization)
+                pool, scales = pool if quantization else (pool, None)
+                self.pages.append(pool)
+                self.page_scales.append(scales)
         self.page_size = page_size
         return self.pages
 
@@ -494,9 +506,9 @@ class HybridLM(nn.Module):
             raise ValueError(f"forward_packed: batch.page_size is {batch.page_size} but the pages hold "
                              f"{self.page_size} tokens")
         x = self.embed(input_ids)
-        pages = iter(self.pages)
+        pools = iter(zip(self.pages, self.page_scales))
         for layer in self.layers:
-            x = layer.forward_packed(x, batch, next(pages) if layer.kind == ATTENTION else None)
+            x = layer.forward_packed(x, batch, *(next(pools) if layer.kind == ATTENTION else (None, None)))
         if all_logits:
             return self.lm_head(self.final_norm(x[0])).float()
         last = (batch.cu_seqlens[1:] - 1).clamp_min(0)
