@@ -367,3 +367,55 @@ def test_patched_model_keeps_hf_checkpoint_conversions(models):
     assert len(get_model_conversion_mapping(ours, add_legacy=False)) == len(
         get_model_conversion_mapping(hf, add_legacy=False)) > 0
     assert not type(ours).is_custom_code() and not type(ours.model).is_custom_code()
+
+
+@pytest.mark.parametrize("kv_quantization", ["int8", "fp8_e4m3"])
+def test_quantized_kv_cache_equals_a_float_cache_of_the_dequantized_kv(models, kv_quantization, monkeypatch):
+    """``LightningMiniMaxCache(kv_quantization=)``: attention layers hold codes and scales and attend over the codes.
+    The reference: the float cache with every written key/value replaced by its quantize-dequantize round trip
+    (tests/reference.py's quantizer); greedy (left-padded) and beam search give its tokens and logits, the HF
+    views hold its K/V, and both differ from the unquantized run (quantization is really on)."""
+    from reference import ref_quantize_kv_tokens
+
+    from torch_lightning_cache import ops
+
+    _, _, ours, _ = models
+    config = ours.config
+    ids, mask = prompts(padded=True)
+
+    def generate(cache, **kwargs):
+        with torch.no_grad():
+            return ours.generate(ids, attention_mask=mask, past_key_values=cache, **kwargs)
+
+    quantized = LightningMiniMaxCache(config, batch_size=2, max_length=64, kv_quantization=kv_quantization)
+    got = generate(quantized, **GREEDY)
+    grown = LightningMiniMaxCache(config, batch_size=2, max_length=12, kv_quantization=kv_quantization, growable=True)
+    assert torch.equal(generate(grown, **GREEDY).sequences, got.sequences) and grown.max_length > 12
+    got_beam = generate(LightningMiniMaxCache(config, batch_size=2, max_length=64, kv_quantization=kv_quantization),
+                        **BEAM)
+    plain = generate(LightningMiniMaxCache(config, batch_size=2, max_length=64), **GREEDY)
+    write = ops.concatenate_to_cache
+
+    def write_round_trip(key_value, index, key, value, *args, **kwargs):
+        def round_trip(x):
+            codes, scales = ref_quantize_kv_tokens(x, kv_quantization)
+            return (codes.float() * scales[..., None]).to(x.dtype)
+        return write(key_value, index, round_trip(key), round_trip(value), *args, **kwargs)
+
+    monkeypatch.setattr(ops, "concatenate_to_cache", write_round_trip)
+    round_tripped = LightningMiniMaxCache(config, batch_size=2, max_length=64)
+    want = generate(round_tripped, **GREEDY)
+    want_beam = generate(LightningMiniMaxCache(config, batch_size=2, max_length=64), **BEAM)
+    assert torch.equal(got.sequences, want.sequences) and logits_error(got, want) < 1e-5
+    assert torch.equal(got_beam, want_beam)
+    print(f"{kv_quantization}: max |logits - dequantized reference| {logits_error(got, want):.2e}, "
+          f"- unquantized {logits_error(got, plain):.2e}")
+    assert logits_error(got, plain) > 10 * max(logits_error(got, want), 1e-7)  # quantization is really on
+    for i, kind in enumerate(config.layer_types):
+        if kind == "full_attention":
+            view = quantized.lightning[i]
+            assert view.key_value.dtype == ops.KV_QUANTIZATION[kv_quantization] and view.scales is not None
+            torch.testing.assert_close(quantized.layers[i].keys, round_tripped.layers[i].keys, rtol=0, atol=1e-6)
+            torch.testing.assert_close(quantized.layers[i].values, round_tripped.layers[i].values, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="kv_quantization must be one of"):
+        LightningMiniMaxCache(config, batch_size=1, max_length=4, kv_quantization="int4")

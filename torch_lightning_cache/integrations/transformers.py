@@ -67,10 +67,14 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _hf_keys_values(key_value: torch.Tensor, tokens: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``tokens`` of a unified K|V buffer as Hugging Face's (keys, values) views, [batch, heads,
-    tokens, head_dim] each."""
-    held = key_value[:, :tokens]
+def _hf_keys_values(view: LightningCacheView, tokens: int, head_dim: int,
+                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``tokens`` of an attention layer's K|V as Hugging Face's (keys, values), [batch, heads, tokens,
+    head_dim] each: views of the buffer, or, for quantized storage, dequantized copies in ``dtype``."""
+    held = view.key_value[:, :tokens]
+    if view.scales is not None:
+        keys, values = ops.dequantize_kv(held, view.scales[:, :tokens].contiguous(), head_dim, dtype or torch.float32)
+        return keys.transpose(1, 2), values.transpose(1, 2)
     return held[..., :head_dim].transpose(1, 2), held[..., head_dim:].transpose(1, 2)
 
 
@@ -87,6 +91,9 @@ class LightningMiniMaxCache(_hf.MiniMaxCache):
     ``max_rewind``: how many recent tokens :meth:`crop` can take back while recording (see the module doc).
     ``growable``: grow ``max_length`` when a forward would overflow it (the caches ``generate`` and the
     patched forward make themselves); otherwise overflowing is a ``ValueError``.
+    ``kv_quantization``: ``"int8"`` / ``"fp8_e4m3"`` keeps the attention layers' K|V as codes with per-token,
+    per-head float32 scales (``2 * head_dim + 8`` bytes per token and head instead of ``2 * head_dim`` elements);
+    each forward quantizes only its new tokens and attention reads the codes (``cached_attention``).
     """
 
     @property
@@ -113,7 +120,8 @@ class LightningMiniMaxCache(_hf.MiniMaxCache):
         for view in self.lightning:
             layer = DynamicLayer()
             if view.layer_kind == ATTENTION:
-                layer.keys, layer.values = _hf_keys_values(view.key_value, self._length, _head_dim(self.config))
+                layer.keys, layer.values = _hf_keys_values(view, self._length, _head_dim(self.config),
+                                                           self._compute_dtype)
                 layer.dtype, layer.device, layer.is_initialized = layer.keys.dtype, layer.keys.device, True
             out.append(layer)
         return out
@@ -133,11 +141,15 @@ class LightningMiniMaxCache(_hf.MiniMaxCache):
         pass
 
     def __init__(self, config, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, max_rewind: int = 32, growable: bool = False):
+                 device: torch.device | str | None = None, max_rewind: int = 32, growable: bool = False,
+                 kv_quantization: str | None = None):
         super().__init__()
         ops.check_types("LightningMiniMaxCache", batch_size=(batch_size, "int"), max_length=(max_length, "int"),
                         dtype=(dtype, "dtype?"), device=(device, "device?"), max_rewind=(max_rewind, "int"),
                         growable=(growable, "bool"))
+        if kv_quantization is not None and kv_quantization not in ops.KV_QUANTIZATION:
+            raise ValueError(f"LightningMiniMaxCache: kv_quantization must be one of {sorted(ops.KV_QUANTIZATION)} "
+                             f"or None, got {kv_quantization!r}")
         for name, value in (("batch_size", batch_size), ("max_length", max_length)):
             if value <= 0:
                 raise ValueError(f"LightningMiniMaxCache: {name} must be positive, got {value}")
@@ -151,6 +163,8 @@ class LightningMiniMaxCache(_hf.MiniMaxCache):
         self.device = torch.device(device) if device is not None else None
         self.max_rewind = max_rewind
         self.growable = growable
+        self.kv_quantization = kv_quantization
+        self._compute_dtype: torch.dtype | None = None  # the model's dtype, known at the first forward
         self.lightning: LightningCache | None = None  # allocated at the first forward
         self._length = 0  # tokens held by every row (the index of every attention layer)
         self._recording = False
@@ -255,6 +269,8 @@ class LightningMiniMaxCache(_hf.MiniMaxCache):
             view.key_value = fn(view.key_value)
             if view.index is not None:
                 view.index = fn(view.index)
+            if view.scales is not None:
+                view.scales = fn(view.scales)
         self._history.clear()
 
     def _allocate(self, rows: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -262,9 +278,10 @@ class LightningMiniMaxCache(_hf.MiniMaxCache):
         num_layers = c.num_hidden_layers
         dtype = self.dtype or dtype
         device = self.device or device
+        self._compute_dtype = dtype
         attention = LightningCacheMetaData.create(batch_size=rows, num_heads=c.num_key_value_heads,
                                                   head_dim=_head_dim(c), max_length=self.max_length, dtype=dtype,
-                                                  device=device)
+                                                  device=device, kv_quantization=self.kv_quantization)
         lightning = LightningCacheMetaData.create(batch_size=rows, num_heads=c.num_attention_heads,
                                                   head_dim=_head_dim(c), device=device, block_size=c.block_size)
         self.lightning = LightningCache([
@@ -278,9 +295,12 @@ class LightningMiniMaxCache(_hf.MiniMaxCache):
         new_length = max(needed, 2 * self.max_length)
         for view in self.lightning:
             if view.layer_kind == ATTENTION:
-                old = view.key_value
-                view.key_value = old.new_zeros((old.shape[0], new_length, *old.shape[2:]))
-                view.key_value[:, :old.shape[1]].copy_(old)
+                for name in ("key_value", "scales"):  # scales: quantized storage only
+                    old = getattr(view, name)
+                    if old is not None:
+                        grown = old.new_zeros((old.shape[0], new_length, *old.shape[2:]))
+                        grown[:, :old.shape[1]].copy_(old)
+                        setattr(view, name, grown)
         self.max_length = new_length
 
     def _begin(self, rows: int, tokens: int, attention_mask: torch.Tensor | None, dtype: torch.dtype,
@@ -351,7 +371,8 @@ def _active_step(cache) -> dict | None:
 
 
 class _PatchedMiniMaxAttention(_hf.MiniMaxAttention):
-    """Softmax attention on ``concatenate_to_cache`` + SDPA over the cache (or explicit weights when asked)."""
+    """Softmax attention on ``concatenate_to_cache`` + SDPA over the cache (``cached_attention`` over the codes of
+    quantized storage), or explicit weights when asked."""
 
     def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
         step = _active_step(past_key_values)
@@ -368,7 +389,8 @@ class _PatchedMiniMaxAttention(_hf.MiniMaxAttention):
         view = past_key_values.lightning[self.layer_idx]
         total = step["total"]
         mask = ops.concatenate_to_cache(view.key_value, view.index, key.transpose(1, 2), value.transpose(1, 2),
-                                        attention_mask=step["full_mask"], is_causal=True)[2][..., :total]
+                                        attention_mask=step["full_mask"], is_causal=True,
+                                        scales=view.scales)[2][..., :total]
         window = getattr(self.config, "sliding_window", None)
         if window is not None:  # Hugging Face's window on cache positions: key j is seen from position p if p - j < w
             columns = torch.arange(total, device=mask.device)
@@ -377,8 +399,12 @@ class _PatchedMiniMaxAttention(_hf.MiniMaxAttention):
         # A padding query sees no column; give it every column so the softmax stays finite (its output reaches
         # nothing: later queries never see a padding key, and the lightning layers skip padding tokens).
         mask = mask | ~mask.any(dim=-1, keepdim=True)
-        keys, values = _hf_keys_values(view.key_value, total, self.head_dim)
         weights = None
+        if view.scales is not None and not step["attentions"]:  # attention straight from the codes, no dense copy
+            out = ops.cached_attention(query.transpose(1, 2), view.key_value[:, :total], mask, self.head_dim,
+                                       view.scales[:, :total], softmax_scale=self.scaling)
+            return self.o_proj(out.reshape(b, q, -1)), None
+        keys, values = _hf_keys_values(view, total, self.head_dim, query.dtype)
         if step["attentions"]:  # the weights Hugging Face's eager attention returns: softmax in float32
             groups = query.shape[1] // keys.shape[1]
             keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
