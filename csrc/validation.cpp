@@ -1,5 +1,7 @@
 #include "validation.h"
 
+#include "write_plan_rule.h"
+
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
@@ -444,9 +446,63 @@ PageTable check_block_tables(const char* op, const at::Tensor& block_tables, int
   return table;
 }
 
+PageTable page_table_of(const at::Tensor& block_tables, const KVCacheDims& d) {
+  PageTable table;
+  table.data = block_tables.const_data_ptr();
+  table.type = block_tables.scalar_type() == at::kInt ? ElemType::Int32 : ElemType::Int64;
+  table.stride_row = block_tables.stride(0);
+  table.stride_page = block_tables.stride(1);
+  table.page_size = d.page_size;
+  table.num_pages = d.num_pages;
+  table.max_pages = block_tables.size(1);
+  return table;
+}
+
+bool plans_paged_writes_in_phases(const KVCacheDims& d, const std::optional<at::Tensor>& slots, bool host_checks) {
+  return d.paged && !d.packed && !slots.has_value() && !host_checks && d.batch > 0 && d.new_tokens > 0;
+}
+
+namespace {
+
+struct NoBarrier {
+  void operator()() const {}
+};
+
+// write_plan_rule.h's phases on one CPU thread.
+WritePlan plan_paged_writes_on_host(const at::Tensor& index, const KVCacheDims& d, const at::Tensor& block_tables,
+                                    int64_t position_limit) {
+  const at::Tensor index_cpu = index.cpu().contiguous();
+  const at::Tensor table_cpu = block_tables.cpu();
+  const int64_t B = d.batch, q = d.new_tokens;
+  std::vector<int64_t> flat(paged_write_plan_size(B, q)), scratch(paged_write_scratch_size(B));
+  PagedWritePlanArgs args;
+  args.position = index_cpu.const_data_ptr<int64_t>();
+  args.table = page_table_of(table_cpu, d);
+  args.batch = B;
+  args.new_tokens = q;
+  args.capacity = d.capacity;
+  args.position_limit = position_limit;
+  args.plan = flat.data();
+  args.scratch = scratch.data();
+  plan_paged_writes(args, 0, 1, NoBarrier{});
+  WritePlan plan{std::vector<int64_t>(flat.begin() + B * q, flat.begin() + B * q + B),
+                 std::vector<int64_t>(flat.begin() + B * q + B, flat.begin() + B * q + 2 * B),
+                 std::vector<int64_t>(flat.begin() + B * q + 2 * B, flat.end()), std::vector<int64_t>(B, 0),
+                 std::vector<int64_t>(flat.begin(), flat.begin() + B * q)};
+  for (int64_t w = 0; w < B; ++w) {
+    if (plan.row[w] >= 0) plan.source[w] = w * q;
+  }
+  return plan;
+}
+
+}  // namespace
+
 WritePlan plan_writes(const at::Tensor& index, const KVCacheDims& d, const std::optional<at::Tensor>& slots,
                       const std::optional<at::Tensor>& block_tables, const std::optional<at::Tensor>& cu_seqlens,
                       bool ring, int64_t position_limit, bool host_checks) {
+  if (plans_paged_writes_in_phases(d, slots, host_checks)) {  // the rule CUDA runs on the device for these calls
+    return plan_paged_writes_on_host(index, d, *block_tables, position_limit);
+  }
   const at::Tensor index_cpu = index.cpu();
   const int64_t* position = index_cpu.const_data_ptr<int64_t>();
   const at::Tensor slots_cpu = slots.has_value() ? slots->cpu().contiguous() : at::Tensor();
@@ -461,13 +517,7 @@ WritePlan plan_writes(const at::Tensor& index, const KVCacheDims& d, const std::
   PageTable table;
   if (d.paged) {
     table_cpu = block_tables->cpu();
-    table.data = table_cpu.const_data_ptr();
-    table.type = table_cpu.scalar_type() == at::kInt ? ElemType::Int32 : ElemType::Int64;
-    table.stride_row = table_cpu.stride(0);
-    table.stride_page = table_cpu.stride(1);
-    table.page_size = d.page_size;
-    table.num_pages = d.num_pages;
-    table.max_pages = table_cpu.size(1);
+    table = page_table_of(table_cpu, d);
   }
   // Page slots taken by earlier rows of this call -> the row that took them.
   std::unordered_map<int64_t, int64_t> claimed;
@@ -843,12 +893,45 @@ std::vector<int64_t> prepare_cache_seqlens(const at::Tensor& cache_seqlens, cons
   return valid;
 }
 
+at::Tensor attention_plan_on_device(const AttentionDims& d, const std::optional<at::Tensor>& cache_seqlens,
+                                    const std::optional<at::Tensor>& slot_ids) {
+  const at::Tensor& like = cache_seqlens.has_value() ? *cache_seqlens : *slot_ids;
+  const auto options = like.options().dtype(at::kLong);
+  const at::Tensor rows = at::arange(d.rows, options);
+  const at::Tensor none = at::full({d.rows}, -1, options);
+  at::Tensor kv_row = rows;
+  if (slot_ids.has_value()) {  // out of range -> skipped
+    const at::Tensor ids = slot_ids->to(at::kLong);
+    kv_row = at::where(ids.ge(0).logical_and_(ids.lt(d.pool_rows)), ids, none);
+  }
+  at::Tensor valid = none;
+  if (cache_seqlens.has_value()) {  // a kept row needs count <= cache_seqlens <= L
+    const at::Tensor v = cache_seqlens->to(at::kLong);
+    const at::Tensor ok = kv_row.ge(0).logical_and_(v.ge(d.queries)).logical_and_(v.le(d.capacity));
+    valid = at::where(ok, v, none);
+    kv_row = at::where(ok, kv_row, none);
+  }
+  return at::stack({rows, at::zeros_like(rows), at::full_like(rows, d.queries), kv_row, valid}, 1);
+}
+
 AttentionRows plan_attention_rows(const AttentionDims& d, const std::optional<at::Tensor>& cu_seqlens,
                                   const std::optional<at::Tensor>& cache_seqlens,
                                   const std::optional<at::Tensor>& slot_ids, bool host_checks) {
   AttentionRows plan;
   std::vector<AttentionRow>& rows = plan.rows;
   rows.resize(d.rows);
+  if (!d.packed && !host_checks && (cache_seqlens.has_value() || slot_ids.has_value())) {
+    // The rule CUDA runs on the device for these calls, read back here.
+    const at::Tensor flat = attention_plan_on_device(d, cache_seqlens, slot_ids).cpu().contiguous();
+    const int64_t* e = flat.const_data_ptr<int64_t>();
+    if (cache_seqlens.has_value()) plan.valid.resize(d.rows);
+    for (int64_t r = 0; r < d.rows; ++r, e += 5) {
+      rows[r] = {e[0], e[1], e[2], e[3]};
+      if (cache_seqlens.has_value()) plan.valid[r] = e[4];
+      plan.any_skipped |= e[3] < 0;
+    }
+    return plan;
+  }
   if (d.packed) {
     const PackedSequences seqs = prepare_cu_seqlens("cached_attention", *cu_seqlens, d.queries, host_checks);
     for (int64_t s = 0; s < d.rows; ++s) {

@@ -144,6 +144,13 @@ WritePlan plan_writes(const at::Tensor& index, const KVCacheDims& dims, const st
                       const std::optional<at::Tensor>& block_tables, const std::optional<at::Tensor>& cu_seqlens,
                       bool ring, int64_t position_limit, bool host_checks);
 
+// Paged [B, q] writes without host checks (no cu_seqlens, no slot ids, B, q > 0): planned by
+// write_plan_rule.h's phases, which CUDA runs on the device (capturable) and plan_writes on the host.
+bool plans_paged_writes_in_phases(const KVCacheDims& dims, const std::optional<at::Tensor>& slots, bool host_checks);
+
+// The block table as PageTable (its data pointer on the tensor's device).
+PageTable page_table_of(const at::Tensor& block_tables, const KVCacheDims& dims);
+
 // The mask rule's inputs as raw pointers and strides (see mask_rule.h).
 MaskInputs make_mask_inputs(const KVCacheDims& dims, const std::optional<at::Tensor>& attention_mask,
                             const std::optional<at::Tensor>& causal_mask,
@@ -288,6 +295,11 @@ struct AttentionRows {
   std::vector<int64_t> valid;
   bool any_skipped = false;
 };
+// plan_attention_rows for [B, q] queries (no cu_seqlens) without host checks, as ATen ops on the
+// arguments' device (no sync: capturable): int64 [B, 5] = (src, i0, count, kv_row, valid) per row, the
+// layout the CUDA kernel reads. Needs cache_seqlens or slot_ids.
+at::Tensor attention_plan_on_device(const AttentionDims& d, const std::optional<at::Tensor>& cache_seqlens,
+                                    const std::optional<at::Tensor>& slot_ids);
 AttentionRows plan_attention_rows(const AttentionDims& d, const std::optional<at::Tensor>& cu_seqlens,
                                   const std::optional<at::Tensor>& cache_seqlens,
                                   const std::optional<at::Tensor>& slot_ids, bool host_checks);

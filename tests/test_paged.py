@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import randn
-from reference import ref_cached_attention, ref_cached_attention_rows, ref_paged_to_dense
+from reference import ref_cached_attention, ref_cached_attention_rows, ref_paged_to_dense, row_writable
 
 import torch_lightning_cache as tlc
 
@@ -316,3 +316,90 @@ def test_compile_paged_step_no_recompile_when_block_tables_change(gen):
         assert torch.equal(index, eager_index)
     assert torch.equal(pages, eager_pages)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def ref_paged_write(pages, index, key, value, block_tables):
+    """SPEC 11's paged write without checks, sequentially: rows in batch order; a row is written whole or
+    skipped whole (position not writable, a position outside the pool, a page slot it meets twice, or one an
+    earlier WRITTEN row took)."""
+    pages, index = pages.clone(), index.clone()
+    N, page_size = pages.shape[:2]
+    B, q = key.shape[:2]
+    L = block_tables.shape[1] * page_size
+    claimed = set()
+    for w in range(B):
+        start = int(index[w])
+        if not row_writable(start, q, L, ring=False):
+            continue
+        cells = []
+        for t in range(q):
+            page = int(block_tables[w, (start + t) // page_size])
+            cell = page * page_size + (start + t) % page_size
+            if not 0 <= page < N or cell in claimed or cell in cells:
+                break
+            cells.append(cell)
+        if len(cells) < q:
+            continue
+        claimed.update(cells)
+        for t, cell in enumerate(cells):
+            pages.view(N * page_size, *pages.shape[2:])[cell] = torch.cat([key[w, t], value[w, t]], -1)
+        index[w] = start + q
+    return pages, index
+
+
+def test_paged_writes_without_checks_follow_the_sequential_rule(gen):
+    """Random hostile tables (shared pages, repeated pages, entries outside the pool) and positions (negative,
+    past the end, near int64's limit), checks off: every page slot and position equals the sequential rule's,
+    chains included (row 1 loses a slot to row 0, so row 2 keeps one it shares only with row 1). This is the
+    rule CUDA runs on the device (write_plan_rule.h), run here on the CPU."""
+    for case in range(300):
+        B, q = int(torch.randint(1, 7, (), generator=gen)), int(torch.randint(1, 6, (), generator=gen))
+        page_size = [1, 2, 4][case % 3]
+        max_pages, N = int(torch.randint(1, 5, (), generator=gen)), int(torch.randint(2, 7, (), generator=gen))
+        L = max_pages * page_size
+        tables = torch.randint(-1, N + 1, (B, max_pages), generator=gen)
+        index = torch.randint(-1, L + 1, (B,), generator=gen)
+        if case % 10 == 0:
+            index[0] = INT64_MAX - 1
+        pages = randn((N, page_size, H, DK + DV), gen)
+        k, v = randn((B, q, H, DK), gen), randn((B, q, H, DV), gen)
+        want_pages, want_index = ref_paged_write(pages, index, k, v, tables)
+        for op in ("write_to_cache", "concatenate_to_cache"):
+            got_pages, got_index = pages.clone(), index.clone()
+            table = tables.int() if op == "concatenate_to_cache" else tables
+            getattr(tlc, op)(got_pages, got_index, k, v, block_tables=table, check_bounds=False)
+            assert torch.equal(got_pages, want_pages) and torch.equal(got_index, want_index), (case, op, tables, index)
+    # The chain, explicitly: rows 0 and 1 share page 0 slot 1, rows 1 and 2 share page 1 slot 0.
+    pages = torch.zeros(3, 2, H, DK + DV)
+    tables = torch.tensor([[0, 2], [0, 1], [1, 2]])
+    index = torch.tensor([1, 1, 0])
+    k, v = randn((3, 2, H, DK), gen), randn((3, 2, H, DV), gen)
+    tlc.write_to_cache(pages, index, k, v, block_tables=tables, check_bounds=False)
+    assert index.tolist() == [3, 1, 2]  # row 1 skipped, so row 2 writes page 1
+
+
+@pytest.mark.parametrize("layout", ["slot_ids", "block_tables"])
+def test_attention_rows_without_checks_skip_bad_ids_and_lengths(gen, layout):
+    """[B, q] queries placed by cache_seqlens, checks off (the rows CUDA plans on the device): a row whose
+    cache_seqlens is below its q queries, above L, negative or int64's limit, or whose slot id is outside the
+    pool, gives zeros; every other row its reference attention. Checks on, each bad row is an error."""
+    B, q, page_size, N, P = 7, 2, 4, 8, 5
+    query = randn((B, q, 2 * H, DK), gen)  # GQA 2
+    valid = torch.tensor([5, 1, 9, -3, INT64_MAX, 2, 8])  # row 1: < q; row 2: > L = 8; rows 3, 4: hostile
+    if layout == "slot_ids":
+        kv = randn((P, 8, H, DK + DV), gen)
+        slot_ids = torch.tensor([4, 0, 1, 2, 3, 5, -1])  # rows 5, 6: outside the pool / -1
+        kwargs = dict(slot_ids=slot_ids)
+        want = ref_cached_attention_rows(query, kv, DK, valid, slot_ids=slot_ids)
+        bad = [1, 2, 3, 4, 5, 6]
+    else:
+        kv = randn((N, page_size, H, DK + DV), gen)
+        tables = torch.randint(0, N, (B, 2), generator=gen)
+        kwargs = dict(block_tables=tables)
+        want = ref_cached_attention_rows(query, kv, DK, valid, block_tables=tables)
+        bad = [1, 2, 3, 4]
+    got = tlc.cached_attention(query, kv, key_dim=DK, cache_seqlens=valid, check_bounds=False, **kwargs)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert not got[bad].any() and got[[r for r in range(B) if r not in bad]].abs().sum(-1).gt(0).all()
+    with pytest.raises((IndexError, ValueError), match="cache_seqlens|slot_ids"):
+        tlc.cached_attention(query, kv, key_dim=DK, cache_seqlens=valid, **kwargs)

@@ -25,6 +25,7 @@
 #include "../mask_rule.h"
 #include "../quantize_rule.h"
 #include "../validation.h"
+#include "../write_plan_rule.h"
 #include "launch_utils.cuh"
 #include "launchers.h"
 
@@ -445,7 +446,27 @@ ElemType float_elem_type(at::ScalarType t) {
 
 // Fills the parts of RowParams every call shares and launches the kernel for
 // the (cache, input) dtype pair. `mask` is null for write_to_cache.
+// __syncthreads for write_plan_rule.h's phases (host-device so the template instantiates cleanly).
+struct BlockBarrier {
+  C10_HOST_DEVICE void operator()() const {
+#ifdef __CUDA_ARCH__
+    __syncthreads();
+#endif
+  }
+};
+
+constexpr int kPlanThreads = 512;
+
+__global__ void __launch_bounds__(kPlanThreads) plan_paged_writes_kernel(const __grid_constant__ PagedWritePlanArgs a) {
+  plan_paged_writes(a, threadIdx.x, blockDim.x, BlockBarrier{});
+}
+
 }  // namespace
+
+cudaError_t launch_plan_paged_writes(const PagedWritePlanArgs& args) noexcept {
+  plan_paged_writes_kernel<<<1, kPlanThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
+  return cudaGetLastError();
+}
 
 cudaError_t launch_write_rows(at::Tensor& key_value, at::Tensor& index, const at::Tensor& key,
                               const at::Tensor& value, const int64_t* slots, float* scales, const KVCacheDims& d,

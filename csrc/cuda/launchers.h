@@ -9,6 +9,7 @@
 #include <cuda_runtime_api.h>
 
 #include "../validation.h"
+#include "../write_plan_rule.h"
 
 namespace lightning_cache {
 
@@ -28,6 +29,10 @@ cudaError_t launch_write_rows(at::Tensor& key_value, at::Tensor& index, const at
                               const at::Tensor& value, const int64_t* slots, float* scales, const KVCacheDims& d,
                               bool ring, const MaskInputs& mask_in, bool* mask, const int64_t* plan,
                               int64_t write_rows) noexcept;
+
+// write_plan_rule.h's planner on the device (one block): fills args.plan with
+// the plan launch_write_rows reads, for paged [B, q] writes without host checks.
+cudaError_t launch_plan_paged_writes(const PagedWritePlanArgs& args) noexcept;
 
 // lightning_decode into `out` [B, n, H, Dv]; `slopes_f` float32 contiguous;
 // `slots` sanitized slot ids (prepare_slot_ids) or null. Needs key_dim <= 512

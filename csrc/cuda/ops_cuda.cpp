@@ -40,6 +40,25 @@ at::Tensor upload_plan(const WritePlan& plan, const at::Device& device) {
   return int64_on(flat, device);
 }
 
+// write_plan_rule.h's plan computed on the device (no sync: capturable), in
+// launch_write_rows' layout, followed by the planner's scratch.
+at::Tensor plan_paged_writes_on_device(const at::Tensor& index, const KVCacheDims& d, const at::Tensor& block_tables,
+                                       int64_t limit) {
+  const int64_t size = paged_write_plan_size(d.batch, d.new_tokens);
+  at::Tensor plan = at::empty({size + paged_write_scratch_size(d.batch)}, index.options().dtype(at::kLong));
+  PagedWritePlanArgs args;
+  args.position = index.const_data_ptr<int64_t>();
+  args.table = page_table_of(block_tables, d);
+  args.batch = d.batch;
+  args.new_tokens = d.new_tokens;
+  args.capacity = d.capacity;
+  args.position_limit = limit;
+  args.plan = plan.data_ptr<int64_t>();
+  args.scratch = args.plan + size;
+  C10_CUDA_CHECK(launch_plan_paged_writes(args));
+  return plan;
+}
+
 // Slot ids the kernel reads (contiguous int64 [B], -1 = skip), or null.
 const int64_t* slot_pointer(const std::optional<at::Tensor>& slots) {
   return slots.has_value() ? slots->const_data_ptr<int64_t>() : nullptr;
@@ -67,7 +86,9 @@ at::Tensor concatenate_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, c
   at::Tensor mask = at::empty({d.batch, 1, d.new_tokens, d.capacity}, key_value.options().dtype(at::kBool));
   const MaskInputs mask_in = make_mask_inputs(d, attention_mask, causal_mask, token_type_ids, is_causal, ring);
   at::Tensor plan;
-  if (d.paged) {  // where each token lands is read from the block table on the host (checks raise here)
+  if (plans_paged_writes_in_phases(d, slots, host_checks)) {  // planned on the device: no sync
+    plan = plan_paged_writes_on_device(index, d, *block_tables, position_limit(mask_in));
+  } else if (d.paged) {  // where each token lands is read from the block table on the host (checks raise here)
     const WritePlan host_plan =
         plan_writes(index, d, slots, block_tables, std::nullopt, ring, position_limit(mask_in), check_bounds);
     if (!is_empty_call(d)) plan = upload_plan(host_plan, key_value.device());
@@ -91,7 +112,9 @@ void write_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, const at::Ten
   const bool host_checks = host_checks_allowed(check_bounds);
   const std::optional<at::Tensor> slots = prepare_write_rows(index, d, slot_ids, ring, std::nullopt, host_checks);
   at::Tensor plan;
-  if (d.paged || d.packed) {  // block table / sequence bounds read on the host (checks raise here)
+  if (plans_paged_writes_in_phases(d, slots, host_checks)) {  // planned on the device: no sync
+    plan = plan_paged_writes_on_device(index, d, *block_tables, kNoPositionLimit);
+  } else if (d.paged || d.packed) {  // block table / sequence bounds read on the host (checks raise here)
     const WritePlan host_plan =
         plan_writes(index, d, slots, block_tables, cu_seqlens, ring, kNoPositionLimit, check_bounds);
     if (!is_empty_call(d)) plan = upload_plan(host_plan, key_value.device());
@@ -210,12 +233,15 @@ at::Tensor cached_attention_cuda(const at::Tensor& query, const at::Tensor& key_
   if (d.capacity == 0) return at::zeros(shape, query.options());  // every row fully masked, no launch
 
   // SPEC 11 rows (packed sequences, cache_seqlens, slot ids) are planned on the host: their
-  // small index tensors are read there (a sync), and bad values raise with checks.
+  // small index tensors are read there (a sync), and bad values raise with checks. Without host
+  // checks, [B, q] calls are planned on the device instead (no sync: capturable in a CUDA graph).
   const bool planned = d.packed || cache_seqlens.has_value() || slot_ids.has_value();
   AttentionRows rows;
   at::Tensor plan;
   int64_t max_queries = d.queries;
-  if (planned) {
+  if (planned && !d.packed && !host_checks_allowed(check_bounds)) {  // planned on the device: no sync
+    plan = attention_plan_on_device(d, cache_seqlens, slot_ids);
+  } else if (planned) {
     rows = plan_attention_rows(d, cu_seqlens, cache_seqlens, slot_ids, check_bounds);
     std::vector<int64_t> flat;  // [rows, 5]: src, i0, count, kv_row, valid (-1 without cache_seqlens)
     max_queries = 0;
