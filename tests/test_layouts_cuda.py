@@ -193,3 +193,77 @@ def test_packed_prefill_matches_cpu_and_reference(gen, state_dtype):
     want_state, want_out = ref_lightning_packed(state, q, k, v, slopes, cu_of(lengths), slot_ids,
                                                 check_bounds=False)
     torch.testing.assert_close(out.cpu().double(), want_out, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("B, q, page_size", [(6, 3, 2), (64, 1, 16), (4, 40, 16)])
+def test_device_planned_paged_writes_match_cpu(gen, B, q, page_size):
+    """Paged [B, q] writes without checks are planned on the GPU (write_plan_rule.h, one block) and on the
+    CPU by the same rule: random hostile tables (pages shared, repeated, outside the pool) and positions
+    (negative, past the end, int64's limit) write the same cells and positions on both."""
+    for case in range(12):
+        max_pages = max(1, (q + 2 * page_size - 1) // page_size)
+        N = max(2, B * max_pages // 2)  # few pages: rows collide often
+        L = max_pages * page_size
+        tables = torch.randint(-1, N + 1, (B, max_pages), generator=gen)
+        index = torch.randint(-1, L + 1, (B,), generator=gen)
+        if case % 4 == 0:
+            index[0] = 2**63 - 2
+        storage = ["float32", "bfloat16", "int8"][case % 3]
+        pages, scales = pool_of(storage, N, page_size)
+        k, v = randn((B, q, H, DK), gen), randn((B, q, H, DV), gen)
+        written = ["key_value", "index"] + (["scales"] if scales is not None else [])
+        for op in ("write_to_cache", "concatenate_to_cache"):
+            on_both(op, written, key_value=pages.clone(), index=index, key=k, value=v, block_tables=tables,
+                    scales=None if scales is None else scales.clone(), check_bounds=False)
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "int8"])
+def test_paged_decode_step_is_captured_in_a_cuda_graph(gen, storage):
+    """A paged decode step (write_to_cache + cached_attention through block tables, cache_seqlens = the
+    positions after the write) captured once in a CUDA graph and replayed with new tokens, positions and
+    block-table entries gives the eager CPU step's outputs, pages and positions every time: nothing in it
+    syncs with the host (checks are off inside a capture)."""
+    if DEV != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    B, page_size, max_pages, group = 4, 16, 8, 4
+    N = B * max_pages
+    cpu_pages, cpu_scales = pool_of(storage, N, page_size)
+    tables = torch.randperm(N, generator=gen).view(B, max_pages)
+    index = torch.tensor([3, 17, 40, 0])
+    pages, scales, gpu_tables, gpu_index = to(cpu_pages, DEV), to(cpu_scales, DEV), to(tables, DEV), to(index, DEV)
+    query = torch.zeros(B, 1, group * H, DK, device=DEV)
+    key, value = torch.zeros(B, 1, H, DK, device=DEV), torch.zeros(B, 1, H, DV, device=DEV)
+    out = torch.zeros(B, 1, group * H, DV, device=DEV)
+
+    def step():
+        tlc.write_to_cache(pages, gpu_index, key, value, scales=scales, block_tables=gpu_tables)
+        out.copy_(tlc.cached_attention(query, pages, key_dim=DK, scales=scales, block_tables=gpu_tables,
+                                       cache_seqlens=gpu_index))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on copies, through the same (device-planned) paths
+        tlc.write_to_cache(pages.clone(), gpu_index.clone(), key, value, scales=to(scales, DEV),
+                           block_tables=gpu_tables, check_bounds=False)
+        tlc.cached_attention(query, pages, key_dim=DK, scales=scales, block_tables=gpu_tables,
+                             cache_seqlens=gpu_index, check_bounds=False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()  # captured, not run
+    for t in range(6):
+        q_t, k_t, v_t = randn((B, 1, group * H, DK), gen), randn((B, 1, H, DK), gen), randn((B, 1, H, DV), gen)
+        if t == 3:  # new block-table values in the same tensor: row 0's first page swapped for one never written
+            tables[0, 0], tables[3, 7] = tables[3, 7].clone(), tables[0, 0].clone()
+            gpu_tables.copy_(tables)
+        query.copy_(q_t)
+        key.copy_(k_t)
+        value.copy_(v_t)
+        graph.replay()
+        tlc.write_to_cache(cpu_pages, index, k_t, v_t, scales=cpu_scales, block_tables=tables)
+        want = tlc.cached_attention(q_t, cpu_pages, key_dim=DK, scales=cpu_scales, block_tables=tables,
+                                    cache_seqlens=index)
+        torch.cuda.synchronize()
+        assert torch.equal(gpu_index.cpu(), index), t
+        assert torch.equal(bits(pages.cpu()), bits(cpu_pages)), t
+        torch.testing.assert_close(out.cpu(), want, rtol=1e-4, atol=1e-4)

@@ -727,6 +727,19 @@ def layouts_suite(quick):
         a, b = on_both(writes)
         check(f"paged+packed writes {storage}: kv, index, mask{', scales' if quantized else ''} = CPU",
               all(x is None or same_bits(x, y) for x, y in zip(a, b)), [x is None or same_bits(x, y) for x, y in zip(a, b)])
+    # Without checks, [B, q] paged writes are planned on the device (write_plan_rule.h): a contested page
+    # slot (rows 0 and 1 on page 0) and an entry outside the pool (row 2) skip those rows, as on the CPU.
+    hostile = torch.tensor([[0, 1, 2, 3], [0, 5, 6, 7], [8, 9, N + 3, 11]])
+
+    def device_planned(dev):
+        pages = torch.zeros(N, page_size, H, Dk + Dv, device=dev)
+        idx = torch.tensor([2, 2, 40], device=dev)
+        ops.write_to_cache(pages, idx, k.to(dev), v.to(dev), False, False, None, None, hostile.to(dev), None)
+        return pages.cpu(), idx.cpu()
+
+    a, b = on_both(device_planned)
+    check("paged writes without checks (planned on the device) = CPU", all(same_bits(x, y) for x, y in zip(a, b)),
+          b[1].tolist())
     pages = torch.randn(N, page_size, H, Dk + Dv, generator=g).to(torch.bfloat16)
     dense = torch.randn(5, max_pages * page_size, H, Dk + Dv, generator=g)
     for group, q in ((1, 1), (4, 3)):
