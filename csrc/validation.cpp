@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <set>
 #include <unordered_map>
@@ -500,7 +501,12 @@ WritePlan plan_paged_writes_on_host(const at::Tensor& index, const KVCacheDims& 
 WritePlan plan_writes(const at::Tensor& index, const KVCacheDims& d, const std::optional<at::Tensor>& slots,
                       const std::optional<at::Tensor>& block_tables, const std::optional<at::Tensor>& cu_seqlens,
                       bool ring, int64_t position_limit, bool host_checks) {
-  if (plans_paged_writes_in_phases(d, slots, host_checks)) {  // the rule CUDA runs on the device for these calls
+  // The phases are what CUDA runs on the device for these calls; the CPU's default is the loop below
+  // (O(B * q) with a hash map, where the phases compare page segments pairwise).
+  // LIGHTNING_CACHE_CPU_WRITE_PLAN=phases (read per call) runs the phases here: the tests check them so.
+  const char* write_plan = std::getenv("LIGHTNING_CACHE_CPU_WRITE_PLAN");
+  if (plans_paged_writes_in_phases(d, slots, host_checks) && write_plan != nullptr &&
+      std::string_view(write_plan) == "phases") {
     return plan_paged_writes_on_host(index, d, *block_tables, position_limit);
   }
   const at::Tensor index_cpu = index.cpu();

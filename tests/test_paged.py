@@ -347,11 +347,13 @@ def ref_paged_write(pages, index, key, value, block_tables):
     return pages, index
 
 
-def test_paged_writes_without_checks_follow_the_sequential_rule(gen):
+@pytest.mark.parametrize("planner", ["loop", "phases"])
+def test_paged_writes_without_checks_follow_the_sequential_rule(gen, planner, monkeypatch):
     """Random hostile tables (shared pages, repeated pages, entries outside the pool) and positions (negative,
     past the end, near int64's limit), checks off: every page slot and position equals the sequential rule's,
     chains included (row 1 loses a slot to row 0, so row 2 keeps one it shares only with row 1). This is the
-    rule CUDA runs on the device (write_plan_rule.h), run here on the CPU."""
+    rule CUDA runs on the device (write_plan_rule.h, "phases"), run here on the CPU, and the CPU's own loop."""
+    monkeypatch.setenv("LIGHTNING_CACHE_CPU_WRITE_PLAN", planner)
     for case in range(300):
         B, q = int(torch.randint(1, 7, (), generator=gen)), int(torch.randint(1, 6, (), generator=gen))
         page_size = [1, 2, 4][case % 3]
