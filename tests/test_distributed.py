@@ -428,12 +428,55 @@ def _check_compiled_ops(mesh, axis) -> None:
         _assert_equal(a, b.full_tensor(), "compiled op cache")
 
 
+def _check_quantized_cache_classes(mesh, axis) -> None:
+    """kv_quantization on a mesh: codes and scales are local shards; the views' dense K/V and mask, the codes
+    (bytes) and the scales equal a plain quantized cache's; reorder_cache and copy_slots move both."""
+    from torch_lightning_cache import LightningCache, LightningCacheMetaData
+
+    g = torch.Generator().manual_seed(13)
+    S = lambda full, name: _shard(full, mesh, axis, name)  # noqa: E731
+    parts = _batch_parts(mesh, axis)
+    rows = B // parts
+    on_full = lambda ids: torch.cat([ids + p * rows for p in range(parts)])  # noqa: E731
+    for fmt in ("int8", "fp8_e4m3"):
+        def meta(**where):
+            return LightningCacheMetaData.create(batch_size=B, num_heads=H, key_dim=DK, value_dim=DV, max_length=L,
+                                                 dtype=torch.float32, kv_quantization=fmt, **where)
+
+        cache = LightningCache.init_cache(1, meta(partition_axis=axis), layer_kinds=["attention"], mesh=mesh)
+        plain = LightningCache.init_cache(1, meta(device="cpu"), layer_kinds=["attention"])
+        _assert_local_shape(cache[0].key_value, mesh, axis, "key_value")
+        _assert_local_shape(cache[0].scales, mesh, axis, "scales")
+
+        def same_storage(what):
+            codes = S(plain[0].key_value.view(torch.uint8), "key_value").to_local()
+            assert torch.equal(cache[0].key_value.to_local().view(torch.uint8), codes), f"{fmt} codes {what}"
+            _assert_equal(cache[0].scales, plain[0].scales, f"{fmt} scales {what}")
+            _assert_equal(cache[0].index, plain[0].index, f"{fmt} index {what}")
+
+        for n in (4, 1):  # prefill, then decode
+            q, k = torch.randn(B, n, H, DK, generator=g), torch.randn(B, n, H, DK, generator=g)
+            v = torch.randn(B, n, H, DV, generator=g)
+            expected = plain[0].concatenate_to_cache(q, k, v, None, causal_mask=True)
+            got = cache[0].concatenate_to_cache(S(q, "query"), S(k, "key"), S(v, "value"), None, causal_mask=True)
+            for name, a, b in zip(("key_cache", "value_cache", "mask"), got, expected):
+                _assert_equal(a, b, f"quantized {fmt} view.concatenate_to_cache {name}")
+            same_storage(f"after {n} tokens")
+        beam = torch.arange(rows).flip(0)
+        cache.reorder_cache(beam)
+        plain.reorder_cache(on_full(beam))
+        cache.copy_slots(torch.tensor([0]), torch.tensor([rows - 1]))
+        plain.copy_slots(on_full(torch.tensor([0])), on_full(torch.tensor([rows - 1])))
+        same_storage("after reorder_cache and copy_slots")
+
+
 def _scenario_tp2(world):
     mesh, axis = _mesh((world,))
     _check_ops(mesh, axis)
     _check_paged_ops(mesh, axis, write=True)
     _check_mismatches(mesh, axis)
     _check_cache_classes(mesh, axis)
+    _check_quantized_cache_classes(mesh, axis)
     _check_model(mesh, axis)
     _check_compiled(mesh, axis)
     _check_compiled_ops(mesh, axis)
@@ -448,6 +491,7 @@ def _scenario_four_ranks(world):
     _check_paged_ops(mesh, axis, write=False)
     _check_mismatches(mesh, axis)
     _check_cache_classes(mesh, axis)
+    _check_quantized_cache_classes(mesh, axis)
     _check_model(mesh, axis)
 
 

@@ -198,10 +198,12 @@ class LightningCacheView:
     def _allocate(self, batch_size: int, max_length: int | None, dtype: torch.dtype | None,
                   device: torch.device | None) -> None:
         m = self.metadata
-        if self.mesh is not None and m.kv_quantization is not None:
-            raise NotImplementedError("quantized storage (kv_quantization) on a device mesh is not supported yet")
         if self.mesh is not None:  # each rank allocates only its shard
-            if self.layer_kind == ATTENTION:
+            if self.layer_kind == ATTENTION and m.kv_quantization is not None:
+                self.key_value, self.index, self.scales = sharding.allocate_quantized_kv_cache(
+                    m, self.mesh, batch_size, max_length, m.device)
+                self.compute_dtype = dtype or torch.get_default_dtype()
+            elif self.layer_kind == ATTENTION:
                 self.key_value, self.index = sharding.allocate_kv_cache(m, self.mesh, batch_size, max_length,
                                                                            dtype, m.device)
             else:

@@ -59,7 +59,7 @@ ARGUMENT_DIMS: dict[str, tuple[int | None, int | None]] = {
 
 # Ops that take tensors; each gets a strategy from the table above. Per-op exceptions go in OP_ARGUMENT_DIMS.
 SHARDED_OPS = ("concatenate_to_cache", "write_to_cache", "lightning_decode", "lightning_prefill", "rewind_cache",
-               "lightning_accept", "cached_attention")
+               "lightning_accept", "cached_attention", "dequantize_kv")
 OP_ARGUMENT_DIMS: dict[str, dict[str, tuple[int | None, int | None]]] = {}
 # Calls with block_tables: the page pool [N, page_size, H, Dk + Dv] and its scales are shared by every batch
 # row, so they are replicated over the batch axis (each rank holds every page) and sharded over heads.
@@ -316,6 +316,22 @@ def allocate_kv_cache(metadata, mesh, batch_size: int, max_length: int, dtype, d
                                          device=device or mesh_device(mesh))
     return (from_local_shard(key_value, mesh, placements, shape),
             from_local_shard(index, mesh, axis.placements(mesh, "index"), [batch_size]))
+
+
+def allocate_quantized_kv_cache(metadata, mesh, batch_size: int, max_length: int, device=None):
+    """``(key_value codes, index, scales)`` as DTensors on ``mesh`` (scales placed as the codes: rows over the
+    batch axis, heads over the head axis), each rank allocating only its shard."""
+    register_sharding_strategies()
+    axis = partition_axis_of(metadata)
+    m = metadata
+    shape = [batch_size, max_length, m.key_heads, m.key_dim + m.value_dim]
+    placements = axis.placements(mesh, "key_value")
+    b, length, heads, _ = _local_shape("LightningCache", "key_value", shape, mesh, placements)
+    key_value, index, scales = ops.init_quantized_kv_cache(b, length, heads, m.key_dim, m.value_dim,
+                                                           m.kv_quantization, device=device or mesh_device(mesh))
+    return (from_local_shard(key_value, mesh, placements, shape),
+            from_local_shard(index, mesh, axis.placements(mesh, "index"), [batch_size]),
+            from_local_shard(scales, mesh, axis.placements(mesh, "scales"), [batch_size, max_length, m.key_heads, 2]))
 
 
 def allocate_state(metadata, mesh, batch_size: int, device=None):
