@@ -513,6 +513,35 @@ def ref_paged_to_dense(pages: torch.Tensor, block_tables: torch.Tensor) -> torch
     return dense
 
 
+def ref_paged_write(pages, index, key, value, block_tables):
+    """SPEC 11's paged write without checks, sequentially: rows in batch order; a row is written whole or
+    skipped whole (position not writable, a position outside the pool, a page slot it meets twice, or one an
+    earlier WRITTEN row took)."""
+    pages, index = pages.clone(), index.clone()
+    N, page_size = pages.shape[:2]
+    B, q = key.shape[:2]
+    L = block_tables.shape[1] * page_size
+    claimed = set()
+    for w in range(B):
+        start = int(index[w])
+        if not row_writable(start, q, L, ring=False):
+            continue
+        cells = []
+        for t in range(q):
+            page = int(block_tables[w, (start + t) // page_size])
+            cell = page * page_size + (start + t) % page_size
+            if not 0 <= page < N or cell in claimed or cell in cells:
+                break
+            cells.append(cell)
+        if len(cells) < q:
+            continue
+        claimed.update(cells)
+        for t, cell in enumerate(cells):
+            pages.view(N * page_size, *pages.shape[2:])[cell] = torch.cat([key[w, t], value[w, t]], -1)
+        index[w] = start + q
+    return pages, index
+
+
 def ref_cached_attention_rows(query, key_value, key_dim, cache_seqlens, cu_seqlens=None, slot_ids=None,
                               block_tables=None, scales=None, softmax_scale=None):
     """SPEC 11's ``cached_attention`` without a mask, as one :func:`ref_cached_attention` per row (float64).

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import randn
-from reference import ref_cached_attention, ref_cached_attention_rows, ref_paged_to_dense, row_writable
+from reference import ref_cached_attention, ref_cached_attention_rows, ref_paged_to_dense, ref_paged_write
 
 import torch_lightning_cache as tlc
 
@@ -316,35 +316,6 @@ def test_compile_paged_step_no_recompile_when_block_tables_change(gen):
         assert torch.equal(index, eager_index)
     assert torch.equal(pages, eager_pages)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
-
-
-def ref_paged_write(pages, index, key, value, block_tables):
-    """SPEC 11's paged write without checks, sequentially: rows in batch order; a row is written whole or
-    skipped whole (position not writable, a position outside the pool, a page slot it meets twice, or one an
-    earlier WRITTEN row took)."""
-    pages, index = pages.clone(), index.clone()
-    N, page_size = pages.shape[:2]
-    B, q = key.shape[:2]
-    L = block_tables.shape[1] * page_size
-    claimed = set()
-    for w in range(B):
-        start = int(index[w])
-        if not row_writable(start, q, L, ring=False):
-            continue
-        cells = []
-        for t in range(q):
-            page = int(block_tables[w, (start + t) // page_size])
-            cell = page * page_size + (start + t) % page_size
-            if not 0 <= page < N or cell in claimed or cell in cells:
-                break
-            cells.append(cell)
-        if len(cells) < q:
-            continue
-        claimed.update(cells)
-        for t, cell in enumerate(cells):
-            pages.view(N * page_size, *pages.shape[2:])[cell] = torch.cat([key[w, t], value[w, t]], -1)
-        index[w] = start + q
-    return pages, index
 
 
 @pytest.mark.parametrize("planner", ["loop", "phases"])
