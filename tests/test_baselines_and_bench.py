@@ -213,7 +213,7 @@ def test_bench_runs_tiny(tmp_path):
     with open(path) as f:
         rows = list(csv.DictReader(f))
     cases = {r["case"] for r in rows}
-    assert cases == {"cache-1tok", "cache-4tok", "write-1tok", "write-4tok", "decode-b1", "decode-b2", "prefill-24tok",
+    assert cases == {"cache-1tok", "cache-4tok", "write-1tok", "write-4tok", "write-paged", "decode-b1", "decode-b2", "prefill-24tok",
                      "attn-bfloat16", "attn-int8", "attn-fp8", "attn-paged16", "attn-paged64", "prefill-packed"}
     for r in rows:
         assert r["check"] in ("reference", "agrees", "agrees (output)") or r["check"].startswith("peer:"), r

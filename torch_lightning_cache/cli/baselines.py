@@ -110,6 +110,18 @@ def write_to_cache_eager(key_value: torch.Tensor, index: torch.Tensor, key: torc
     index.add_(new_tokens)
 
 
+def write_to_cache_paged_eager(pages: torch.Tensor, index: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               block_tables: torch.Tensor) -> None:
+    """``write_to_cache(block_tables=)`` of in-range rows: position ``p`` of row ``b`` goes to page
+    ``block_tables[b, p // page_size]``, slot ``p % page_size``; the index advances."""
+    batch, new_tokens, page_size = key.shape[0], key.shape[1], pages.shape[1]
+    positions = index.unsqueeze(1) + torch.arange(new_tokens, device=pages.device)  # [B, q]
+    cells = block_tables.gather(1, positions // page_size) * page_size + positions % page_size
+    rows = torch.cat([key, value], dim=-1).to(pages.dtype).reshape(batch * new_tokens, *pages.shape[2:])
+    pages.view(-1, *pages.shape[2:]).index_copy_(0, cells.reshape(-1), rows)
+    index.add_(new_tokens)
+
+
 # --------------------------------------------------------------------------- lightning recurrent state
 
 

@@ -6,6 +6,9 @@ Cases (``--cases`` picks a subset by name or prefix: ``cache``, ``decode``, ``pr
   with a 2-D attention mask and the on-the-fly causal term;
 - ``cache-<T>tok``: the same with a block of ``--tokens`` new tokens (a prefill chunk);
 - ``write-<T>tok``: ``write_to_cache`` of the same block (no mask: for attention kernels that take lengths);
+- ``write-paged``: ``write_to_cache`` of 1 token per row through block tables (page 16, pages scattered over
+  the pool): a paged decode step's write. With ``check_bounds=False`` on CUDA it is planned on the device
+  (no sync); with checks, on the host;
 - ``decode-b<N>``: ``lightning_decode`` of 1 token at each batch size of ``--decode-batches``;
 - ``prefill-<n>tok``: ``lightning_prefill`` of ``--prefill-tokens`` tokens from a non-zero state;
 - ``attn-paged<16|64>``: the ``attn`` case through block tables (pages scattered over a pool), with the
@@ -61,7 +64,7 @@ from typing import Callable
 import torch
 
 from . import baselines
-from ..ops import init_kv_cache, lightning_slopes
+from ..ops import init_kv_cache, init_paged_kv_cache, lightning_slopes
 
 _ops = torch.ops.lightning_cache
 
@@ -177,6 +180,33 @@ def _cache_case(name, device, dtype, batch, heads, head_dim, capacity, new_token
                                                         True, False, check),
         call_baseline=lambda fn: fn(key_value, index, key, value, attention_mask, None, None, True, False),
         baseline=baselines.concatenate_to_cache_eager, max_inner=max_inner, reset=reset,
+        peers=[_copy_peer(device, moved)])
+
+
+def _paged_write_case(device, dtype, batch, heads, head_dim, capacity, gen, page_size=16) -> Case:
+    """``write_to_cache`` of one token per row through block tables, against the eager paged scatter."""
+    max_pages = max(1, capacity // page_size)
+    L = max_pages * page_size
+    pages = init_paged_kv_cache(batch * max_pages, page_size, heads, head_dim, head_dim, dtype=dtype, device=device)
+    tables = torch.randperm(batch * max_pages, generator=gen).view(batch, max_pages).to(device)
+    index = torch.zeros(batch, dtype=torch.int64, device=device)
+    key = torch.randn(batch, 1, heads, head_dim, generator=gen).to(device, dtype)
+    value = torch.randn(batch, 1, heads, head_dim, generator=gen).to(device, dtype)
+    start = torch.empty_like(index)
+
+    def reset(inner: int) -> None:
+        index.copy_(start.fill_(L - inner))
+
+    reset(1)
+    moved = 2 * batch * heads * 2 * head_dim * pages.element_size()
+    return Case(
+        name="write-paged", kind="cache",
+        describe=f"write_to_cache through block tables, page {page_size}, B={batch} H={heads} D={head_dim} L={L} "
+                 f"q=1 {str(dtype).removeprefix('torch.')}",
+        nbytes=moved, mutables=[pages, index],
+        call_op=lambda check: _ops.write_to_cache(pages, index, key, value, False, check, None, None, tables, None),
+        call_baseline=lambda fn: fn(pages, index, key, value, tables),
+        baseline=baselines.write_to_cache_paged_eager, max_inner=max(1, L // 2), reset=reset,
         peers=[_copy_peer(device, moved)])
 
 
@@ -363,6 +393,8 @@ def _case_builders(args, device, dtype, sizes):
         out.append((f"write-{new_tokens}tok", lambda q=new_tokens: _cache_case(
             f"write-{q}tok", device, dtype, sizes["batch"], sizes["heads"], sizes["head_dim"], sizes["capacity"], q,
             gen, with_mask=False)))
+    out.append(("write-paged", lambda: _paged_write_case(device, dtype, sizes["batch"], sizes["heads"],
+                                                          sizes["head_dim"], sizes["capacity"], gen)))
     for batch in (int(b) for b in str(sizes["decode_batches"]).split(",") if b.strip()):
         out.append((f"decode-b{batch}", lambda b=batch: _decode_case(
             device, dtype, b, sizes["decode_heads"], sizes["head_dim"], gen)))
