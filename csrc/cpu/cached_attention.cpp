@@ -742,7 +742,12 @@ at::Tensor cached_attention_cpu(const at::Tensor& query, const at::Tensor& key_v
   // The given mask is used as is for plain calls; queries placed by cache_seqlens see a prefix of columns
   // each (their limits, no mask built) unless a page they see is outside the pool without checks (hidden
   // columns: a built mask); anything else reads a built mask.
-  const bool plain = d.has_mask && !d.paged && !any_skipped;
+  // Paged with a mask: the kernel reads only the columns the mask shows, through the table, so the mask is
+  // used as given when those columns' pages are in the pool: checked (check_visible_pages), or every entry
+  // in range. Otherwise a built mask hides the columns of pages outside the pool.
+  const bool pages_safe = !d.paged || check_bounds ||
+                          table_cpu.ge(0).logical_and_(table_cpu.lt(d.pool_rows)).all().item<bool>();
+  const bool plain = d.has_mask && !any_skipped && pages_safe;
   const int64_t mask_rows = (d.packed ? 1 : d.batch) * d.queries;
   std::vector<int64_t> limits;
   // (With checks, check_visible_pages has already refused any such page.)
