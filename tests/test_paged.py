@@ -49,7 +49,7 @@ def test_init_paged_kv_cache():
         codes, scales = tlc.init_paged_kv_cache(5, 16, 2, 8, 4, kv_quantization=storage)
         assert codes.shape == (5, 16, 2, 12) and codes.dtype == dtype and scales.shape == (5, 16, 2, 2)
         assert scales.dtype == torch.float32 and not scales.any()
-    with pytest.raises(ValueError, match="kv_quantization must be one of"):
+    with pytest.raises(ValueError, match="kv_quantization must be None or one of"):
         tlc.init_paged_kv_cache(5, 16, 2, 8, 4, kv_quantization="int4")
     with pytest.raises(TypeError, match="page_size must be an int"):
         tlc.init_paged_kv_cache(5, 16.0, 2, 8, 4)

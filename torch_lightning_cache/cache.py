@@ -124,12 +124,7 @@ class LightningCacheMetaData:
                              "key_value layout stores each head's key and value side by side")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        if kv_quantization is not None and not isinstance(kv_quantization, str):
-            raise TypeError(f"LightningCacheMetaData.create: kv_quantization must be a str or None, got "
-                            f"{type(kv_quantization).__name__} {kv_quantization!r}")
-        if kv_quantization is not None and kv_quantization not in ops.KV_QUANTIZATION:
-            raise ValueError(f"kv_quantization must be None or one of {sorted(ops.KV_QUANTIZATION)}, got "
-                             f"{kv_quantization!r}")
+        ops.check_kv_quantization("LightningCacheMetaData.create", kv_quantization)
         if state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype!r}")
         return cls(partition_axis=partition_axis, batch_size=batch_size, num_heads=num_heads, head_dim=head_dim,
@@ -198,20 +193,17 @@ class LightningCacheView:
     def _allocate(self, batch_size: int, max_length: int | None, dtype: torch.dtype | None,
                   device: torch.device | None) -> None:
         m = self.metadata
+        if self.layer_kind == ATTENTION and m.kv_quantization is not None:
+            self.compute_dtype = dtype or torch.get_default_dtype()  # of the dense views
         if self.mesh is not None:  # each rank allocates only its shard
-            if self.layer_kind == ATTENTION and m.kv_quantization is not None:
-                self.key_value, self.index, self.scales = sharding.allocate_quantized_kv_cache(
-                    m, self.mesh, batch_size, max_length, m.device)
-                self.compute_dtype = dtype or torch.get_default_dtype()
-            elif self.layer_kind == ATTENTION:
-                self.key_value, self.index = sharding.allocate_kv_cache(m, self.mesh, batch_size, max_length,
-                                                                           dtype, m.device)
+            if self.layer_kind == ATTENTION:
+                self.key_value, self.index, self.scales = sharding.allocate_kv_cache(m, self.mesh, batch_size,
+                                                                                     max_length, dtype, m.device)
             else:
                 self.key_value = sharding.allocate_state(m, self.mesh, batch_size, m.device)
         elif self.layer_kind == ATTENTION and m.kv_quantization is not None:
             self.key_value, self.index, self.scales = ops.init_quantized_kv_cache(
                 batch_size, max_length, m.key_heads, m.key_dim, m.value_dim, m.kv_quantization, device=device)
-            self.compute_dtype = dtype or torch.get_default_dtype()
         elif self.layer_kind == ATTENTION:
             self.key_value, self.index = ops.init_kv_cache(batch_size, max_length, m.key_heads, m.key_dim,
                                                            m.value_dim, dtype=dtype, device=device)

@@ -314,15 +314,10 @@ def init_paged_kv_cache(num_pages: int, page_size: int, num_heads: int, key_dim:
                        ("key_dim", key_dim), ("value_dim", value_dim)):
         if size <= 0:
             raise ValueError(f"init_paged_kv_cache: {name} must be positive, got {size}")
-    if kv_quantization is not None and not isinstance(kv_quantization, str):
-        raise TypeError(f"init_paged_kv_cache: kv_quantization must be a str or None, got "
-                        f"{type(kv_quantization).__name__} {kv_quantization!r}")
+    check_kv_quantization("init_paged_kv_cache", kv_quantization)
     if kv_quantization is None:
         key_value, _ = init_kv_cache(num_pages, page_size, num_heads, key_dim, value_dim, dtype=dtype, device=device)
         return key_value
-    if kv_quantization not in KV_QUANTIZATION:
-        raise ValueError(f"init_paged_kv_cache: kv_quantization must be one of {sorted(KV_QUANTIZATION)} or None, "
-                         f"got {kv_quantization!r}")
     if dtype is not None:
         raise ValueError("init_paged_kv_cache: dtype is the codes' own with kv_quantization; pass dtype=None")
     key_value, _, scales = init_quantized_kv_cache(num_pages, page_size, num_heads, key_dim, value_dim,
@@ -332,6 +327,19 @@ def init_paged_kv_cache(num_pages: int, page_size: int, num_heads: int, key_dim:
 
 # Quantized sequence-cache storage: the metadata's kv_quantization string -> code dtype.
 KV_QUANTIZATION = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def check_kv_quantization(op: str, kv_quantization) -> None:
+    """``kv_quantization`` is None or a name of :data:`KV_QUANTIZATION`: else a ``TypeError`` (not a str) or a
+    ``ValueError`` (another name), naming ``op``."""
+    if kv_quantization is None:
+        return
+    if not isinstance(kv_quantization, str):
+        raise TypeError(f"{op}: kv_quantization must be a str or None, got {type(kv_quantization).__name__} "
+                        f"{kv_quantization!r}")
+    if kv_quantization not in KV_QUANTIZATION:
+        raise ValueError(f"{op}: kv_quantization must be None or one of {sorted(KV_QUANTIZATION)}, got "
+                         f"{kv_quantization!r}")
 
 
 def init_quantized_kv_cache(batch_size: int, max_length: int, num_heads: int, key_dim: int, value_dim: int,

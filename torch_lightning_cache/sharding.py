@@ -305,33 +305,25 @@ def partition_axis_of(metadata) -> PartitionAxis:
 
 
 def allocate_kv_cache(metadata, mesh, batch_size: int, max_length: int, dtype, device=None):
-    """``(key_value, index)`` as DTensors on ``mesh``, each rank allocating only its shard."""
+    """``(key_value, index, scales)`` as DTensors on ``mesh``, each rank allocating only its shard. With
+    ``metadata.kv_quantization`` ``key_value`` holds the codes and ``scales [B, L, H, 2]`` is placed as they are
+    (rows over the batch axis, heads over the head axis); else ``scales`` is None."""
     register_sharding_strategies()
     axis = partition_axis_of(metadata)
     m = metadata
     shape = [batch_size, max_length, m.key_heads, m.key_dim + m.value_dim]
     placements = axis.placements(mesh, "key_value")
     b, length, heads, _ = _local_shape("LightningCache", "key_value", shape, mesh, placements)
-    key_value, index = ops.init_kv_cache(b, length, heads, m.key_dim, m.value_dim, dtype=dtype,
-                                         device=device or mesh_device(mesh))
+    device = device or mesh_device(mesh)
+    scales = None
+    if m.kv_quantization is not None:
+        key_value, index, scales = ops.init_quantized_kv_cache(b, length, heads, m.key_dim, m.value_dim,
+                                                               m.kv_quantization, device=device)
+        scales = from_local_shard(scales, mesh, axis.placements(mesh, "scales"), [batch_size, max_length, m.key_heads, 2])
+    else:
+        key_value, index = ops.init_kv_cache(b, length, heads, m.key_dim, m.value_dim, dtype=dtype, device=device)
     return (from_local_shard(key_value, mesh, placements, shape),
-            from_local_shard(index, mesh, axis.placements(mesh, "index"), [batch_size]))
-
-
-def allocate_quantized_kv_cache(metadata, mesh, batch_size: int, max_length: int, device=None):
-    """``(key_value codes, index, scales)`` as DTensors on ``mesh`` (scales placed as the codes: rows over the
-    batch axis, heads over the head axis), each rank allocating only its shard."""
-    register_sharding_strategies()
-    axis = partition_axis_of(metadata)
-    m = metadata
-    shape = [batch_size, max_length, m.key_heads, m.key_dim + m.value_dim]
-    placements = axis.placements(mesh, "key_value")
-    b, length, heads, _ = _local_shape("LightningCache", "key_value", shape, mesh, placements)
-    key_value, index, scales = ops.init_quantized_kv_cache(b, length, heads, m.key_dim, m.value_dim,
-                                                           m.kv_quantization, device=device or mesh_device(mesh))
-    return (from_local_shard(key_value, mesh, placements, shape),
-            from_local_shard(index, mesh, axis.placements(mesh, "index"), [batch_size]),
-            from_local_shard(scales, mesh, axis.placements(mesh, "scales"), [batch_size, max_length, m.key_heads, 2]))
+            from_local_shard(index, mesh, axis.placements(mesh, "index"), [batch_size]), scales)
 
 
 def allocate_state(metadata, mesh, batch_size: int, device=None):

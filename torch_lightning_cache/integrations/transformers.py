@@ -147,12 +147,7 @@ class LightningMiniMaxCache(_hf.MiniMaxCache):
         ops.check_types("LightningMiniMaxCache", batch_size=(batch_size, "int"), max_length=(max_length, "int"),
                         dtype=(dtype, "dtype?"), device=(device, "device?"), max_rewind=(max_rewind, "int"),
                         growable=(growable, "bool"))
-        if kv_quantization is not None and not isinstance(kv_quantization, str):
-            raise TypeError(f"LightningMiniMaxCache: kv_quantization must be a str or None, got "
-                            f"{type(kv_quantization).__name__} {kv_quantization!r}")
-        if kv_quantization is not None and kv_quantization not in ops.KV_QUANTIZATION:
-            raise ValueError(f"LightningMiniMaxCache: kv_quantization must be one of {sorted(ops.KV_QUANTIZATION)} "
-                             f"or None, got {kv_quantization!r}")
+        ops.check_kv_quantization("LightningMiniMaxCache", kv_quantization)
         for name, value in (("batch_size", batch_size), ("max_length", max_length)):
             if value <= 0:
                 raise ValueError(f"LightningMiniMaxCache: {name} must be positive, got {value}")
