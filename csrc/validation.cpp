@@ -447,6 +447,11 @@ PageTable check_block_tables(const char* op, const at::Tensor& block_tables, int
   return table;
 }
 
+bool cpu_runs_device_plans() {
+  const char* plan = std::getenv("LIGHTNING_CACHE_CPU_PLAN");
+  return plan != nullptr && std::string_view(plan) == "device";
+}
+
 PageTable page_table_of(const at::Tensor& block_tables, const KVCacheDims& d) {
   PageTable table;
   table.data = block_tables.const_data_ptr();
@@ -503,10 +508,7 @@ WritePlan plan_writes(const at::Tensor& index, const KVCacheDims& d, const std::
                       bool ring, int64_t position_limit, bool host_checks) {
   // The phases are what CUDA runs on the device for these calls; the CPU's default is the loop below
   // (O(B * q) with a hash map, where the phases compare page segments pairwise).
-  // LIGHTNING_CACHE_CPU_WRITE_PLAN=phases (read per call) runs the phases here: the tests check them so.
-  const char* write_plan = std::getenv("LIGHTNING_CACHE_CPU_WRITE_PLAN");
-  if (plans_paged_writes_in_phases(d, slots, host_checks) && write_plan != nullptr &&
-      std::string_view(write_plan) == "phases") {
+  if (plans_paged_writes_in_phases(d, slots, host_checks) && cpu_runs_device_plans()) {
     return plan_paged_writes_on_host(index, d, *block_tables, position_limit);
   }
   const at::Tensor index_cpu = index.cpu();
@@ -926,8 +928,9 @@ AttentionRows plan_attention_rows(const AttentionDims& d, const std::optional<at
   AttentionRows plan;
   std::vector<AttentionRow>& rows = plan.rows;
   rows.resize(d.rows);
-  if (!d.packed && !host_checks && (cache_seqlens.has_value() || slot_ids.has_value())) {
-    // The rule CUDA runs on the device for these calls, read back here.
+  if (!d.packed && !host_checks && (cache_seqlens.has_value() || slot_ids.has_value()) && cpu_runs_device_plans()) {
+    // The rule CUDA runs on the device for these calls, read back here (its ATen ops cost more than the
+    // loop below on the CPU, so only when asked: the tests do).
     const at::Tensor flat = attention_plan_on_device(d, cache_seqlens, slot_ids).cpu().contiguous();
     const int64_t* e = flat.const_data_ptr<int64_t>();
     if (cache_seqlens.has_value()) plan.valid.resize(d.rows);

@@ -148,6 +148,11 @@ WritePlan plan_writes(const at::Tensor& index, const KVCacheDims& dims, const st
 // write_plan_rule.h's phases, which CUDA runs on the device (capturable) and plan_writes on the host.
 bool plans_paged_writes_in_phases(const KVCacheDims& dims, const std::optional<at::Tensor>& slots, bool host_checks);
 
+// LIGHTNING_CACHE_CPU_PLAN=device (read per call): the CPU plans the calls CUDA plans on the device
+// (checks off, [B, q]) with CUDA's code (write_plan_rule.h, attention_plan_on_device) instead of its own
+// host loops, which follow the same rules faster there. The tests run both.
+bool cpu_runs_device_plans();
+
 // The block table as PageTable (its data pointer on the tensor's device).
 PageTable page_table_of(const at::Tensor& block_tables, const KVCacheDims& dims);
 

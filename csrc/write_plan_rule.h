@@ -3,8 +3,8 @@
 // backend: one CUDA block (tid, threads, barrier = __syncthreads) and one CPU
 // thread (0, 1, no barrier) run the same phases. On CUDA it runs on the device
 // (no sync, so the call can be captured in a CUDA graph); on the CPU plan_writes
-// runs it for the same calls when LIGHTNING_CACHE_CPU_WRITE_PLAN=phases, which
-// the tests set to check it against the sequential rule.
+// runs it for the same calls when LIGHTNING_CACHE_CPU_PLAN=device, which the
+// tests set to check it against the sequential rule.
 //
 // The rule (validation.h, WritePlan): a row is written whole or skipped whole.
 // It is skipped when its position cannot take q tokens (row_writable), when a

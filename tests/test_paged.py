@@ -321,13 +321,13 @@ def test_compile_paged_step_no_recompile_when_block_tables_change(gen):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-@pytest.mark.parametrize("planner", ["loop", "phases"])
+@pytest.mark.parametrize("planner", ["host", "device"])
 def test_paged_writes_without_checks_follow_the_sequential_rule(gen, planner, monkeypatch):
     """Random hostile tables (shared pages, repeated pages, entries outside the pool) and positions (negative,
     past the end, near int64's limit), checks off: every page slot and position equals the sequential rule's,
     chains included (row 1 loses a slot to row 0, so row 2 keeps one it shares only with row 1). This is the
-    rule CUDA runs on the device (write_plan_rule.h, "phases"), run here on the CPU, and the CPU's own loop."""
-    monkeypatch.setenv("LIGHTNING_CACHE_CPU_WRITE_PLAN", planner)
+    rule CUDA runs on the device (write_plan_rule.h, "device"), run here on the CPU, and the CPU's own loop."""
+    monkeypatch.setenv("LIGHTNING_CACHE_CPU_PLAN", planner)
     for case in range(300):
         B, q = int(torch.randint(1, 7, (), generator=gen)), int(torch.randint(1, 6, (), generator=gen))
         page_size = [1, 2, 4][case % 3]
@@ -354,11 +354,14 @@ def test_paged_writes_without_checks_follow_the_sequential_rule(gen, planner, mo
     assert index.tolist() == [3, 1, 2]  # row 1 skipped, so row 2 writes page 1
 
 
+@pytest.mark.parametrize("planner", ["host", "device"])
 @pytest.mark.parametrize("layout", ["slot_ids", "block_tables"])
-def test_attention_rows_without_checks_skip_bad_ids_and_lengths(gen, layout):
+def test_attention_rows_without_checks_skip_bad_ids_and_lengths(gen, layout, planner, monkeypatch):
     """[B, q] queries placed by cache_seqlens, checks off (the rows CUDA plans on the device): a row whose
     cache_seqlens is below its q queries, above L, negative or int64's limit, or whose slot id is outside the
-    pool, gives zeros; every other row its reference attention. Checks on, each bad row is an error."""
+    pool, gives zeros; every other row its reference attention. Checks on, each bad row is an error. Both the
+    CPU's host plan and attention_plan_on_device (CUDA's, run here with LIGHTNING_CACHE_CPU_PLAN=device)."""
+    monkeypatch.setenv("LIGHTNING_CACHE_CPU_PLAN", planner)
     B, q, page_size, N, P = 7, 2, 4, 8, 5
     query = randn((B, q, 2 * H, DK), gen)  # GQA 2
     valid = torch.tensor([5, 1, 9, -3, INT64_MAX, 2, 8])  # row 1: < q; row 2: > L = 8; rows 3, 4: hostile
