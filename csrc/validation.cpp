@@ -480,7 +480,8 @@ WritePlan plan_paged_writes_on_host(const at::Tensor& index, const KVCacheDims& 
   const at::Tensor index_cpu = index.cpu().contiguous();
   const at::Tensor table_cpu = block_tables.cpu();
   const int64_t B = d.batch, q = d.new_tokens;
-  std::vector<int64_t> flat(paged_write_plan_size(B, q)), scratch(paged_write_scratch_size(B));
+  const int map_bits = paged_write_map_bits(B, q, d.page_size);
+  std::vector<int64_t> flat(paged_write_plan_size(B, q)), scratch(paged_write_scratch_size(B, map_bits));
   PagedWritePlanArgs args;
   args.position = index_cpu.const_data_ptr<int64_t>();
   args.table = page_table_of(table_cpu, d);
@@ -490,6 +491,7 @@ WritePlan plan_paged_writes_on_host(const at::Tensor& index, const KVCacheDims& 
   args.position_limit = position_limit;
   args.plan = flat.data();
   args.scratch = scratch.data();
+  args.map_bits = map_bits;
   plan_paged_writes(args, 0, 1, NoBarrier{});
   WritePlan plan{std::vector<int64_t>(flat.begin() + B * q, flat.begin() + B * q + B),
                  std::vector<int64_t>(flat.begin() + B * q + B, flat.begin() + B * q + 2 * B),

@@ -13,7 +13,10 @@
 // earlier WRITTEN row writes (the first row in batch order keeps a contested
 // slot; a skipped row claims nothing). Only the last clause depends on other
 // rows' outcomes, so only rows that share a slot with an earlier candidate are
-// resolved in batch order; the others are decided in parallel.
+// resolved in batch order; the others are decided in parallel. A hash map of
+// the pages written (the first candidate row of each) finds those rows: only
+// segments on a page an earlier candidate writes are compared pairwise, so a
+// step whose rows write pages of their own costs O(B), not O(B^2).
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -33,22 +36,75 @@ struct PagedWritePlanArgs {
   int64_t position_limit = kNoPositionLimit;
   // Output, as the write kernel reads it: [cell (B * q) | row (B) | start (B) | length (B)].
   int64_t* plan = nullptr;
-  int64_t* scratch = nullptr;  // [2 * B]: per row "skipped" and "contested"
+  // [skipped (B) | contested (B) | page map: pages (S) | first candidate row per page (S)],
+  // S = 2^map_bits (paged_write_map_bits).
+  int64_t* scratch = nullptr;
+  int map_bits = 0;
 };
 
 inline int64_t paged_write_plan_size(int64_t batch, int64_t new_tokens) { return batch * new_tokens + 3 * batch; }
-inline int64_t paged_write_scratch_size(int64_t batch) { return 2 * batch; }
-
-// Segment k of row w: the part of its positions [start, start + q) inside one page. Pages of one
-// row's table are compared, not tokens: O((B * segments)^2) instead of O((B * q)^2).
-struct PageSegment {
-  int64_t page = -1;  // the table entry; -1: no such segment
-  int64_t lo = 0, hi = 0;  // slots [lo, hi) of that page
-};
 
 C10_HOST_DEVICE inline int64_t segments_per_row(int64_t new_tokens, int64_t page_size) {
   return (new_tokens - 1) / page_size + 2;  // a run of q positions touches at most this many pages
 }
+
+// The page map is an open-addressing hash map with at least twice as many slots as the call has page
+// segments, so it never fills and a probe ends after a couple of slots on average.
+inline int paged_write_map_bits(int64_t batch, int64_t new_tokens, int64_t page_size) {
+  const int64_t wanted = 2 * batch * segments_per_row(new_tokens, page_size);
+  int bits = 6;
+  while ((int64_t{1} << bits) < wanted) ++bits;
+  return bits;
+}
+
+inline int64_t paged_write_scratch_size(int64_t batch, int map_bits) { return 2 * batch + 2 * (int64_t{1} << map_bits); }
+
+constexpr int64_t kNoPage = -1;           // an empty slot of the page map
+constexpr int64_t kNoRow = INT64_MAX;     // no candidate row yet
+
+C10_HOST_DEVICE inline int64_t page_hash(int64_t page, int bits) {
+  return static_cast<int64_t>((static_cast<uint64_t>(page) * 0x9E3779B97F4A7C15ull) >> (64 - bits));
+}
+
+// The page map's slot for `page` (>= 0), claiming an empty one if the page is not there yet. Atomic
+// among the threads of a CUDA block; on the CPU the phases run on one thread.
+C10_HOST_DEVICE inline int64_t page_map_claim(int64_t* pages, int bits, int64_t page) {
+  const int64_t mask = (int64_t{1} << bits) - 1;
+  for (int64_t h = page_hash(page, bits);; h = (h + 1) & mask) {
+#if defined(__CUDA_ARCH__)
+    const auto seen = static_cast<int64_t>(atomicCAS(reinterpret_cast<unsigned long long*>(pages + h),
+                                                     static_cast<unsigned long long>(kNoPage),
+                                                     static_cast<unsigned long long>(page)));
+#else
+    const int64_t seen = pages[h];
+    if (seen == kNoPage) pages[h] = page;
+#endif
+    if (seen == kNoPage || seen == page) return h;
+  }
+}
+
+// The slot of a page already in the map.
+C10_HOST_DEVICE inline int64_t page_map_find(const int64_t* pages, int bits, int64_t page) {
+  const int64_t mask = (int64_t{1} << bits) - 1;
+  int64_t h = page_hash(page, bits);
+  while (pages[h] != page) h = (h + 1) & mask;
+  return h;
+}
+
+C10_HOST_DEVICE inline void min_into(int64_t* slot, int64_t value) {
+#if defined(__CUDA_ARCH__)
+  atomicMin(reinterpret_cast<long long*>(slot), static_cast<long long>(value));
+#else
+  if (value < *slot) *slot = value;
+#endif
+}
+
+// Segment k of row w: the part of its positions [start, start + q) inside one page. Pages of one
+// row's table are compared, not tokens, and (with the page map) only segments on a page an earlier row has.
+struct PageSegment {
+  int64_t page = -1;  // the table entry; -1: no such segment
+  int64_t lo = 0, hi = 0;  // slots [lo, hi) of that page
+};
 
 C10_HOST_DEVICE inline PageSegment page_segment(const PageTable& t, int64_t row, int64_t start, int64_t new_tokens,
                                                 int64_t k) {
@@ -80,6 +136,13 @@ C10_HOST_DEVICE void plan_paged_writes(const PagedWritePlanArgs& a, int64_t tid,
   int64_t* length = start + B;
   int64_t* skipped = a.scratch;
   int64_t* contested = skipped + B;
+  const int64_t map_slots = int64_t{1} << a.map_bits;
+  int64_t* map_page = contested + B;
+  int64_t* map_first = map_page + map_slots;
+  for (int64_t h = tid; h < map_slots; h += threads) {
+    map_page[h] = kNoPage;
+    map_first[h] = kNoRow;
+  }
   // 1. Rows whose position cannot take q tokens.
   for (int64_t w = tid; w < B; w += threads) {
     const int64_t s = a.position[w];
@@ -110,11 +173,20 @@ C10_HOST_DEVICE void plan_paged_writes(const PagedWritePlanArgs& a, int64_t tid,
     }
   }
   barrier();
-  // 4. Candidates sharing a slot with an earlier candidate: decided in step 5.
+  // 4. Candidates sharing a slot with an earlier candidate: decided in step 5. First each page's first
+  // candidate row: a segment on a page no earlier candidate writes is compared with nothing.
   for (int64_t i = tid; i < B * segs; i += threads) {
     const int64_t w = i / segs, k = i % segs;
     if (skipped[w] != 0) continue;
     const PageSegment mine = page_segment(a.table, w, start[w], q, k);
+    if (mine.page >= 0) min_into(&map_first[page_map_claim(map_page, a.map_bits, mine.page)], w);
+  }
+  barrier();
+  for (int64_t i = tid; i < B * segs; i += threads) {
+    const int64_t w = i / segs, k = i % segs;
+    if (skipped[w] != 0) continue;
+    const PageSegment mine = page_segment(a.table, w, start[w], q, k);
+    if (mine.page < 0 || map_first[page_map_find(map_page, a.map_bits, mine.page)] == w) continue;
     for (int64_t j = 0; j < w * segs && mine.page >= 0; ++j) {
       const int64_t v = j / segs;
       if (skipped[v] == 0 && segments_overlap(mine, page_segment(a.table, v, start[v], q, j % segs))) {

@@ -178,6 +178,35 @@ def test_minus_infinite_score_before_any_finite_one_has_weight_zero(device, gen)
     assert rel_err(out, ref_cached_attention(query, kv, clean_mask, Dk)) <= 1e-5
 
 
+@pytest.mark.parametrize("column", [0, 47, 48, 200, 299])
+@pytest.mark.parametrize("where", ["key", "value", "key_scale"])
+def test_visible_nan_reaches_the_output_as_in_sdpa(device, gen, column, where):
+    """A NaN in a visible key (or key scale) makes that query's output NaN, and a NaN in a visible value makes its
+    element NaN, as SDPA does, wherever the column sits: first in a block or split, alone in a block, after
+    masked columns. (A running max that keeps or drops NaN by operand order gave finite outputs for some.)"""
+    B, L, H, Dk, Dv = 1, 300, 1, 8, 8
+    kv = randn((B, L, H, Dk + Dv), gen)
+    scales = None
+    if where == "key_scale":
+        kv, scales = quantize(kv, Dk, "int8")
+        scales[0, column, 0, 0] = float("nan")
+    else:
+        kv[0, column, 0, 3 if where == "key" else Dk + 3] = float("nan")
+    mask = torch.zeros(B, 1, 2, L, dtype=torch.bool)
+    mask[0, 0, 0] = True
+    mask[0, 0, 1, column:] = True  # the NaN column is the first this query sees
+    mask[0, 0, 1, :column] = column % 2 == 1  # ...or comes after visible ones
+    query = randn((B, 2, H, Dk), gen)
+    want = ref_cached_attention(query, kv, mask, Dk, scales=scales)
+    got = tlc.cached_attention(query.to(device), kv.to(device), mask.to(device), Dk,
+                               scales=None if scales is None else scales.to(device)).cpu()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(want).any()
+    hidden = mask.clone()
+    hidden[..., column] = False  # the query that does not see the column is untouched
+    assert torch.isfinite(tlc.cached_attention(query.to(device), kv.to(device), hidden.to(device), Dk,
+                                               scales=None if scales is None else scales.to(device))).all()
+
+
 def test_strided_inputs(device, gen):
     """Query slices of a fused projection, a transposed query, a cache slice, an expanded mask, strided scales."""
     B, L, H, Dk, Dv, group = 2, 90, 2, 32, 32, 4

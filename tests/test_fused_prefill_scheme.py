@@ -52,9 +52,10 @@ def split_bf16(x: torch.Tensor, terms: int) -> list[torch.Tensor]:
     if terms == 0:
         return [x]
     pieces, rest = [], x
-    for _ in range(terms):
+    finite = torch.isfinite(x)  # a non-finite x is its own first piece (Inf - Inf would be NaN)
+    for i in range(terms):
         piece = rest.to(torch.bfloat16).to(torch.float32)
-        pieces.append(piece)
+        pieces.append(piece if i == 0 else torch.where(finite, piece, torch.zeros((), dtype=piece.dtype)))
         rest = rest - piece  # exact in float32
     return pieces
 
@@ -108,7 +109,8 @@ def emulate_prefill(state, q, k, v, slopes, attention_mask=None, scale=1.0, term
             # lam^n S = S + (lam^n - 1) S with lam^n - 1 from expm1: for a flat head
             # (s ~ 1e-8) exp(-s n) rounds to a float32 next to 1 whose error is as large as
             # its distance from 1, and that error recurs every chunk.
-            S = torch.expm1(-s * n) * S + (S + inc)
+            # An infinite S stays infinite (lam^n > 0), where Inf * (lam^n - 1) + Inf would be NaN.
+            S = torch.where(torch.isfinite(S), torch.expm1(-s * n) * S + (S + inc), S + inc)
         out[:, :, start:end] = o * scale
     out = out.transpose(1, 2)
     if attention_mask is not None:
@@ -242,3 +244,32 @@ def test_fused_kernel_matches_emulation_and_reference(monkeypatch, layer, masked
     assert state_err <= 2 * aten_state + 1e-6, (state_err, aten_state)
     # The kernel is the emulated scheme: its state is at least as close to that as to the exact one.
     assert per_head_err(state.cpu(), emulated[0], 1) <= 2 * state_err + 1e-6
+
+
+def nonfinite_pattern(x):
+    return torch.stack([torch.isposinf(x), torch.isneginf(x), torch.isnan(x)])
+
+
+@pytest.mark.parametrize("where", ["emulation", "cpu", "cuda"])
+def test_infinite_state_stays_infinite_as_in_sequential_decode(where, monkeypatch):
+    """+-Inf in the state from history reaches the outputs and the new state as +-Inf, as sequential decode gives,
+    not NaN: through the bfloat16 split of S (Inf - Inf) and the expm1 decay, also over a fully masked chunk."""
+    if where == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.setenv("LIGHTNING_CACHE_FUSED_PREFILL", "1")
+    S0, q, k, v, slopes, _ = scheme_inputs(2, 192, 2, 128, 0, 80, seed=7, masked=False, history=1.0)
+    S0[0, 0, 3, 5], S0[1, 1, 7, 2] = float("inf"), -float("inf")
+    q[:, :, :, 3] = q[:, :, :, 3].abs() + 0.25  # no query element 0 meets the Inf (0 * Inf is NaN in both)
+    q[:, :, :, 7] = q[:, :, :, 7].abs() + 0.25
+    mask = torch.ones(2, 192, dtype=torch.int64)
+    mask[0, :64] = 0  # row 0's first chunk fully masked: its state must stay as it was
+    want_state, want_out = ref_lightning(S0, q, k, v, slopes, attention_mask=mask)
+    if where == "emulation":
+        state, out = emulate_prefill(S0, q, k, v, slopes, mask)
+    else:  # the CPU kernel, or on CUDA the fused kernel (opted in above)
+        state = S0.to(where)
+        out = tlc.lightning_prefill(state, q.to(where), k.to(where), v.to(where), slopes.float().to(where),
+                                    attention_mask=mask.to(where))
+    assert torch.isinf(want_out).any() and not torch.isnan(want_out).any()
+    assert torch.equal(nonfinite_pattern(out.cpu()), nonfinite_pattern(want_out))
+    assert torch.equal(nonfinite_pattern(state.cpu()), nonfinite_pattern(want_state))

@@ -44,6 +44,7 @@ constexpr int64_t kBlock = 48;      // cache columns per online-softmax step (a 
 constexpr int64_t kRowChunk = 64;   // query rows per work item
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLowestFloat = std::numeric_limits<float>::lowest();
 
 // How a block of columns looks to one mask row.
 enum : uint8_t { kNone = 0, kAll = 1, kSome = 2 };
@@ -110,12 +111,17 @@ void values_generic(float* acc, int64_t lda, int64_t rows, const float* p, int64
   }
 }
 
+// What a score adds to the running max: a NaN counts as the lowest finite float, so a block whose only
+// visible score is NaN is not taken for an empty one; its weight exp2(NaN - m) then makes the row NaN, as in
+// SDPA (std::max and _mm256_max_ps would keep or drop a NaN depending on operand order).
+inline float score_for_max(float x) { return x != x ? kLowestFloat : x; }
+
 float scale_max_generic(float* s, const float* colk, const uint8_t* vis, int64_t n) {
   float mx = kNegInf;
   for (int64_t c = 0; c < n; ++c) {
     const float x = (vis && !vis[c]) ? kNegInf : s[c] * colk[c];
     s[c] = x;
-    mx = std::max(mx, x);
+    mx = std::max(mx, score_for_max(x));
   }
   return mx;
 }
@@ -325,7 +331,7 @@ LC_AVX2 void values_avx2(float* acc, int64_t lda, int64_t rows, const float* p, 
 }
 
 LC_AVX2 float scale_max_avx2(float* s, const float* colk, const uint8_t* vis, int64_t n) {
-  const __m256 neg_inf = _mm256_set1_ps(kNegInf);
+  const __m256 neg_inf = _mm256_set1_ps(kNegInf), lowest = _mm256_set1_ps(kLowestFloat);
   __m256 mx = neg_inf;
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
@@ -336,13 +342,13 @@ LC_AVX2 float scale_max_avx2(float* s, const float* colk, const uint8_t* vis, in
       x = _mm256_blendv_ps(x, neg_inf, hidden);
     }
     _mm256_storeu_ps(s + c, x);
-    mx = _mm256_max_ps(mx, x);
+    mx = _mm256_max_ps(mx, _mm256_blendv_ps(x, lowest, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)));  // score_for_max
   }
   float m = hmax(mx);
   for (; c < n; ++c) {
     const float x = (vis && !vis[c]) ? kNegInf : s[c] * colk[c];
     s[c] = x;
-    m = std::max(m, x);
+    m = std::max(m, score_for_max(x));
   }
   return m;
 }

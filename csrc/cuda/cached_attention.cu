@@ -167,7 +167,9 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const __grid_
         for (int e = 0; e < DPL; ++e) dot = fmaf(q[r][e], kf[e], dot);
         dot = warp_sum(dot);  // every lane holds the row's score
         const float s = dot * k_scale;
-        const float m_new = fmaxf(m[r], s);
+        // A NaN score enters the max as -FLT_MAX (fmaxf would drop it, so a NaN met while m is -inf would
+        // get weight 0): its weight exp2(NaN - m) is NaN and the row's output NaN, as in SDPA and on the CPU.
+        const float m_new = fmaxf(m[r], s != s ? -FLT_MAX : s);
         if (m_new == -INFINITY) continue;  // a -inf score before any finite one: weight 0 (and no -inf - -inf NaN)
         const float alpha = exp2f(m[r] - m_new);  // 0 while m was -inf
         const float w = exp2f(s - m_new);

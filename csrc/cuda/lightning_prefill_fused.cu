@@ -109,7 +109,10 @@ __device__ __forceinline__ uint32_t pack_raw(__nv_bfloat16 lo, __nv_bfloat16 hi)
 }
 
 // Piece `term` of the split x = piece0 + piece1 + piece2 (+ rounding), each bfloat16.
+// A non-finite x is its own first piece (Inf - Inf would make every piece NaN, turning an Inf that
+// sequential decode keeps into NaN).
 __device__ __forceinline__ float split_piece(float x, int term) {
+  if (!isfinite(x)) return term == 0 ? x : 0.0f;
   float rest = x;
   float piece = __bfloat162float(__float2bfloat16_rn(rest));
   for (int t = 0; t < term; ++t) {
@@ -222,7 +225,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_prefill_kernel(const __grid
   }
 
   const int64_t chunks = (seq.length + kChunk - 1) / kChunk;
-  load_chunk(p, seq, h, col0, 0, stages);
+  if (chunks > 0) load_chunk(p, seq, h, col0, 0, stages);  // an empty sequence copies nothing
   async_commit();
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
     const int stage_index = int(chunk & 1);
@@ -428,7 +431,11 @@ __global__ void __launch_bounds__(kThreads, 1) fused_prefill_kernel(const __grid
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const int col = nt * 8 + tig * 2 + (r % 2);
-          const float updated = fmaf(S[mt][nt][r], decay_less_one, S[mt][nt][r] + inc[mt][nt][r]);
+          // lam^n S = S + (lam^n - 1) S keeps a flat head's precision; an infinite S stays infinite
+          // (lam^n > 0), where Inf * (lam^n - 1) + Inf would give NaN, even for a fully masked chunk.
+          const float s_old = S[mt][nt][r];
+          const float updated =
+              isfinite(s_old) ? fmaf(s_old, decay_less_one, s_old + inc[mt][nt][r]) : s_old + inc[mt][nt][r];
           S[mt][nt][r] = first_bad[col] < kChunk ? __int_as_float(0x7fc00000) : updated;
         }
       }
@@ -482,6 +489,19 @@ bool fused_prefill_supported(const at::Tensor& state, const at::Tensor& query, c
     return false;
   }
   if (major < 8 || d.key_dim != kKeyDim || d.value_dim != kKeyDim) return false;
+  // The kernel needs sm_80 code (built from PTX of an older arch its body would be empty) and 137 KiB of
+  // shared memory per block: sm_80 and sm_90 have it, sm_86 / sm_89 / sm_120 (99 KiB) take the ATen path.
+  cudaFuncAttributes attributes{};
+  int shared_optin = 0;
+  const auto kernel = state.scalar_type() == at::kFloat ? fused_prefill_kernel<float>
+                                                        : fused_prefill_kernel<__nv_bfloat16>;
+  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess ||
+      cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, query.get_device()) !=
+          cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (attributes.ptxVersion < 80 || size_t(shared_optin) < kSharedBytes + attributes.sharedSizeBytes) return false;
   if (query.scalar_type() != at::kBFloat16 || key.scalar_type() != at::kBFloat16 ||
       value.scalar_type() != at::kBFloat16)
     return false;

@@ -24,10 +24,14 @@ namespace {
 // The kernels index inside a row with 32-bit offsets.
 constexpr int64_t kMaskChunk = 16;
 
-void check_kernel_limits(const KVCacheDims& d) {
-  TORCH_CHECK_VALUE(d.capacity <= INT_MAX - kMaskChunk, "key_value: max_length ", d.capacity,
+// The mask kernel indexes its rows with 32-bit offsets, so only a call that builds a mask
+// (concatenate_to_cache) is limited in max_length; write_to_cache takes what the CPU takes.
+void check_kernel_limits(const KVCacheDims& d, bool builds_mask) {
+  TORCH_CHECK_VALUE(!builds_mask || d.capacity <= INT_MAX - kMaskChunk, "key_value: max_length ", d.capacity,
                     " is larger than the CUDA kernel supports (", INT_MAX - kMaskChunk, ")");
   TORCH_CHECK_VALUE(d.key_dim + d.value_dim <= INT_MAX, "key_value: key_dim + value_dim is too large");
+  TORCH_CHECK_VALUE(d.heads <= INT_MAX / 2, "key_value: ", d.heads, " heads is more than the CUDA kernel supports (",
+                    INT_MAX / 2, ")");
 }
 
 // plan_writes' result as the write kernel reads it: one int64 tensor on `device`,
@@ -45,7 +49,8 @@ at::Tensor upload_plan(const WritePlan& plan, const at::Device& device) {
 at::Tensor plan_paged_writes_on_device(const at::Tensor& index, const KVCacheDims& d, const at::Tensor& block_tables,
                                        int64_t limit) {
   const int64_t size = paged_write_plan_size(d.batch, d.new_tokens);
-  at::Tensor plan = at::empty({size + paged_write_scratch_size(d.batch)}, index.options().dtype(at::kLong));
+  const int map_bits = paged_write_map_bits(d.batch, d.new_tokens, d.page_size);
+  at::Tensor plan = at::empty({size + paged_write_scratch_size(d.batch, map_bits)}, index.options().dtype(at::kLong));
   PagedWritePlanArgs args;
   args.position = index.const_data_ptr<int64_t>();
   args.table = page_table_of(block_tables, d);
@@ -55,6 +60,7 @@ at::Tensor plan_paged_writes_on_device(const at::Tensor& index, const KVCacheDim
   args.position_limit = limit;
   args.plan = plan.data_ptr<int64_t>();
   args.scratch = args.plan + size;
+  args.map_bits = map_bits;
   C10_CUDA_CHECK(launch_plan_paged_writes(args));
   return plan;
 }
@@ -78,7 +84,7 @@ at::Tensor concatenate_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, c
                                      const std::optional<at::Tensor>& block_tables) {
   const KVCacheDims d = check_concatenate_args(key_value, index, key, value, attention_mask, causal_mask,
                                                token_type_ids, is_causal, ring, slot_ids, scales, block_tables);
-  check_kernel_limits(d);
+  check_kernel_limits(d, /*builds_mask=*/true);
   const c10::cuda::CUDAGuard guard(key_value.device());
   const bool host_checks = host_checks_allowed(check_bounds);
   const std::optional<at::Tensor> slots = prepare_write_rows(index, d, slot_ids, ring, causal_mask, host_checks);
@@ -107,7 +113,7 @@ void write_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, const at::Ten
                          const std::optional<at::Tensor>& cu_seqlens) {
   const KVCacheDims d =
       check_write_args(key_value, index, key, value, ring, slot_ids, "write_to_cache", scales, block_tables, cu_seqlens);
-  check_kernel_limits(d);
+  check_kernel_limits(d, /*builds_mask=*/false);
   const c10::cuda::CUDAGuard guard(key_value.device());
   const bool host_checks = host_checks_allowed(check_bounds);
   const std::optional<at::Tensor> slots = prepare_write_rows(index, d, slot_ids, ring, std::nullopt, host_checks);
