@@ -64,6 +64,21 @@ def _is_kind(value, kind: str) -> bool:
     raise AssertionError(kind)
 
 
+# Exact types that are of a kind for sure (a subset of _is_kind, which decides every other value); "int" has none,
+# since its range is checked too.
+_NONE = type(None)
+_EXACT_TYPES = {
+    "bool": frozenset({bool}),
+    "int": frozenset(),
+    "float": frozenset({float, int}),
+    "float?": frozenset({float, int, _NONE}),
+    "tensor": frozenset({torch.Tensor, torch.nn.Parameter}),
+    "tensor?": frozenset({torch.Tensor, torch.nn.Parameter, _NONE}),
+    "dtype?": frozenset({torch.dtype, _NONE}),
+    "device?": frozenset({torch.device, str, _NONE}),
+}
+
+
 def check_types(op: str, **args) -> None:
     """Checks Python-level argument types: ``name=(value, kind)`` with a kind of ``_KINDS``.
 
@@ -73,6 +88,8 @@ def check_types(op: str, **args) -> None:
     cache class goes through here, so the rule lives in one place.
     """
     for name, (value, kind) in args.items():
+        if type(value) in _EXACT_TYPES[kind]:  # the common case, in a set lookup (every wrapper call pays this)
+            continue
         if not _is_kind(value, kind):
             raise TypeError(f"{op}: {name} must be {_KINDS[kind]}, got {type(value).__name__} {value!r}")
         if kind == "int" and isinstance(value, numbers.Integral) and not -_INT64_MAX - 1 <= value <= _INT64_MAX:
@@ -81,8 +98,8 @@ def check_types(op: str, **args) -> None:
     # registers the ops' strategies on first use (not at import, which would cost every user the import of
     # torch.distributed.tensor) and checks the placements here, so a mismatch is a ValueError. Traced code
     # skips this (is_compiling first: dynamo folds it); the strategies check again at trace time.
-    if (not torch.compiler.is_compiling() and _dtensor_argument_check is not None
-            and "torch.distributed.tensor" in sys.modules):
+    if (_dtensor_argument_check is not None and "torch.distributed.tensor" in sys.modules
+            and not torch.compiler.is_compiling()):
         _dtensor_argument_check(op, {name: value for name, (value, kind) in args.items() if kind.startswith("tensor")})
 
 
@@ -225,6 +242,11 @@ def init_kv_cache(batch_size: int, max_length: int, num_heads: int, key_dim: int
 def split_key_value(key_value: torch.Tensor, key_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Views ``key [B, L, H, Dk]`` and ``value [B, L, H, Dv]`` of a unified cache (no copy)."""
     check_types("split_key_value", key_value=(key_value, "tensor"), key_dim=(key_dim, "int"))
+    return _key_value_views(key_value, key_dim)
+
+
+def _key_value_views(key_value: torch.Tensor, key_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # For the wrappers, whose arguments are checked already.
     return key_value[..., :key_dim], key_value[..., key_dim:]
 
 
@@ -268,7 +290,7 @@ def concatenate_to_cache(key_value: torch.Tensor, index: torch.Tensor, key: torc
                 slot_ids=(slot_ids, "tensor?"), scales=(scales, "tensor?"), block_tables=(block_tables, "tensor?"))
     mask = _ops.concatenate_to_cache(key_value, index, key, value, attention_mask, causal_mask, token_type_ids,
                                      is_causal, ring, check_bounds, slot_ids, scales, block_tables)
-    key_cache, value_cache = split_key_value(key_value, key.shape[-1])
+    key_cache, value_cache = _key_value_views(key_value, key.shape[-1])
     return key_cache, value_cache, mask
 
 
@@ -295,7 +317,7 @@ def write_to_cache(key_value: torch.Tensor, index: torch.Tensor, key: torch.Tens
                 slot_ids=(slot_ids, "tensor?"), scales=(scales, "tensor?"), block_tables=(block_tables, "tensor?"),
                 cu_seqlens=(cu_seqlens, "tensor?"))
     _ops.write_to_cache(key_value, index, key, value, ring, check_bounds, slot_ids, scales, block_tables, cu_seqlens)
-    return split_key_value(key_value, key.shape[-1])
+    return _key_value_views(key_value, key.shape[-1])
 
 
 def init_paged_kv_cache(num_pages: int, page_size: int, num_heads: int, key_dim: int, value_dim: int,
