@@ -386,8 +386,34 @@ __device__ __forceinline__ void write_token(const RowParams& p, int64_t b, int64
   }
 }
 
+// How the kernel writes a token, chosen on the host. One kernel that switches over every (cache,
+// input) dtype pair and quantized storage inside (AnyStorage) needs more registers than the
+// copy of one pair: at the 64 of __launch_bounds__(256, 4) it spilled 548 bytes, with reloads
+// inside the copy loop. What serving uses (input dtype = cache dtype; int8 / fp8 codes from
+// 16- and 32-bit floats) gets kernels of its own, as do calls without a mask (write_to_cache).
+struct AnyStorage {
+  __device__ __forceinline__ static void write(const RowParams& p, int64_t b, int64_t t, int64_t cell) {
+    write_token(p, b, t, cell);
+  }
+};
+
+template <typename T>
+struct SameType {  // cache and input of dtype T, no quantization
+  __device__ __forceinline__ static void write(const RowParams& p, int64_t b, int64_t t, int64_t cell) {
+    copy_token_row_as<T, T>(p, b, t, cell);
+  }
+};
+
+template <typename code_t, typename in_t>
+struct Quantized {  // int8 / fp8 codes and scales from inputs of dtype in_t
+  __device__ __forceinline__ static void write(const RowParams& p, int64_t b, int64_t t, int64_t cell) {
+    quantize_token_row<code_t, in_t>(p, b, t, cell);
+  }
+};
+
 // Planned writes: every cell, start and skip was decided on the host (plan_writes, the one rule
 // for these layouts), so no block reads `index` and block 0 can store the new positions.
+template <typename Storage, bool kMask>
 __device__ __forceinline__ void planned_rows(const RowParams& p, int tid) {
   const int64_t* write_row = p.plan + p.rows;
   const int64_t* write_start = write_row + p.write_rows;
@@ -395,8 +421,8 @@ __device__ __forceinline__ void planned_rows(const RowParams& p, int tid) {
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
     const int64_t b = r / p.new_tokens, t = r - b * p.new_tokens;
     const int64_t cell = p.plan[r];
-    if (cell >= 0) write_token(p, b, t, cell);
-    if (p.mask != nullptr) write_mask_row(&p, b, t, write_start[b], write_row[b] >= 0);  // never packed
+    if (cell >= 0) Storage::write(p, b, t, cell);
+    if (kMask) write_mask_row(&p, b, t, write_start[b], write_row[b] >= 0);  // never packed
   }
   if (blockIdx.x != 0) return;
   for (int64_t w = tid; w < p.write_rows; w += blockDim.x * blockDim.y) {
@@ -404,11 +430,13 @@ __device__ __forceinline__ void planned_rows(const RowParams& p, int tid) {
   }
 }
 
+// kMask: p.mask != nullptr (concatenate_to_cache).
+template <typename Storage, bool kMask>
 __global__ void __launch_bounds__(kThreads, 4) write_rows_kernel(const __grid_constant__ RowParams p) {
   __shared__ int64_t row_slot, row_start;
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   if (p.plan != nullptr) {  // uniform over the grid
-    planned_rows(p, tid);
+    planned_rows<Storage, kMask>(p, tid);
     return;
   }
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
@@ -420,8 +448,8 @@ __global__ void __launch_bounds__(kThreads, 4) write_rows_kernel(const __grid_co
     __syncthreads();
     const int64_t slot = row_slot, start = row_start;
     const bool writable = slot >= 0 && row_writable(start, p.new_tokens, p.capacity, p.ring, p.limit);
-    if (writable) write_token(p, b, t, slot * p.capacity + token_column(start, t, p.capacity, p.ring));
-    if (p.mask != nullptr) write_mask_row(&p, b, t, start, writable);
+    if (writable) Storage::write(p, b, t, slot * p.capacity + token_column(start, t, p.capacity, p.ring));
+    if (kMask) write_mask_row(&p, b, t, start, writable);
     __syncthreads();  // row_start is overwritten for the next row
   }
   advance_positions_if_last(p, tid);
@@ -530,8 +558,37 @@ cudaError_t launch_write_rows(at::Tensor& key_value, at::Tensor& index, const at
   const dim3 block(tx, kThreads / tx);
   const int64_t blocks =
       std::min<int64_t>(p.rows, int64_t(multiprocessor_count(key_value.get_device())) * kBlocksPerSM);
-  write_rows_kernel<<<static_cast<unsigned>(blocks), block, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-  return cudaGetLastError();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  auto launch = [&](auto storage) {
+    using Storage = decltype(storage);
+    if (p.mask != nullptr) {
+      write_rows_kernel<Storage, true><<<static_cast<unsigned>(blocks), block, 0, stream>>>(p);
+    } else {
+      write_rows_kernel<Storage, false><<<static_cast<unsigned>(blocks), block, 0, stream>>>(p);
+    }
+    return cudaGetLastError();
+  };
+  if (p.scales == nullptr && p.cache_type == p.in_type) {
+    switch (p.cache_type) {
+      case ElemType::BFloat16: return launch(SameType<c10::BFloat16>{});
+      case ElemType::Float16: return launch(SameType<c10::Half>{});
+      case ElemType::Float32: return launch(SameType<float>{});
+      default: break;  // float64: the general kernel
+    }
+  }
+  if (p.scales != nullptr) {
+    auto quantized = [&](auto code) {
+      using code_t = decltype(code);
+      switch (p.in_type) {
+        case ElemType::BFloat16: return launch(Quantized<code_t, c10::BFloat16>{});
+        case ElemType::Float16: return launch(Quantized<code_t, c10::Half>{});
+        case ElemType::Float32: return launch(Quantized<code_t, float>{});
+        default: return launch(AnyStorage{});  // float64 inputs
+      }
+    };
+    return p.fp8 ? quantized(c10::Float8_e4m3fn{}) : quantized(int8_t{});
+  }
+  return launch(AnyStorage{});
 }
 
 }  // namespace lightning_cache
