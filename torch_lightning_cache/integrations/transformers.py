@@ -27,6 +27,7 @@ What the cache adds over Hugging Face's ``MiniMaxCache`` (transformers 5.23):
 
 from __future__ import annotations
 
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,16 @@ from ..cache import ATTENTION, LIGHTNING, LightningCache, LightningCacheMetaData
 __all__ = ["LightningMiniMaxCache", "patch_minimax"]
 
 _KINDS = {"full_attention": ATTENTION, "linear_attention": LIGHTNING}
+
+# The cache's keyword in Hugging Face's forwards and generate's model_kwargs: transformers 5.25 renamed
+# ``past_key_values`` to ``cache`` (the old name is still accepted, with a FutureWarning, until 5.40).
+_CACHE_ARG = "cache" if "cache" in inspect.signature(_hf.MiniMaxModel.forward).parameters else "past_key_values"
+
+
+def _take_cache(past_key_values, kwargs: dict):
+    """The cache, whichever name it came under (pops ``cache`` from ``kwargs``)."""
+    cache = kwargs.pop("cache", None)
+    return cache if cache is not None else past_key_values
 
 
 def _layer_kinds(config) -> list[str]:
@@ -186,7 +197,7 @@ class LightningMiniMaxCache(_hf.MiniMaxCache):
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.max_length
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None, **kwargs) -> None:
         """From now on, keep per-token states so :meth:`crop` can take tokens back (``generate`` calls this)."""
         self._recording = True
 
@@ -373,10 +384,11 @@ class _PatchedMiniMaxAttention(_hf.MiniMaxAttention):
     quantized storage), or explicit weights when asked."""
 
     def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        past_key_values = _take_cache(past_key_values, kwargs)
         step = _active_step(past_key_values)
         if step is None:
             return super().forward(hidden_states, position_embeddings, attention_mask,
-                                   past_key_values=past_key_values, **kwargs)
+                                   **{_CACHE_ARG: past_key_values}, **kwargs)
         b, q = hidden_states.shape[:2]
         hidden_shape = (b, q, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -421,10 +433,11 @@ class _PatchedMiniMaxLightningAttention(_hf.MiniMaxLightningAttention):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                 **kwargs):
+        past_key_values = _take_cache(past_key_values, kwargs)
         step = _active_step(past_key_values)
         if step is None:
             return super().forward(hidden_states, position_embeddings, attention_mask,
-                                   past_key_values=past_key_values, **kwargs)
+                                   **{_CACHE_ARG: past_key_values}, **kwargs)
         cache = past_key_values
         b, n = hidden_states.shape[:2]
         heads, d = self.num_attention_heads, self.head_dim
@@ -479,13 +492,13 @@ class _PatchedMiniMaxModel(_hf.MiniMaxModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs):
         use_cache = use_cache if use_cache is not None else self.config.use_cache
-        cache = past_key_values
+        cache = past_key_values = _take_cache(past_key_values, kwargs)
         autograd = _needs_autograd(self, inputs_embeds) or (self.training and self.config.attention_dropout > 0)
         if not isinstance(cache, LightningMiniMaxCache):
             # Training, no cache wanted, Hugging Face's own cache or 4-D masks: exactly Hugging Face's model.
             if autograd or not use_cache or cache is not None or isinstance(attention_mask, dict):
                 return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                       past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                                       **{_CACHE_ARG: past_key_values}, inputs_embeds=inputs_embeds,
                                        use_cache=use_cache, **kwargs)
         elif autograd:
             raise ValueError("a LightningMiniMaxCache is for inference (the package's ops have no autograd): run "
@@ -505,13 +518,13 @@ class _PatchedMiniMaxModel(_hf.MiniMaxModel):
         try:
             masks = {"full_attention": None, "linear_attention": None}  # the layers read the cache's masks
             out = super().forward(input_ids=input_ids, attention_mask=masks, position_ids=position_ids,
-                                  past_key_values=cache, inputs_embeds=inputs_embeds, use_cache=True, **kwargs)
+                                  **{_CACHE_ARG: cache}, inputs_embeds=inputs_embeds, use_cache=True, **kwargs)
         except BaseException:
             cache._step = None
             raise
         cache._end()
-        if not use_cache and hasattr(out, "past_key_values"):
-            out.past_key_values = None
+        if not use_cache and _CACHE_ARG in getattr(out, "__dataclass_fields__", {}):
+            setattr(out, _CACHE_ARG, None)
         return out
 
 
@@ -519,14 +532,14 @@ class _PatchedMiniMaxForCausalLM(_hf.MiniMaxForCausalLM):
     """``generate`` makes a LightningMiniMaxCache when none is passed (Hugging Face's makes none for MiniMax)."""
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if (model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False
+        if (model_kwargs.get(_CACHE_ARG) is None and generation_config.use_cache is not False
                 and generation_config.cache_implementation is None):
             batch_size = kwargs.get("batch_size", args[1] if len(args) > 1 else 1)
             max_length = kwargs.get("max_cache_length", args[2] if len(args) > 2 else None) or 256
             cache = LightningMiniMaxCache(self.config, batch_size, max(int(max_length), 1), growable=True)
             if getattr(generation_config, "is_assistant", False):
                 cache.activate_past_recording()
-            model_kwargs["past_key_values"] = cache
+            model_kwargs[_CACHE_ARG] = cache
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
 
