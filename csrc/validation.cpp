@@ -449,8 +449,19 @@ PageTable check_block_tables(const char* op, const at::Tensor& block_tables, int
 
 bool cpu_runs_device_plans() {
   const char* plan = std::getenv("LIGHTNING_CACHE_CPU_PLAN");
-  return plan != nullptr && std::string_view(plan) == "device";
+  return plan != nullptr && (std::string_view(plan) == "device" || std::string_view(plan) == "device-unmapped");
 }
+
+namespace {
+
+// LIGHTNING_CACHE_CPU_PLAN=device-unmapped: the device write planner without its page map, as CUDA
+// runs it for calls past kMaxPageMapBits (too large to test there).
+bool cpu_plan_without_page_map() {
+  const char* plan = std::getenv("LIGHTNING_CACHE_CPU_PLAN");
+  return plan != nullptr && std::string_view(plan) == "device-unmapped";
+}
+
+}  // namespace
 
 PageTable page_table_of(const at::Tensor& block_tables, const KVCacheDims& d) {
   PageTable table;
@@ -480,7 +491,7 @@ WritePlan plan_paged_writes_on_host(const at::Tensor& index, const KVCacheDims& 
   const at::Tensor index_cpu = index.cpu().contiguous();
   const at::Tensor table_cpu = block_tables.cpu();
   const int64_t B = d.batch, q = d.new_tokens;
-  const int map_bits = paged_write_map_bits(B, q, d.page_size);
+  const int map_bits = cpu_plan_without_page_map() ? 0 : paged_write_map_bits(B, q, d.page_size);
   std::vector<int64_t> flat(paged_write_plan_size(B, q)), scratch(paged_write_scratch_size(B, map_bits));
   PagedWritePlanArgs args;
   args.position = index_cpu.const_data_ptr<int64_t>();

@@ -49,15 +49,23 @@ C10_HOST_DEVICE inline int64_t segments_per_row(int64_t new_tokens, int64_t page
 }
 
 // The page map is an open-addressing hash map with at least twice as many slots as the call has page
-// segments, so it never fills and a probe ends after a couple of slots on average.
+// segments, so it never fills and a probe ends after a couple of slots on average. Past 2^20 slots
+// (16 MiB of scratch) there is no map (0 bits): every segment takes the pairwise check, as a call
+// that large (a million page segments) is a prefill whose copy dwarfs the plan anyway.
+constexpr int kMaxPageMapBits = 20;
+
 inline int paged_write_map_bits(int64_t batch, int64_t new_tokens, int64_t page_size) {
-  const int64_t wanted = 2 * batch * segments_per_row(new_tokens, page_size);
+  const int64_t segments = segments_per_row(new_tokens, page_size);
+  if (batch > (int64_t{1} << kMaxPageMapBits) / 2 / segments) return 0;
+  const int64_t wanted = 2 * batch * segments;
   int bits = 6;
   while ((int64_t{1} << bits) < wanted) ++bits;
   return bits;
 }
 
-inline int64_t paged_write_scratch_size(int64_t batch, int map_bits) { return 2 * batch + 2 * (int64_t{1} << map_bits); }
+inline int64_t paged_write_scratch_size(int64_t batch, int map_bits) {
+  return 2 * batch + (map_bits > 0 ? 2 * (int64_t{1} << map_bits) : 0);
+}
 
 constexpr int64_t kNoPage = -1;           // an empty slot of the page map
 constexpr int64_t kNoRow = INT64_MAX;     // no candidate row yet
@@ -136,7 +144,8 @@ C10_HOST_DEVICE void plan_paged_writes(const PagedWritePlanArgs& a, int64_t tid,
   int64_t* length = start + B;
   int64_t* skipped = a.scratch;
   int64_t* contested = skipped + B;
-  const int64_t map_slots = int64_t{1} << a.map_bits;
+  const bool mapped = a.map_bits > 0;
+  const int64_t map_slots = mapped ? int64_t{1} << a.map_bits : 0;
   int64_t* map_page = contested + B;
   int64_t* map_first = map_page + map_slots;
   for (int64_t h = tid; h < map_slots; h += threads) {
@@ -175,7 +184,7 @@ C10_HOST_DEVICE void plan_paged_writes(const PagedWritePlanArgs& a, int64_t tid,
   barrier();
   // 4. Candidates sharing a slot with an earlier candidate: decided in step 5. First each page's first
   // candidate row: a segment on a page no earlier candidate writes is compared with nothing.
-  for (int64_t i = tid; i < B * segs; i += threads) {
+  for (int64_t i = tid; mapped && i < B * segs; i += threads) {
     const int64_t w = i / segs, k = i % segs;
     if (skipped[w] != 0) continue;
     const PageSegment mine = page_segment(a.table, w, start[w], q, k);
@@ -186,7 +195,7 @@ C10_HOST_DEVICE void plan_paged_writes(const PagedWritePlanArgs& a, int64_t tid,
     const int64_t w = i / segs, k = i % segs;
     if (skipped[w] != 0) continue;
     const PageSegment mine = page_segment(a.table, w, start[w], q, k);
-    if (mine.page < 0 || map_first[page_map_find(map_page, a.map_bits, mine.page)] == w) continue;
+    if (mine.page < 0 || (mapped && map_first[page_map_find(map_page, a.map_bits, mine.page)] == w)) continue;
     for (int64_t j = 0; j < w * segs && mine.page >= 0; ++j) {
       const int64_t v = j / segs;
       if (skipped[v] == 0 && segments_overlap(mine, page_segment(a.table, v, start[v], q, j % segs))) {

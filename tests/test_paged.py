@@ -321,12 +321,13 @@ def test_compile_paged_step_no_recompile_when_block_tables_change(gen):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-@pytest.mark.parametrize("planner", ["host", "device"])
+@pytest.mark.parametrize("planner", ["host", "device", "device-unmapped"])
 def test_paged_writes_without_checks_follow_the_sequential_rule(gen, planner, monkeypatch):
     """Random hostile tables (shared pages, repeated pages, entries outside the pool) and positions (negative,
     past the end, near int64's limit), checks off: every page slot and position equals the sequential rule's,
     chains included (row 1 loses a slot to row 0, so row 2 keeps one it shares only with row 1). This is the
-    rule CUDA runs on the device (write_plan_rule.h, "device"), run here on the CPU, and the CPU's own loop."""
+    rule CUDA runs on the device (write_plan_rule.h, "device"; "device-unmapped": without its page map, as for
+    calls too large for one), run here on the CPU, and the CPU's own loop."""
     monkeypatch.setenv("LIGHTNING_CACHE_CPU_PLAN", planner)
     for case in range(300):
         B, q = int(torch.randint(1, 7, (), generator=gen)), int(torch.randint(1, 6, (), generator=gen))
