@@ -51,7 +51,7 @@ C10_HOST_DEVICE inline int64_t segments_per_row(int64_t new_tokens, int64_t page
 // The page map is an open-addressing hash map with at least twice as many slots as the call has page
 // segments, so it never fills and a probe ends after a couple of slots on average. Past 2^20 slots
 // (16 MiB of scratch) there is no map (0 bits): every segment takes the pairwise check, as a call
-// that large (a million page segments) is a prefill whose copy dwarfs the plan anyway.
+// that large (half a million page segments) is a prefill whose copy dwarfs the plan anyway.
 constexpr int kMaxPageMapBits = 20;
 
 inline int paged_write_map_bits(int64_t batch, int64_t new_tokens, int64_t page_size) {
