@@ -454,7 +454,7 @@ bool cpu_runs_device_plans() {
 
 namespace {
 
-// LIGHTNING_CACHE_CPU_PLAN=device-unmapped: the device write planner without its page map, as CUDA
+// LIGHTNING_CACHE_CPU_PLAN=device-unmapped: the device write planner without its hash maps, as CUDA
 // runs it for calls past kMaxPageMapBits (too large to test there).
 bool cpu_plan_without_page_map() {
   const char* plan = std::getenv("LIGHTNING_CACHE_CPU_PLAN");
@@ -491,8 +491,9 @@ WritePlan plan_paged_writes_on_host(const at::Tensor& index, const KVCacheDims& 
   const at::Tensor index_cpu = index.cpu().contiguous();
   const at::Tensor table_cpu = block_tables.cpu();
   const int64_t B = d.batch, q = d.new_tokens;
-  const int map_bits = cpu_plan_without_page_map() ? 0 : paged_write_map_bits(B, q, d.page_size);
-  std::vector<int64_t> flat(paged_write_plan_size(B, q)), scratch(paged_write_scratch_size(B, map_bits));
+  const PagedWriteMaps maps =
+      cpu_plan_without_page_map() ? PagedWriteMaps{} : paged_write_maps(B, q, d.page_size, d.num_pages);
+  std::vector<int64_t> flat(paged_write_plan_size(B, q)), scratch(paged_write_scratch_size(B, maps));
   PagedWritePlanArgs args;
   args.position = index_cpu.const_data_ptr<int64_t>();
   args.table = page_table_of(table_cpu, d);
@@ -502,7 +503,8 @@ WritePlan plan_paged_writes_on_host(const at::Tensor& index, const KVCacheDims& 
   args.position_limit = position_limit;
   args.plan = flat.data();
   args.scratch = scratch.data();
-  args.map_bits = map_bits;
+  args.map_bits = maps.page_bits;
+  args.row_map_bits = maps.row_page_bits;
   plan_paged_writes(args, 0, 1, NoBarrier{});
   WritePlan plan{std::vector<int64_t>(flat.begin() + B * q, flat.begin() + B * q + B),
                  std::vector<int64_t>(flat.begin() + B * q + B, flat.begin() + B * q + 2 * B),

@@ -16,12 +16,15 @@
 // resolved in batch order; the others are decided in parallel. A hash map of
 // the pages written (the first candidate row of each) finds those rows: only
 // segments on a page an earlier candidate writes are compared pairwise, so a
-// step whose rows write pages of their own costs O(B), not O(B^2).
+// step whose rows write pages of their own costs O(B), not O(B^2). A second
+// map, of (row, page) pairs, finds a page listed twice in one row's table the
+// same way: a prefill of q tokens at page size 1 costs O(q), not O(q^2).
 #pragma once
 
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "mask_rule.h"
 #include "paging_rule.h"
@@ -36,10 +39,12 @@ struct PagedWritePlanArgs {
   int64_t position_limit = kNoPositionLimit;
   // Output, as the write kernel reads it: [cell (B * q) | row (B) | start (B) | length (B)].
   int64_t* plan = nullptr;
-  // [skipped (B) | contested (B) | page map: pages (S) | first candidate row per page (S)],
-  // S = 2^map_bits (paged_write_map_bits).
+  // [skipped (B) | contested (B) | page map: pages (S) | first candidate row per page (S) |
+  //  row-page map: keys (R) | first segment per key (R)], S = 2^map_bits, R = 2^row_map_bits
+  // (paged_write_maps; 0 bits: no such map, its check is pairwise).
   int64_t* scratch = nullptr;
   int map_bits = 0;
+  int row_map_bits = 0;
 };
 
 inline int64_t paged_write_plan_size(int64_t batch, int64_t new_tokens) { return batch * new_tokens + 3 * batch; }
@@ -48,33 +53,50 @@ C10_HOST_DEVICE inline int64_t segments_per_row(int64_t new_tokens, int64_t page
   return (new_tokens - 1) / page_size + 2;  // a run of q positions touches at most this many pages
 }
 
-// The page map is an open-addressing hash map with at least twice as many slots as the call has page
-// segments, so it never fills and a probe ends after a couple of slots on average. Past 2^20 slots
-// (16 MiB of scratch) there is no map (0 bits): every segment takes the pairwise check, as a call
-// that large (half a million page segments) is a prefill whose copy dwarfs the plan anyway.
+// The maps are open-addressing hash maps with at least twice as many slots as keys, so they never
+// fill and a probe ends after a couple of slots on average. Only rows whose cells are all in the pool
+// claim slots, so a call writes at most min(B * segments, num_pages) pages and min(B * segments,
+// B * num_pages) (row, page) pairs. Past 2^20 slots (16 MiB of scratch per map) a map is dropped
+// (0 bits): its check is pairwise, as a call that large (half a million pages written) is a prefill
+// whose copy dwarfs the plan anyway.
 constexpr int kMaxPageMapBits = 20;
 
-inline int paged_write_map_bits(int64_t batch, int64_t new_tokens, int64_t page_size) {
-  const int64_t segments = segments_per_row(new_tokens, page_size);
-  if (batch > (int64_t{1} << kMaxPageMapBits) / 2 / segments) return 0;
-  const int64_t wanted = 2 * batch * segments;
+struct PagedWriteMaps {
+  int page_bits = 0;      // keys: pages
+  int row_page_bits = 0;  // keys: row * num_pages + page
+};
+
+inline int paged_write_map_bits_for(int64_t keys) {
+  if (keys > (int64_t{1} << kMaxPageMapBits) / 2) return 0;
   int bits = 6;
-  while ((int64_t{1} << bits) < wanted) ++bits;
+  while ((int64_t{1} << bits) < 2 * keys) ++bits;
   return bits;
 }
 
-inline int64_t paged_write_scratch_size(int64_t batch, int map_bits) {
-  return 2 * batch + (map_bits > 0 ? 2 * (int64_t{1} << map_bits) : 0);
+inline PagedWriteMaps paged_write_maps(int64_t batch, int64_t new_tokens, int64_t page_size, int64_t num_pages) {
+  const int64_t segments = segments_per_row(new_tokens, page_size);
+  const int64_t all_segments = batch * segments;  // <= B * (q + 1): the call's tokens and one more per row
+  PagedWriteMaps maps;
+  maps.page_bits = paged_write_map_bits_for(batch > num_pages / segments ? num_pages : all_segments);
+  // A row-page key must fit in int64: B * num_pages < 2^63 (else that map is dropped).
+  if (num_pages == 0 || batch <= INT64_MAX / num_pages) maps.row_page_bits = paged_write_map_bits_for(all_segments);
+  return maps;
 }
 
-constexpr int64_t kNoPage = -1;           // an empty slot of the page map
-constexpr int64_t kNoRow = INT64_MAX;     // no candidate row yet
+inline int64_t paged_write_scratch_size(int64_t batch, const PagedWriteMaps& maps) {
+  int64_t size = 2 * batch;
+  for (const int bits : {maps.page_bits, maps.row_page_bits}) size += bits > 0 ? 2 * (int64_t{1} << bits) : 0;
+  return size;
+}
+
+constexpr int64_t kNoPage = -1;           // an empty slot of a map (keys are >= 0)
+constexpr int64_t kNoRow = INT64_MAX;     // no candidate row (or segment) yet
 
 C10_HOST_DEVICE inline int64_t page_hash(int64_t page, int bits) {
   return static_cast<int64_t>((static_cast<uint64_t>(page) * 0x9E3779B97F4A7C15ull) >> (64 - bits));
 }
 
-// The page map's slot for `page` (>= 0), claiming an empty one if the page is not there yet. Atomic
+// A map's slot for `page` (any key >= 0), claiming an empty one if the key is not there yet. Atomic
 // among the threads of a CUDA block; on the CPU the phases run on one thread.
 C10_HOST_DEVICE inline int64_t page_map_claim(int64_t* pages, int bits, int64_t page) {
   const int64_t mask = (int64_t{1} << bits) - 1;
@@ -91,7 +113,7 @@ C10_HOST_DEVICE inline int64_t page_map_claim(int64_t* pages, int bits, int64_t 
   }
 }
 
-// The slot of a page already in the map.
+// The slot of a key already in the map.
 C10_HOST_DEVICE inline int64_t page_map_find(const int64_t* pages, int bits, int64_t page) {
   const int64_t mask = (int64_t{1} << bits) - 1;
   int64_t h = page_hash(page, bits);
@@ -148,9 +170,17 @@ C10_HOST_DEVICE void plan_paged_writes(const PagedWritePlanArgs& a, int64_t tid,
   const int64_t map_slots = mapped ? int64_t{1} << a.map_bits : 0;
   int64_t* map_page = contested + B;
   int64_t* map_first = map_page + map_slots;
+  const bool row_mapped = a.row_map_bits > 0;
+  const int64_t row_map_slots = row_mapped ? int64_t{1} << a.row_map_bits : 0;
+  int64_t* row_map_key = map_first + map_slots;
+  int64_t* row_map_first = row_map_key + row_map_slots;
   for (int64_t h = tid; h < map_slots; h += threads) {
     map_page[h] = kNoPage;
     map_first[h] = kNoRow;
+  }
+  for (int64_t h = tid; h < row_map_slots; h += threads) {
+    row_map_key[h] = kNoPage;
+    row_map_first[h] = kNoRow;
   }
   // 1. Rows whose position cannot take q tokens.
   for (int64_t w = tid; w < B; w += threads) {
@@ -169,12 +199,31 @@ C10_HOST_DEVICE void plan_paged_writes(const PagedWritePlanArgs& a, int64_t tid,
     if (c < 0) skipped[w] = 1;
   }
   barrier();
-  // 3. Two segments of one row on the same page slots (a page listed twice in its table).
+  // 3. Two segments of one row on the same page slots (a page listed twice in its table). With the
+  // row-page map each segment is compared with its row's first segment on that page only: of a row's
+  // segments on one page all but the first and last cover the whole page, so a clash among them
+  // always involves that first one.
+  for (int64_t i = tid; row_mapped && i < B * segs; i += threads) {
+    const int64_t w = i / segs, k = i % segs;
+    if (skipped[w] != 0) continue;
+    const PageSegment mine = page_segment(a.table, w, start[w], q, k);
+    if (mine.page >= 0) {
+      min_into(&row_map_first[page_map_claim(row_map_key, a.row_map_bits, w * a.table.num_pages + mine.page)], k);
+    }
+  }
+  barrier();
   for (int64_t i = tid; i < B * segs; i += threads) {
     const int64_t w = i / segs, k = i % segs;
     if (skipped[w] != 0) continue;
     const PageSegment mine = page_segment(a.table, w, start[w], q, k);
-    for (int64_t j = 0; j < k && mine.page >= 0; ++j) {
+    if (mine.page < 0) continue;
+    if (row_mapped) {
+      const int64_t first =
+          row_map_first[page_map_find(row_map_key, a.row_map_bits, w * a.table.num_pages + mine.page)];
+      if (first != k && segments_overlap(mine, page_segment(a.table, w, start[w], q, first))) skipped[w] = 1;
+      continue;
+    }
+    for (int64_t j = 0; j < k; ++j) {
       if (segments_overlap(mine, page_segment(a.table, w, start[w], q, j))) {
         skipped[w] = 1;
         break;

@@ -195,17 +195,56 @@ def test_packed_prefill_matches_cpu_and_reference(gen, state_dtype):
     torch.testing.assert_close(out.cpu().double(), want_out, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("B, q, page_size", [(6, 3, 2), (64, 1, 16), (4, 40, 16)])
+@pytest.mark.parametrize("op", ["write_to_cache", "lightning_prefill", "cached_attention"])
+def test_packed_calls_refuse_capture_and_write_nothing(gen, op):
+    """A cu_seqlens call reads the sequence bounds on the host, so inside a CUDA-graph capture it raises
+    an error that says so before launching anything: the capture ends cleanly and the cache is as it was."""
+    if DEV != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    lengths = [3, 5]
+    T, cu = sum(lengths), cu_of(lengths).to(DEV)
+    pages, _ = pool_of("float32", 4, 4)
+    pages = to(pages, DEV)
+    tables = torch.arange(4, device=DEV).view(2, 2)
+    state = to(randn((2, H, DK, DV), gen), DEV)
+    q, k, v = (to(randn((1, T, H, d), gen), DEV) for d in (DK, DK, DV))
+    index, seqlens = torch.zeros(2, dtype=torch.long, device=DEV), torch.tensor(lengths, device=DEV)
+    slopes = tlc.lightning_slopes(H).to(DEV)  # every input made before the capture: a copy from the host
+    calls = {                                   # inside it would fail before the op is reached
+        "write_to_cache": lambda: tlc.write_to_cache(pages, index, k, v, block_tables=tables, cu_seqlens=cu),
+        "lightning_prefill": lambda: tlc.lightning_prefill(state, q, k, v, slopes, cu_seqlens=cu),
+        "cached_attention": lambda: tlc.cached_attention(q, pages, key_dim=DK, block_tables=tables, cu_seqlens=cu,
+                                                         cache_seqlens=seqlens),
+    }
+    before_pages, before_state, before_index = pages.clone(), state.clone(), index.clone()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match=f"{op}: a call with cu_seqlens .* cannot be captured"):
+        with torch.cuda.graph(graph):
+            calls[op]()
+    torch.cuda.synchronize()
+    assert torch.equal(pages, before_pages) and torch.equal(state, before_state)
+    assert torch.equal(index, before_index)
+    calls[op]()  # outside a capture the same call runs
+
+
+@pytest.mark.parametrize("B, q, page_size", [(6, 3, 2), (64, 1, 16), (4, 40, 16), (3, 300, 1)])
 def test_device_planned_paged_writes_match_cpu(gen, B, q, page_size):
     """Paged [B, q] writes without checks are planned on the GPU (write_plan_rule.h, one block) and on the
     CPU by the same rule: random hostile tables (pages shared, repeated, outside the pool) and positions
-    (negative, past the end, int64's limit) write the same cells and positions on both."""
+    (negative, past the end, int64's limit) write the same cells and positions on both; every other case
+    gives each row pages of its own but for one entry repeated in row 0, so most rows are written."""
     for case in range(12):
         max_pages = max(1, (q + 2 * page_size - 1) // page_size)
-        N = max(2, B * max_pages // 2)  # few pages: rows collide often
         L = max_pages * page_size
-        tables = torch.randint(-1, N + 1, (B, max_pages), generator=gen)
-        index = torch.randint(-1, L + 1, (B,), generator=gen)
+        if case % 2:
+            N = B * max_pages
+            tables = torch.randperm(N, generator=gen).view(B, max_pages)
+            tables[0, -1] = tables[0, 0]
+            index = torch.randint(0, L - q + 1, (B,), generator=gen)
+        else:
+            N = max(2, B * max_pages // 2)  # few pages: rows collide often
+            tables = torch.randint(-1, N + 1, (B, max_pages), generator=gen)
+            index = torch.randint(-1, L + 1, (B,), generator=gen)
         if case % 4 == 0:
             index[0] = 2**63 - 2
         storage = ["float32", "bfloat16", "int8"][case % 3]

@@ -326,7 +326,7 @@ def test_paged_writes_without_checks_follow_the_sequential_rule(gen, planner, mo
     """Random hostile tables (shared pages, repeated pages, entries outside the pool) and positions (negative,
     past the end, near int64's limit), checks off: every page slot and position equals the sequential rule's,
     chains included (row 1 loses a slot to row 0, so row 2 keeps one it shares only with row 1). This is the
-    rule CUDA runs on the device (write_plan_rule.h, "device"; "device-unmapped": without its page map, as for
+    rule CUDA runs on the device (write_plan_rule.h, "device"; "device-unmapped": without its hash maps, as for
     calls too large for one), run here on the CPU, and the CPU's own loop."""
     monkeypatch.setenv("LIGHTNING_CACHE_CPU_PLAN", planner)
     for case in range(300):
@@ -346,6 +346,26 @@ def test_paged_writes_without_checks_follow_the_sequential_rule(gen, planner, mo
             table = tables.int() if op == "concatenate_to_cache" else tables
             getattr(tlc, op)(got_pages, got_index, k, v, block_tables=table, check_bounds=False)
             assert torch.equal(got_pages, want_pages) and torch.equal(got_index, want_index), (case, op, tables, index)
+    # Many rows over a small pool: the device planner sizes its page map by the pool's 100 pages (256 slots),
+    # not by the rows' 300 page segments, and most pages are contested.
+    B, q, page_size, N, max_pages = 60, 4, 1, 100, 8
+    for case in range(4):
+        tables = torch.randint(0, N, (B, max_pages), generator=gen)
+        index = torch.randint(0, max_pages - q + 1, (B,), generator=gen)
+        pages = randn((N, page_size, H, DK + DV), gen)
+        k, v = randn((B, q, H, DK), gen), randn((B, q, H, DV), gen)
+        want_pages, want_index = ref_paged_write(pages, index, k, v, tables)
+        got_pages, got_index = pages.clone(), index.clone()
+        tlc.write_to_cache(got_pages, got_index, k, v, block_tables=tables, check_bounds=False)
+        assert torch.equal(got_pages, want_pages) and torch.equal(got_index, want_index), case
+        assert 0 < int((got_index != index).sum()) < B  # some rows written, some skipped
+    # A page listed twice in one row: positions 2..5 take slots 2, 3 and then 0, 1 of page 0 (no clash, written);
+    # positions 2..6 take slot 2 twice (skipped), and so do 1..8 (three segments on page 0).
+    for start, q, written in [(2, 4, True), (2, 5, False), (1, 8, False)]:
+        pages, index = torch.zeros(1, 4, H, DK + DV), torch.tensor([start])
+        k, v = randn((1, q, H, DK), gen), randn((1, q, H, DV), gen)
+        tlc.write_to_cache(pages, index, k, v, block_tables=torch.tensor([[0, 0, 0]]), check_bounds=False)
+        assert index.tolist() == [start + q if written else start] and bool(pages.any()) == written, (start, q)
     # The chain, explicitly: rows 0 and 1 share page 0 slot 1, rows 1 and 2 share page 1 slot 0.
     pages = torch.zeros(3, 2, H, DK + DV)
     tables = torch.tensor([[0, 2], [0, 1], [1, 2]])

@@ -49,8 +49,8 @@ at::Tensor upload_plan(const WritePlan& plan, const at::Device& device) {
 at::Tensor plan_paged_writes_on_device(const at::Tensor& index, const KVCacheDims& d, const at::Tensor& block_tables,
                                        int64_t limit) {
   const int64_t size = paged_write_plan_size(d.batch, d.new_tokens);
-  const int map_bits = paged_write_map_bits(d.batch, d.new_tokens, d.page_size);
-  at::Tensor plan = at::empty({size + paged_write_scratch_size(d.batch, map_bits)}, index.options().dtype(at::kLong));
+  const PagedWriteMaps maps = paged_write_maps(d.batch, d.new_tokens, d.page_size, d.num_pages);
+  at::Tensor plan = at::empty({size + paged_write_scratch_size(d.batch, maps)}, index.options().dtype(at::kLong));
   PagedWritePlanArgs args;
   args.position = index.const_data_ptr<int64_t>();
   args.table = page_table_of(block_tables, d);
@@ -60,7 +60,8 @@ at::Tensor plan_paged_writes_on_device(const at::Tensor& index, const KVCacheDim
   args.position_limit = limit;
   args.plan = plan.data_ptr<int64_t>();
   args.scratch = args.plan + size;
-  args.map_bits = map_bits;
+  args.map_bits = maps.page_bits;
+  args.row_map_bits = maps.row_page_bits;
   C10_CUDA_CHECK(launch_plan_paged_writes(args));
   return plan;
 }
@@ -114,6 +115,7 @@ void write_to_cache_cuda(at::Tensor& key_value, at::Tensor& index, const at::Ten
   const KVCacheDims d =
       check_write_args(key_value, index, key, value, ring, slot_ids, "write_to_cache", scales, block_tables, cu_seqlens);
   check_kernel_limits(d, /*builds_mask=*/false);
+  if (d.packed) refuse_capture_of_packed_call("write_to_cache");
   const c10::cuda::CUDAGuard guard(key_value.device());
   const bool host_checks = host_checks_allowed(check_bounds);
   const std::optional<at::Tensor> slots = prepare_write_rows(index, d, slot_ids, ring, std::nullopt, host_checks);
@@ -186,6 +188,7 @@ at::Tensor lightning_prefill_cuda(at::Tensor& state, const at::Tensor& query, co
       check_lightning_args("lightning_prefill", state, query, key, value, slopes, attention_mask, slot_ids,
                            block_size, "checkpoints", checkpoints, cu_seqlens);
   const int64_t written = check_checkpoints(checkpoints, checkpoint_every, state, d);
+  if (d.packed) refuse_capture_of_packed_call("lightning_prefill");
   const c10::cuda::CUDAGuard guard(state.device());
   const std::optional<at::Tensor> slots = prepare_slot_ids(slot_ids, d, host_checks_allowed(check_bounds));
   PackedSequences seqs;  // sequence bounds are read on the host (a sync)
@@ -229,6 +232,7 @@ at::Tensor cached_attention_cuda(const at::Tensor& query, const at::Tensor& key_
                                  const std::optional<at::Tensor>& slot_ids, bool check_bounds) {
   const AttentionDims d = check_cached_attention_args(query, key_value, mask, key_dim, scales, softmax_scale,
                                                       block_tables, cu_seqlens, cache_seqlens, slot_ids);
+  if (d.packed) refuse_capture_of_packed_call("cached_attention");
   TORCH_CHECK_VALUE(d.key_dim <= 256 && d.value_dim <= 256, "cached_attention: the CUDA kernel supports key_dim and ",
                     "value_dim up to 256, got ", d.key_dim, " and ", d.value_dim);
   TORCH_CHECK_VALUE(d.rows * d.heads <= INT_MAX / 64, "cached_attention: rows * heads (", d.rows * d.heads,
