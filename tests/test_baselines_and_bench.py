@@ -193,12 +193,8 @@ def test_baselines_compile_fullgraph_cpu():
     state_base = state.clone()
     want = ops.lightning_prefill(state, q, k, v, slopes, None, None, 8)
     got = prefill(state_base, q, k, v, slopes, None, 8)
-    _close(state_base, state)
-    if not torch.allclose(got, want, rtol=1e-4, atol=1e-3) and torch.__version__ < "2.13":
-        # torch 2.11's Inductor (CPU) schedules the final state.copy_ before the first block's read of the
-        # input state (reorder_for_locality); eager, aot_eager and torch 2.13 are right.
-        pytest.xfail(f"torch {torch.__version__}: Inductor reads the mutated input state early")
     _close(got, want)
+    _close(state_base, state)
 
 
 # --------------------------------------------------------------------------- bench smoke test

@@ -205,7 +205,9 @@ def lightning_prefill_chunked_eager(state: torch.Tensor, q: torch.Tensor, k: tor
     key_decay = torch.exp(-s * (block - 1 - pos)).unsqueeze(-1)  # [H, c, 1]
     causal = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
 
-    rows = state.float()
+    # A fresh buffer, not an alias of the input: torch 2.11's Inductor (CPU) otherwise runs the
+    # state.copy_ below before the first block's read of the input state.
+    rows = state.float() * 1.0
     outputs = []
     for begin in range(0, tokens, block):
         c = min(block, tokens - begin)
